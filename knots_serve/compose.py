@@ -1,0 +1,125 @@
+"""Composition: a task subset + a merge spec + a basis -> the merged update, as LoRA factors or dense ΔW."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from .basis import Basis
+from .methods import PARAMS, resolve
+
+TrimScope = Literal["global", "module"]
+
+
+class MergeError(ValueError):
+    """A merge request that cannot be carried out; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """What to merge and how. `params` holds the method's numeric parameters (alpha, top_k, density);
+    missing ones take the registry defaults. `weights` are per-task (default 1)."""
+
+    tasks: tuple[str, ...]
+    method: str = "knots-ties"
+    params: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    seed: int = 0
+    trim_scope: TrimScope = "global"
+
+    def __post_init__(self):
+        try:
+            _, method = resolve(self.method)
+        except ValueError as e:
+            raise MergeError(str(e)) from None
+        if not self.tasks:
+            raise MergeError("empty task subset: name at least one task")
+        dupes = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+        if dupes:
+            raise MergeError(f"duplicate tasks in subset: {', '.join(dupes)}")
+        for name, value in self.params.items():
+            if name not in method.params:
+                raise MergeError(f"method {self.method!r} takes no parameter {name!r} (it takes {', '.join(method.params)})")
+            p = PARAMS[name]
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and p.low <= value <= p.high
+            if not ok or (p.low_open and value <= p.low):
+                bracket = "(" if p.low_open else "["
+                raise MergeError(f"{name}={value!r} is out of range {bracket}{p.low}, {p.high}]: {p.help}")
+        for t, w in self.weights.items():
+            if t not in self.tasks:
+                raise MergeError(f"weight given for {t!r}, which is not in the subset {list(self.tasks)}")
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or not -100 <= w <= 100:
+                raise MergeError(f"weight for {t!r} must be a number in [-100, 100], got {w!r}")
+        if self.trim_scope not in ("global", "module"):
+            raise MergeError(f"trim_scope must be 'global' or 'module', got {self.trim_scope!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise MergeError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    def resolved_params(self) -> dict[str, float]:
+        _, method = resolve(self.method)
+        return {p: float(self.params.get(p, PARAMS[p].default)) for p in method.params}
+
+    def key(self) -> str:
+        """Canonical identity: equal merges (task order, default values spelled out or not) share one key."""
+        _, method = resolve(self.method)
+        doc = {
+            "tasks": sorted(self.tasks),
+            "method": self.method,
+            "params": self.resolved_params(),
+            "weights": {t: float(self.weights.get(t, 1.0)) for t in sorted(self.tasks)},
+        }
+        if method.random:
+            doc["seed"] = self.seed
+        if method.trims:
+            doc["trim_scope"] = self.trim_scope
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
+def merged_tensors(basis: Basis, spec: MergeSpec, progress: bool = False) -> dict[str, torch.Tensor]:
+    """Merge the subset's per-task tensors, module by module (or over all modules at once for a global
+    trim, whose threshold is per task over the whole model, as in the TIES and KnOTS references)."""
+    space, method = resolve(spec.method)
+    if basis.space != space:
+        raise MergeError(f"method {spec.method!r} needs a {space!r} basis, this one is {basis.space!r}")
+    unknown = [t for t in spec.tasks if t not in basis.tasks]
+    if unknown:
+        raise MergeError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(basis.tasks)}")
+    names = list(spec.tasks)
+    w = torch.tensor([float(spec.weights.get(t, 1.0)) for t in names], dtype=torch.float64)
+    kwargs = dict(spec.resolved_params())
+    if method.random:
+        kwargs["generator"] = torch.Generator().manual_seed(spec.seed)
+    modules = [m for m, ms in basis.modules.items() if any(t in ms.tasks for t in names)]
+    stacks = {m: basis.modules[m].stack(names).to(torch.float64).flatten(1) for m in modules}
+    shapes = {m: basis.modules[m].tensor_shape for m in modules}
+    if method.trims and spec.trim_scope == "global" and stacks:
+        flat = method.fn(torch.cat(list(stacks.values()), dim=1), w, **kwargs)
+        pieces = flat.split([s.shape[1] for s in stacks.values()])
+        return {m: p.view(shapes[m]) for m, p in zip(modules, pieces)}
+    items = modules
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(modules, desc=spec.method, unit="module")
+    return {m: method.fn(stacks[m], w, **kwargs).view(shapes[m]) for m in items}
+
+
+def merge_lora(
+    basis: Basis, spec: MergeSpec, max_rank: int = 512, progress: bool = False
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The merge as exact LoRA factors {module: (B, A)} with ΔW = B·A (scale 1).
+
+    Exact in the knots and core spaces; in the dense space a merged ΔW of rank > max_rank is truncated
+    to its top max_rank singular directions (use dense output for an exact dense merge)."""
+    merged = merged_tensors(basis, spec, progress)
+    out = {m: basis.modules[m].to_lora(X, max_rank) for m, X in merged.items()}
+    return {m: (B, A) for m, (B, A) in out.items() if B.shape[1] > 0}
+
+
+def merge_dense(basis: Basis, spec: MergeSpec, progress: bool = False) -> dict[str, torch.Tensor]:
+    """The merge as dense float64 ΔW per module (for writing a merged full model)."""
+    merged = merged_tensors(basis, spec, progress)
+    return {m: basis.modules[m].to_dense(X) for m, X in merged.items()}

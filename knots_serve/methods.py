@@ -1,0 +1,140 @@
+"""Merge methods: small pure functions on a stack of per-task tensors, and the registry that names them.
+
+Every method takes X (n × d: one flattened row per task) and per-task weights w (n), and returns the
+merged row (d). The same function runs in every space (dense ΔW, KnOTS, Core); the space only decides
+what X is (see basis.py). Method ids are `<method>` in the dense space and `<space>-<method>` otherwise:
+`ties`, `knots-ties`, `core-dare-ties`, … — one naming scheme for the CLI, the API and configs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .basis import SPACES
+
+
+def trim(X: torch.Tensor, top_k: float) -> torch.Tensor:
+    """TIES trim: per row keep entries with |x| ≥ the (d − ⌊d·top_k⌋)-th smallest |x|; zero the rest.
+
+    As in the TIES and KnOTS reference code, this keeps ⌊d·top_k⌋ + 1 entries (more on ties)."""
+    d = X.shape[1]
+    k = d - int(d * top_k)
+    if k <= 0:
+        return X
+    threshold = X.abs().kthvalue(k, dim=1, keepdim=True).values
+    return torch.where(X.abs() >= threshold, X, torch.zeros((), dtype=X.dtype))
+
+
+def elect_sign(X: torch.Tensor) -> torch.Tensor:
+    """TIES elect: γ = sign(Σ_i x_i); entries with γ = 0 take the sign of Σγ (the majority)."""
+    gamma = X.sum(0).sign()
+    return torch.where(gamma == 0, gamma.sum().sign(), gamma)
+
+
+def disjoint_mean(X: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """Mean over the tasks whose entry is non-zero and has the elected sign (0 where there is none)."""
+    agree = (X.sign() == gamma) & (X != 0)
+    total = torch.where(agree, X, torch.zeros((), dtype=X.dtype)).sum(0)
+    return total / agree.sum(0).clamp(min=1)
+
+
+def dare(X: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
+    """DARE: drop each entry with probability 1 − density, rescale the kept ones by 1/density."""
+    if density >= 1:
+        return X
+    keep = torch.rand(X.shape, generator=generator, dtype=torch.float32) < density
+    return torch.where(keep, X / density, torch.zeros((), dtype=X.dtype))
+
+
+def task_arithmetic(X, w, *, alpha=1.0, **_):
+    return alpha * (w[:, None] * X).sum(0)
+
+
+def ties(X, w, *, alpha=1.0, top_k=0.2, **_):
+    Y = trim(w[:, None] * X, top_k)
+    return alpha * disjoint_mean(Y, elect_sign(Y))
+
+
+def dare_ta(X, w, *, alpha=1.0, density=0.5, generator=None, **_):
+    return task_arithmetic(dare(X, density, generator), w, alpha=alpha)
+
+
+def dare_ties(X, w, *, alpha=1.0, top_k=0.2, density=0.5, generator=None, **_):
+    return ties(dare(X, density, generator), w, alpha=alpha, top_k=top_k)
+
+
+def magnitude(X, w, *, alpha=1.0, top_k=0.2, **_):
+    return alpha * trim(w[:, None] * X, top_k).sum(0)
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: float
+    low: float
+    high: float
+    help: str
+    low_open: bool = False  # True: the value must be > low
+
+
+PARAMS = {
+    p.name: p
+    for p in (
+        Param("alpha", 1.0, -100.0, 100.0, "scale of the merged update"),
+        Param("top_k", 0.2, 0.0, 1.0, "fraction of entries kept per task by the TIES trim (0.2 = top 20%)", True),
+        Param("density", 0.5, 0.0, 1.0, "DARE keep probability (drop rate p = 1 - density)", True),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable[..., torch.Tensor]
+    params: tuple[str, ...]
+    paper: str
+    summary: str
+    trims: bool = False  # uses the TIES trim, so the trim scope (global / module) matters
+    random: bool = False  # uses DARE's seeded random drop
+
+
+_TA = "Ilharco et al. 2023, Editing Models with Task Arithmetic, arXiv:2212.04089"
+_TIES = "Yadav et al. 2023, TIES-Merging, arXiv:2306.01708"
+_DARE = "Yu et al. 2023, Language Models are Super Mario (DARE), arXiv:2311.03099"
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("ta", task_arithmetic, ("alpha",), _TA, "task arithmetic: alpha * sum_i w_i X_i"),
+        Method("ties", ties, ("alpha", "top_k"), _TIES,
+               "trim to top_k per task, elect a sign per entry, mean of the agreeing entries", trims=True),
+        Method("dare-ta", dare_ta, ("alpha", "density"), _DARE,
+               "random drop (keep prob. density, rescaled), then task arithmetic", random=True),
+        Method("dare-ties", dare_ties, ("alpha", "top_k", "density"), f"{_DARE}; {_TIES}",
+               "random drop, then TIES", trims=True, random=True),
+        Method("magnitude", magnitude, ("alpha", "top_k"), "magnitude pruning (TIES trim without sign election)",
+               "keep the top_k entries per task by magnitude, then sum", trims=True),
+    )
+}
+
+SPACE_PAPERS = {
+    "full": "dense per-task updates ΔW_i = s_i B_i A_i (the classic baselines)",
+    "knots": "Stoica et al. 2025, Model merging with SVD to tie the Knots (KnOTS), ICLR 2025, arXiv:2410.19735",
+    "core": "Panariello et al. 2025, Accurate and Efficient Low-Rank Model Merging in Core Space, arXiv:2509.17786",
+}
+
+
+def method_ids() -> list[str]:
+    return [m if s == "full" else f"{s}-{m}" for s in SPACES for m in METHODS]
+
+
+def resolve(method_id: str) -> tuple[str, Method]:
+    """'knots-dare-ties' -> ('knots', METHODS['dare-ties'])."""
+    space, _, rest = method_id.partition("-")
+    if space in SPACES and space != "full" and rest in METHODS:
+        return space, METHODS[rest]
+    if method_id in METHODS:
+        return "full", METHODS[method_id]
+    raise ValueError(f"unknown merge method {method_id!r}; choose one of: {', '.join(method_ids())}")
