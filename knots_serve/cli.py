@@ -19,9 +19,9 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
 
 
 def _methods_help() -> str:
-    lines = ["Method ids are METHOD (dense ΔW space) or SPACE-METHOD, e.g. ties, knots-ties, core-dare-ties.\n"]
-    lines += [f"[{m.name}] {m.summary} (params: {', '.join(m.params)}). {m.paper}.\n" for m in METHODS.values()]
-    lines += [f"[space {s}] {p}.\n" for s, p in SPACE_PAPERS.items()]
+    lines = ["Method ids are METHOD (dense ΔW space) or SPACE-METHOD, e.g. ties, knots-ties, core-dare-ties."]
+    lines += [f"{m.name}: {m.summary} (params: {', '.join(m.params)}). {m.paper}." for m in METHODS.values()]
+    lines += [f"space {s}: {p}." for s, p in SPACE_PAPERS.items()]
     return "\n\n".join(lines)
 
 

@@ -115,8 +115,8 @@ def merge_lora(
     Exact in the knots and core spaces; in the dense space a merged ΔW of rank > max_rank is truncated
     to its top max_rank singular directions (use dense output for an exact dense merge)."""
     merged = merged_tensors(basis, spec, progress)
-    out = {m: basis.modules[m].to_lora(X, max_rank) for m, X in merged.items()}
-    return {m: (B, A) for m, (B, A) in out.items() if B.shape[1] > 0}
+    # a module whose merge is zero keeps rank 0 (written as zero padding): every adapted module stays listed
+    return {m: basis.modules[m].to_lora(X, max_rank) for m, X in merged.items()}
 
 
 def merge_dense(basis: Basis, spec: MergeSpec, progress: bool = False) -> dict[str, torch.Tensor]:

@@ -1,1 +1,29 @@
-import sys, os; sys.path.insert(0, os.path.dirname(__file__))
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/ helpers: tiny.py, reference.py
+
+from tiny import make_peft_lora, make_tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A random tiny Llama (2 layers, hidden 64) with a word-level tokenizer, saved as an HF model dir."""
+    return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_base, tmp_path_factory):
+    """Three PEFT LoRAs on tiny_base: different ranks and targets, one rsLoRA, one with rank/alpha patterns."""
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "alpha": make_peft_lora(tiny_base, root / "alpha", seed=1, r=4, alpha=8,
+                                targets=("q_proj", "k_proj", "v_proj", "o_proj")),
+        "beta": make_peft_lora(tiny_base, root / "beta", seed=2, r=8, alpha=4, use_rslora=True,
+                               targets=("q_proj", "v_proj", "gate_proj", "down_proj")),
+        "gamma": make_peft_lora(tiny_base, root / "gamma", seed=3, r=2, alpha=2,
+                                targets=("q_proj", "o_proj", "up_proj"),
+                                rank_pattern={"o_proj": 6}, alpha_pattern={"up_proj": 5}),
+    }
