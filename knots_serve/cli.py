@@ -128,6 +128,30 @@ def basis_cmd(
                f"{pool.nbytes() / 2**20:.1f} MiB, {time.perf_counter() - t0:.2f} s")
 
 
+@app.command(help="Serve the base model, its tasks and per-request merges on vLLM's OpenAI-compatible server.")
+def serve(config: Path = typer.Option(Path("configs/default.yaml"), help="serve config (YAML), see configs/")):
+    import os
+    import sys
+
+    from .adapters import check_compatible
+    from .serving.config import CONFIG_ENV, load_config, vllm_argv
+    from .serving.registry import TaskRegistry
+
+    try:
+        cfg = load_config(config)
+        tasks = TaskRegistry(cfg.tasks, cfg.state_dir).tasks()
+        check_compatible([load_adapter(p, n) for n, p in tasks.items()])  # fail here, not inside vLLM
+    except (AdapterError, MergeError) as e:
+        _fail(e)
+    os.environ[CONFIG_ENV] = str(config.resolve())
+    os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"  # vLLM consults LoRA resolvers only then
+    plugins = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p]
+    os.environ["VLLM_PLUGINS"] = ",".join(dict.fromkeys(plugins + ["knots_serve"]))
+    argv = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", *vllm_argv(cfg, tasks)]
+    typer.echo(f"knots-serve: {len(tasks)} tasks, base {cfg.model}, on http://{cfg.host}:{cfg.port}", err=True)
+    os.execv(sys.executable, argv)
+
+
 @app.command(help="List the merge methods with their parameters and papers.")
 def methods():
     typer.echo(_methods_help())

@@ -1,0 +1,1 @@
+"""The vLLM plugin: per-request merges on vLLM's OpenAI server."""

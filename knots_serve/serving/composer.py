@@ -1,0 +1,185 @@
+"""The resident pool and the composed-adapter cache of a running server.
+
+`Composer.get(selection)` returns a PEFT adapter directory vLLM can load for a merge: from the cache, or
+composed from the resident basis and written to the tmpfs cache. Thread-safe; concurrent calls for the
+same new merge compose it once. The cache is an LRU bounded in bytes; an evicted merge is reported to
+`on_evict` (the server then drops it from vLLM's table, so the next request composes it again).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..adapters import LoraAdapter, check_compatible, padded_rank, save_adapter
+from ..basis import Basis, build_basis
+from ..compose import MergeError, merge_lora
+from ..methods import resolve
+from . import metrics
+from .names import Selection
+
+
+class UnknownTask(MergeError):
+    """A selection names a task the server does not have (HTTP 404)."""
+
+
+@dataclass(frozen=True)
+class Composed:
+    name: str  # the canonical model string, vLLM's LoRA name
+    path: Path
+    nbytes: int
+    rank: int
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir())
+
+
+class Composer:
+    def __init__(self, adapters: dict[str, LoraAdapter], cache_dir: Path, cache_bytes: int, max_lora_rank: int,
+                 basis_file: Path | None = None, subset_bases: int = 8):
+        self.cache_dir, self.cache_bytes, self.max_lora_rank = cache_dir, cache_bytes, max_lora_rank
+        self.basis_file, self.subset_bases = basis_file, subset_bases
+        self.on_evict: Callable[[str], None] = lambda name: None
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[str, Composed] = OrderedDict()
+        self._inflight: dict[str, Future] = {}
+        self._generation = 0  # bumps when the pool changes: new paths, so vLLM never reuses stale KV blocks
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        cache_dir.mkdir(parents=True)
+        self.set_pool(adapters)
+
+    # --- the pool and its bases -------------------------------------------------------------------------
+    def set_pool(self, adapters: dict[str, LoraAdapter]) -> None:
+        """Replace the task pool. Builds the shared KnOTS basis now (or loads basis_file when it was built
+        from this same pool); other spaces are built on first use. Every composed merge is dropped:
+        with another pool, the shared basis — and so every non-TA merge — changes."""
+        pool = list(adapters.values())
+        if pool:
+            check_compatible(pool)
+        knots = self._load_or_build(pool) if pool else None
+        with self._lock:
+            self.adapters = dict(adapters)
+            self._bases: dict[str, Basis] = {"knots": knots} if knots else {}
+            self._subset: OrderedDict[tuple, Basis] = OrderedDict()
+            self._generation += 1
+            dropped, self._cache = list(self._cache.values()), OrderedDict()
+        for c in dropped:
+            self._evict(c)
+
+    def _load_or_build(self, pool: list[LoraAdapter]) -> Basis:
+        from ..basis import DEFAULT_RTOL, fingerprint
+
+        if self.basis_file and self.basis_file.exists():
+            saved = Basis.load(self.basis_file)
+            if saved.fingerprint == fingerprint(pool, "knots", DEFAULT_RTOL):
+                return saved
+        basis = build_basis(pool, "knots")
+        if self.basis_file:
+            self.basis_file.parent.mkdir(parents=True, exist_ok=True)
+            basis.save(self.basis_file)
+        return basis
+
+    def _basis(self, space: str, mode: str, tasks: tuple[str, ...]) -> Basis:
+        with self._lock:
+            adapters = self.adapters
+            if mode == "shared" and space in self._bases:
+                return self._bases[space]
+            key = (space, tasks)
+            if mode == "subset" and key in self._subset:
+                self._subset.move_to_end(key)
+                return self._subset[key]
+        chosen = adapters.values() if mode == "shared" else [adapters[t] for t in tasks]
+        basis = build_basis(list(chosen), space)
+        with self._lock:
+            if adapters is not self.adapters:  # the pool changed meanwhile; do not cache a stale basis
+                return basis
+            if mode == "shared":
+                self._bases[space] = basis
+            else:
+                self._subset[key] = basis
+                while len(self._subset) > self.subset_bases:
+                    self._subset.popitem(last=False)
+        return basis
+
+    # --- composed merges --------------------------------------------------------------------------------
+    def get(self, sel: Selection) -> Composed:
+        unknown = [t for t in sel.tasks if t not in self.adapters]
+        if unknown:
+            raise UnknownTask(f"unknown task(s): {', '.join(unknown)}; known: {', '.join(sorted(self.adapters))}")
+        name = sel.canonical
+        with self._lock:
+            hit = self._cache.get(name)
+            if hit is not None:
+                self._cache.move_to_end(name)
+                metrics.CACHE.labels("hit").inc()
+                return hit
+            future = self._inflight.get(name)
+            owner = future is None
+            if owner:
+                future = self._inflight[name] = Future()
+                generation = self._generation
+        if not owner:
+            metrics.CACHE.labels("wait").inc()
+            return future.result()
+        metrics.CACHE.labels("miss").inc()
+        try:
+            composed = self._compose(sel, generation)
+            future.set_result(composed)
+            return composed
+        except BaseException as e:
+            future.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                self._inflight.pop(name, None)
+
+    def _compose(self, sel: Selection, generation: int) -> Composed:
+        t0 = time.perf_counter()
+        space, _ = resolve(sel.spec.method)
+        basis = self._basis(space, sel.basis, sel.tasks)
+        lora = merge_lora(basis, sel.spec, max_rank=self.max_lora_rank)
+        rank = padded_rank(max((B.shape[1] for B, _ in lora.values()), default=1))
+        if rank > self.max_lora_rank:
+            raise MergeError(f"the merge {sel.canonical!r} has rank {rank}, above this server's max_lora_rank "
+                             f"{self.max_lora_rank}: merge fewer tasks or raise max_lora_rank")
+        digest = hashlib.sha256(sel.canonical.encode()).hexdigest()[:20]
+        path = save_adapter(lora, self.cache_dir / f"{digest}-g{generation}", basis.base_model,
+                            metadata={"model": sel.canonical})
+        composed = Composed(sel.canonical, path, _dir_bytes(path), rank)
+        metrics.COMPOSE_SECONDS.observe(time.perf_counter() - t0)
+        with self._lock:
+            if generation != self._generation:  # composed against a pool that has since been replaced
+                shutil.rmtree(path, ignore_errors=True)
+                raise MergeError("the task pool changed while this merge was composed; retry the request")
+            self._cache[sel.canonical] = composed
+            evicted = []
+            while sum(c.nbytes for c in self._cache.values()) > self.cache_bytes and len(self._cache) > 1:
+                evicted.append(self._cache.popitem(last=False)[1])
+        for c in evicted:
+            self._evict(c)
+        metrics.CACHE_BYTES.set(self.cached_bytes())
+        return composed
+
+    def _evict(self, c: Composed) -> None:
+        self.on_evict(c.name)
+        shutil.rmtree(c.path, ignore_errors=True)
+
+    def lookup(self, name: str) -> Composed | None:
+        with self._lock:
+            return self._cache.get(name)
+
+    def cached(self) -> list[Composed]:
+        with self._lock:
+            return list(self._cache.values())
+
+    def cached_bytes(self) -> int:
+        with self._lock:
+            return sum(c.nbytes for c in self._cache.values())

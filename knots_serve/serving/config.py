@@ -1,0 +1,107 @@
+"""The serve config (YAML): the base model, the task pool, merge defaults, and the vLLM engine settings.
+Relative paths are relative to the config file. `vllm_argv` turns it into vLLM's own command line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..adapters import VLLM_RANKS
+from ..compose import MergeError
+from ..methods import resolve
+from .names import PREFIX, check_task_name, parse_model
+
+CONFIG_ENV = "KNOTS_SERVE_CONFIG"  # how the vLLM plugin (in the API server process) finds the config
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: Path = Field(description="base model directory (Hugging Face format)")
+    served_model_name: str | None = Field(None, description="name clients use for the base model")
+    tasks: dict[str, Path] = Field(default_factory=dict, description="task name -> PEFT LoRA adapter dir")
+    default_method: str = "knots-ties"
+    merges: dict[str, str] = Field(default_factory=dict, description="named merges: name -> tasks:… string")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_loras: int = 4
+    max_lora_rank: int = 64
+    max_cpu_loras: int = 16
+    cache_dir: Path = Path("/dev/shm/knots-serve")
+    cache_bytes: int = Field(1 << 30, gt=0, description="bound of the composed-adapter cache on tmpfs")
+    state_dir: Path = Path("state")
+    basis_file: Path | None = None
+    adapter_dirs: list[Path] = Field(default_factory=list, description="where admin-registered adapters may live")
+    admin_key_env: str = "KNOTS_ADMIN_KEY"
+    vllm_args: list[str] = Field(default_factory=list, description="extra vLLM command-line arguments")
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, tasks):
+        for name in tasks:
+            try:
+                check_task_name(name)
+            except MergeError as e:
+                raise ValueError(str(e)) from None
+        return tasks
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _rank(cls, r):
+        if r not in VLLM_RANKS:
+            raise ValueError(f"max_lora_rank must be one of {VLLM_RANKS}")
+        return r
+
+    @model_validator(mode="after")
+    def _merges(self):
+        try:
+            resolve(self.default_method)
+            for name, model in self.merges.items():
+                if name.startswith(PREFIX) or name in self.tasks:
+                    raise MergeError(f"merge name {name!r} clashes with a task or the {PREFIX!r} prefix")
+                parse_model(model, self.default_method)
+        except (MergeError, ValueError) as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    @property
+    def base_name(self) -> str:
+        return self.served_model_name or str(self.model)
+
+
+def load_config(path: str | os.PathLike) -> ServeConfig:
+    """Read and validate; raises MergeError with a readable message (no pydantic dump)."""
+    path = Path(path).resolve()
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise MergeError(f"cannot read config {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise MergeError(f"config {path} must be a YAML mapping")
+    try:
+        cfg = ServeConfig.model_validate(raw)
+    except ValidationError as e:
+        msgs = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
+        raise MergeError(f"invalid config {path}: {msgs}") from None
+    root = path.parent
+    absolute = lambda p: p if p is None else (root / p).expanduser().resolve()  # noqa: E731
+    return cfg.model_copy(update=dict(
+        model=absolute(cfg.model), tasks={n: absolute(p) for n, p in cfg.tasks.items()},
+        cache_dir=absolute(cfg.cache_dir), state_dir=absolute(cfg.state_dir), basis_file=absolute(cfg.basis_file),
+        adapter_dirs=[absolute(p) for p in cfg.adapter_dirs],
+    ))
+
+
+def vllm_argv(cfg: ServeConfig, tasks: dict[str, Path]) -> list[str]:
+    """vLLM's OpenAI server command line for this config; every task is also served under its plain name."""
+    argv = [
+        "--model", str(cfg.model), "--served-model-name", cfg.base_name, "--host", cfg.host, "--port", str(cfg.port),
+        "--enable-lora", "--max-loras", str(cfg.max_loras), "--max-lora-rank", str(cfg.max_lora_rank),
+        "--max-cpu-loras", str(cfg.max_cpu_loras),
+    ]
+    if tasks:
+        argv += ["--lora-modules", *(f"{n}={p}" for n, p in tasks.items())]
+    return argv + list(cfg.vllm_args)

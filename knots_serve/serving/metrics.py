@@ -1,0 +1,11 @@
+"""Prometheus metrics of the merge layer; vLLM's /metrics serves them with its own (default registry)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+COMPOSE_SECONDS = Histogram("knots_compose_seconds", "time to compose and write one merged adapter",
+                            buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100))
+CACHE = Counter("knots_compose_cache", "composed-adapter cache lookups (hit, miss, wait: joined a compose "
+                "already under way)", ["result"])
+CACHE_BYTES = Gauge("knots_compose_cache_bytes", "bytes of composed adapters in the tmpfs cache")
+REQUESTS = Counter("knots_requests", "inference requests per selected merge, task or named merge", ["model"])
+ERRORS = Counter("knots_request_errors", "requests refused by the merge layer", ["status"])

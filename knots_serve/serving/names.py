@@ -1,0 +1,138 @@
+"""Model strings that select merges: the per-request grammar, and the structured `knots` request field.
+
+    tasks:A+B                      A and B, merged with the server's default method
+    tasks:A+B@knots-ties           a method id from the registry
+    tasks:A+B@knots-ties?top_k=0.3&alpha=1.2&w.A=0.5&seed=1&trim_scope=module&basis=subset
+                                   (extension) parameters, per-task weights, DARE seed, trim scope, basis
+    tasks:A                        one task, no method: that task's own adapter, as `A` is
+
+Every merge has one canonical string (sorted tasks, the method, non-default settings in a fixed order);
+it is the LoRA name vLLM sees, so equal merges share one composed adapter and one engine slot.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
+
+from ..compose import MergeError, MergeSpec
+from ..methods import PARAMS, resolve
+
+PREFIX = "tasks:"
+TASK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
+BASIS_MODES = ("shared", "subset")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A parsed model string: a merge (spec + basis mode), or a single task's own adapter (spec None)."""
+
+    tasks: tuple[str, ...]
+    spec: MergeSpec | None
+    basis: str = "shared"
+
+    @property
+    def canonical(self) -> str:
+        if self.spec is None:
+            return PREFIX + self.tasks[0]
+        s = self.spec
+        _, method = resolve(s.method)
+        query = [(p, v) for p, v in s.resolved_params().items() if v != PARAMS[p].default]
+        query += [(f"w.{t}", float(w)) for t, w in sorted(s.weights.items()) if w != 1]
+        if method.random and s.seed != 0:
+            query.append(("seed", s.seed))
+        if method.trims and s.trim_scope != "global":
+            query.append(("trim_scope", s.trim_scope))
+        if self.basis != "shared":
+            query.append(("basis", self.basis))
+        q = "&".join(f"{k}={_fmt(v)}" for k, v in query)
+        return f"{PREFIX}{'+'.join(sorted(s.tasks))}@{s.method}" + (f"?{q}" if q else "")
+
+
+def _fmt(v) -> str:
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def check_task_name(name: str) -> str:
+    if not isinstance(name, str) or not TASK_NAME.match(name):
+        raise MergeError(f"invalid task name {name!r}: use letters, digits, '_', '.', '-' (at most 64)")
+    return name
+
+
+def _number(key: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise MergeError(f"parameter {key}={value!r} is not a number") from None
+
+
+def selection(tasks, method: str | None, params: dict, weights: dict, seed, trim_scope, basis,
+              default_method: str) -> Selection:
+    tasks = tuple(check_task_name(t) for t in tasks)
+    if basis not in BASIS_MODES:
+        raise MergeError(f"basis must be 'shared' or 'subset', got {basis!r}")
+    if len(tasks) == 1 and method is None and not (params or weights or seed or basis != "shared"
+                                                   or trim_scope != "global"):
+        return Selection(tasks, None)
+    spec = MergeSpec(tasks, method or default_method, params, weights, seed, trim_scope)
+    return Selection(tuple(sorted(tasks)), spec, basis)
+
+
+def parse_model(model: str, default_method: str) -> Selection:
+    """Parse 'tasks:A+B[@METHOD][?k=v&…]'; raises MergeError naming what is wrong."""
+    if not model.startswith(PREFIX):
+        raise MergeError(f"model {model!r} does not start with {PREFIX!r}")
+    body, _, query = model[len(PREFIX):].partition("?")
+    names, at, method = body.partition("@")
+    if at and not method:
+        raise MergeError(f"empty method after '@' in {model!r}")
+    tasks = names.split("+") if names else []
+    if not tasks or any(t == "" for t in tasks):
+        raise MergeError(f"malformed task list in {model!r}: expected tasks:A+B[@METHOD]")
+    pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True) if query else []
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise MergeError(f"parameter {twice[0]!r} given twice in {model!r}")
+    params, weights, seed, trim_scope, basis = {}, {}, 0, "global", "shared"
+    for key, value in pairs:
+        if key.startswith("w."):
+            weights[key[2:]] = _number(key, value)
+        elif key in PARAMS:
+            params[key] = _number(key, value)
+        elif key == "seed":
+            if not value.isdigit():
+                raise MergeError(f"seed must be a non-negative integer, got {value!r}")
+            seed = int(value)
+        elif key == "trim_scope":
+            trim_scope = value
+        elif key == "basis":
+            basis = value
+        else:
+            raise MergeError(f"unknown parameter {key!r} in {model!r}")
+    return selection(tasks, method or None, params, weights, seed, trim_scope, basis, default_method)
+
+
+def parse_field(field: object, default_method: str) -> Selection:
+    """The structured form, sent as `extra_body={"knots": {...}}` by OpenAI clients:
+    {"tasks": [...], "method": "...", "params": {...}, "weights": {...}, "seed": 0,
+     "trim_scope": "global", "basis": "shared"}."""
+    if not isinstance(field, dict):
+        raise MergeError("'knots' must be an object: {\"tasks\": [...], \"method\": ..., \"params\": {...}}")
+    unknown = set(field) - {"tasks", "method", "params", "weights", "seed", "trim_scope", "basis"}
+    if unknown:
+        raise MergeError(f"unknown field(s) in 'knots': {', '.join(sorted(map(str, unknown)))}")
+    tasks = field.get("tasks")
+    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+        raise MergeError("'knots.tasks' must be a list of task names")
+    if len(tasks) > 256:
+        raise MergeError(f"'knots.tasks' lists {len(tasks)} tasks; at most 256")
+    method = field.get("method")
+    if method is not None and not isinstance(method, str):
+        raise MergeError("'knots.method' must be a string")
+    params, weights = field.get("params", {}), field.get("weights", {})
+    if not isinstance(params, dict) or not isinstance(weights, dict):
+        raise MergeError("'knots.params' and 'knots.weights' must be objects")
+    return selection(tasks, method, params, weights, field.get("seed", 0), field.get("trim_scope", "global"),
+                     field.get("basis", "shared"), default_method)
