@@ -109,14 +109,15 @@ class ModuleSpace:
             return self.left.to(F64) @ X @ self.right.to(F64).T
         return X
 
-    def to_lora(self, X: torch.Tensor, max_rank: int, rtol: float = DEFAULT_RTOL) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_lora(self, X: torch.Tensor, max_rank: int | None, rtol: float = DEFAULT_RTOL) -> tuple[torch.Tensor, torch.Tensor]:
         if self.space == "knots":
             return compact(self.left, X, rtol)
         if self.space == "core":
             return compact(self.left @ X.to(self.left.dtype), self.right.T, rtol)
         # full: a dense merge (TIES trims entries) is in general full-rank; keep the top max_rank.
         U, s, Vh = torch.linalg.svd(X.to(F64), full_matrices=False)
-        keep = min(int((s > rtol * s[0]).sum()) if s.numel() and s[0] > 0 else 0, max_rank)
+        keep = int((s > rtol * s[0]).sum()) if s.numel() and s[0] > 0 else 0
+        keep = keep if max_rank is None else min(keep, max_rank)
         return (U[:, :keep] * s[:keep]).float(), Vh[:keep].float()
 
 

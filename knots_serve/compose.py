@@ -108,12 +108,12 @@ def merged_tensors(basis: Basis, spec: MergeSpec, progress: bool = False) -> dic
 
 
 def merge_lora(
-    basis: Basis, spec: MergeSpec, max_rank: int = 512, progress: bool = False
+    basis: Basis, spec: MergeSpec, max_rank: int | None = 512, progress: bool = False
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The merge as exact LoRA factors {module: (B, A)} with ΔW = B·A (scale 1).
 
     Exact in the knots and core spaces; in the dense space a merged ΔW of rank > max_rank is truncated
-    to its top max_rank singular directions (use dense output for an exact dense merge)."""
+    to its top max_rank singular directions (None: never; use dense output for an exact dense merge)."""
     merged = merged_tensors(basis, spec, progress)
     # a module whose merge is zero keeps rank 0 (written as zero padding): every adapted module stays listed
     return {m: basis.modules[m].to_lora(X, max_rank) for m, X in merged.items()}

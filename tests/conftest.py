@@ -27,3 +27,27 @@ def tiny_adapters(tiny_base, tmp_path_factory):
                                 targets=("q_proj", "o_proj", "up_proj"),
                                 rank_pattern={"o_proj": 6}, alpha_pattern={"up_proj": 5}),
     }
+
+
+ADMIN_KEY = "test-admin-key"
+
+
+@pytest.fixture(scope="session")
+def server(tiny_base, tiny_adapters, tmp_path_factory):
+    """One real knots-serve (vLLM) server for the whole test session: tiny Llama, three tasks."""
+    from server_process import start_server
+
+    root = tmp_path_factory.mktemp("serve")
+    config = {
+        "model": str(tiny_base), "served_model_name": "tiny",
+        "tasks": {n: str(p) for n, p in tiny_adapters.items()},
+        "merges": {"ab-ta": "tasks:alpha+beta@knots-ta"},
+        "max_loras": 2, "max_lora_rank": 64, "max_cpu_loras": 8,
+        "cache_dir": f"/dev/shm/knots-serve-test-{os.getpid()}", "cache_bytes": 4 << 20,
+        "state_dir": str(root / "state"), "adapter_dirs": [str(root / "extra")],
+        "admin_key_env": "KNOTS_TEST_ADMIN_KEY",
+        "vllm_args": ["--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "16",
+                      "--kv-cache-memory-bytes", str(256 << 20)],
+    }
+    with start_server(root, config, {"KNOTS_TEST_ADMIN_KEY": ADMIN_KEY}) as srv:
+        yield srv

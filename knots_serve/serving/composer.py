@@ -145,11 +145,12 @@ class Composer:
         t0 = time.perf_counter()
         space, _ = resolve(sel.spec.method)
         basis = self._basis(space, sel.basis, sel.tasks)
-        lora = merge_lora(basis, sel.spec, max_rank=self.max_lora_rank)
+        lora = merge_lora(basis, sel.spec, max_rank=None)  # never truncate silently: refuse below instead
         rank = padded_rank(max((B.shape[1] for B, _ in lora.values()), default=1))
         if rank > self.max_lora_rank:
             raise MergeError(f"the merge {sel.canonical!r} has rank {rank}, above this server's max_lora_rank "
-                             f"{self.max_lora_rank}: merge fewer tasks or raise max_lora_rank")
+                             f"{self.max_lora_rank}: merge fewer tasks, use a knots-/core- method (a dense-space "
+                             "merge is full-rank), or raise max_lora_rank")
         digest = hashlib.sha256(sel.canonical.encode()).hexdigest()[:20]
         path = save_adapter(lora, self.cache_dir / f"{digest}-g{generation}", basis.base_model,
                             metadata={"model": sel.canonical})

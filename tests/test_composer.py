@@ -1,0 +1,113 @@
+"""The composer (resident pool + composed-adapter cache) in process: compose once, LRU by bytes,
+rank limit, pool changes; and the model-string grammar."""
+
+import threading
+
+import pytest
+import torch
+
+from knots_serve.adapters import load_adapter
+from knots_serve.compose import MergeError
+from knots_serve.serving import metrics
+from knots_serve.serving.composer import Composer, UnknownTask
+from knots_serve.serving.names import parse_field, parse_model
+from tiny import random_adapter
+
+SHAPES = {"model.layers.0.self_attn.q_proj": (32, 32), "model.layers.0.self_attn.v_proj": (16, 32)}
+
+
+def pool(n=4):
+    return {f"t{i}": random_adapter(f"t{i}", SHAPES, 4, seed=i) for i in range(n)}
+
+
+@pytest.fixture
+def composer(tmp_path):
+    return Composer(pool(), tmp_path / "cache", cache_bytes=1 << 20, max_lora_rank=64)
+
+
+def sel(s):
+    return parse_model(s, "knots-ties")
+
+
+def test_equal_merges_share_one_canonical_name():
+    a = sel("tasks:t1+t0@knots-ties?alpha=1&top_k=0.2&w.t0=1")
+    b = parse_field({"tasks": ["t0", "t1"], "method": "knots-ties", "params": {"top_k": 0.2}}, "knots-ties")
+    assert a.canonical == b.canonical == sel("tasks:t0+t1").canonical == "tasks:t0+t1@knots-ties"
+    assert sel("tasks:t0+t1@knots-dare-ties?seed=2&basis=subset").canonical == \
+        "tasks:t0+t1@knots-dare-ties?seed=2&basis=subset"
+    assert sel("tasks:t0").spec is None  # one task, no method: the adapter itself
+
+
+def test_compose_writes_a_loadable_adapter_and_caches_it(composer):
+    c = composer.get(sel("tasks:t0+t2@knots-ta"))
+    merged = load_adapter(c.path)
+    want = sum(composer.adapters[t].modules["model.layers.0.self_attn.q_proj"].delta() for t in ("t0", "t2"))
+    got = merged.modules["model.layers.0.self_attn.q_proj"].delta()
+    assert torch.allclose(got, want, atol=1e-4)
+    assert composer.get(sel("tasks:t2+t0@knots-ta")) is c and composer.lookup(c.name) is c
+
+
+def test_concurrent_gets_of_one_new_merge_compose_it_once(composer):
+    misses = metrics.CACHE.labels("miss")._value.get()
+    start = threading.Barrier(16)
+    results = []
+
+    def get():
+        start.wait()
+        results.append(composer.get(sel("tasks:t0+t1+t3@core-ties")))
+
+    threads = [threading.Thread(target=get) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 16 and len({id(r) for r in results}) == 1
+    assert metrics.CACHE.labels("miss")._value.get() == misses + 1
+
+
+def test_cache_is_an_lru_bounded_in_bytes(tmp_path):
+    composer = Composer(pool(), tmp_path / "cache", cache_bytes=1, max_lora_rank=64)
+    evicted = []
+    composer.on_evict = evicted.append
+    first = composer.get(sel("tasks:t0+t1"))
+    second = composer.get(sel("tasks:t2+t3"))
+    assert evicted == [first.name] and not first.path.exists() and second.path.exists()
+    assert [c.name for c in composer.cached()] == [second.name]  # the newest stays even over the bound
+    sizes = []
+    composer.cache_bytes = 3 * second.nbytes
+    for s in ("tasks:t0+t2", "tasks:t1+t3", "tasks:t0+t3", "tasks:t1+t2"):
+        composer.get(sel(s))
+        sizes.append(composer.cached_bytes())
+    assert max(sizes) <= composer.cache_bytes and len(composer.cached()) == 3
+
+
+def test_rank_above_the_server_limit_and_unknown_tasks_are_refused(tmp_path, composer):
+    small = Composer(pool(), tmp_path / "small", cache_bytes=1 << 20, max_lora_rank=8)
+    with pytest.raises(MergeError, match="above this server's max_lora_rank 8"):
+        small.get(sel("tasks:t0+t1+t2@knots-ties"))
+    assert small.get(sel("tasks:t0+t1@knots-ta")).rank == 8  # rank 8 fits
+    with pytest.raises(UnknownTask, match="unknown task"):
+        composer.get(sel("tasks:t0+t9"))
+
+
+def test_a_new_pool_drops_every_composed_merge(composer):
+    c = composer.get(sel("tasks:t0+t1"))
+    evicted = []
+    composer.on_evict = evicted.append
+    composer.set_pool(pool(5))
+    assert evicted == [c.name] and composer.cached() == []
+    again = composer.get(sel("tasks:t0+t1"))
+    assert again.path != c.path  # a new path: vLLM must not reuse KV blocks cached for the old weights
+
+
+def test_shared_basis_is_loaded_from_its_file_when_the_pool_matches(tmp_path):
+    file = tmp_path / "pool.safetensors"
+    first = Composer(pool(), tmp_path / "a", 1 << 20, 64, basis_file=file)
+    assert file.exists()
+    mtime = file.stat().st_mtime_ns
+    second = Composer(pool(), tmp_path / "b", 1 << 20, 64, basis_file=file)
+    assert file.stat().st_mtime_ns == mtime  # reused, not rebuilt
+    a, b = (load_adapter(c.get(sel("tasks:t0+t3")).path) for c in (first, second))
+    assert all(torch.equal(a.modules[m].A, b.modules[m].A) for m in a.modules)
+    Composer(pool(3), tmp_path / "c", 1 << 20, 64, basis_file=file)
+    assert file.stat().st_mtime_ns != mtime  # another pool: rebuilt and saved
