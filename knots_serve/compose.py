@@ -55,8 +55,8 @@ class MergeSpec:
                 raise MergeError(f"weight for {t!r} must be a number in [-100, 100], got {w!r}")
         if self.trim_scope not in ("global", "module"):
             raise MergeError(f"trim_scope must be 'global' or 'module', got {self.trim_scope!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise MergeError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise MergeError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
 
     def resolved_params(self) -> dict[str, float]:
         _, method = resolve(self.method)

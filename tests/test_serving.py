@@ -135,6 +135,8 @@ def test_base_and_merged_requests_batched_together_equal_each_alone(server):
     ("tasks:alpha+beta@knots-ties?colour=red", 400, "unknown parameter 'colour'"),
     ("tasks:alpha+beta@knots-ties?w.zeta=1", 400, "weight given for 'zeta'"),
     ("tasks:alpha+beta@knots-ties?top_k=0.1&top_k=0.2", 400, "given twice"),
+    ("tasks:alpha+beta@knots-ties?top_k", 400, "malformed parameters"),
+    ("tasks:alpha+beta@knots-dare-ties?seed=99999999999999999999", 400, "seed must be an integer"),
     ("tasks:a/../../etc", 400, "invalid task name"),
     ("tasks:alpha+beta+gamma@ties", 400, "above this server's max_lora_rank 64"),
     ("no-such-model", 404, "does not exist"),
@@ -156,6 +158,7 @@ def test_bad_selections_get_clear_errors_and_the_server_keeps_serving(server, mo
     ({"tasks": ["alpha", "beta"], "params": {"top_k": "high"}}, "top_k='high' is out of range"),
     ({"tasks": ["alpha", "beta"], "basis": "mine"}, "basis must be 'shared' or 'subset'"),
     ({"tasks": ["t"] * 300}, "at most 256"),
+    ({"tasks": ["alpha", "beta"], "method": "knots-dare-ties", "seed": -1}, "seed must be an integer"),
 ])
 def test_bad_extra_body_gets_a_400_naming_the_problem(server, knots, message):
     with pytest.raises(openai.BadRequestError) as e:

@@ -90,7 +90,10 @@ def parse_model(model: str, default_method: str) -> Selection:
     tasks = names.split("+") if names else []
     if not tasks or any(t == "" for t in tasks):
         raise MergeError(f"malformed task list in {model!r}: expected tasks:A+B[@METHOD]")
-    pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True) if query else []
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True) if query else []
+    except ValueError:
+        raise MergeError(f"malformed parameters {query!r} in {model!r}: expected k=v&k=v") from None
     keys = [k for k, _ in pairs]
     twice = sorted({k for k in keys if keys.count(k) > 1})
     if twice:

@@ -33,12 +33,6 @@ class TaskRegistry:
         pool = {n: p for n, p in self.config_tasks.items() if n not in self.removed}
         return pool | self.added
 
-    def with_added(self, name: str, path: Path) -> dict[str, Path]:
-        return self.tasks() | {name: path}
-
-    def with_removed(self, name: str) -> dict[str, Path]:
-        return {n: p for n, p in self.tasks().items() if n != name}
-
     def add(self, name: str, path: Path) -> None:
         self.added[name] = path
         self.removed.discard(name)
