@@ -135,12 +135,16 @@ def serve(config: Path = typer.Option(Path("configs/default.yaml"), help="serve 
 
     from .adapters import check_compatible
     from .serving.config import CONFIG_ENV, load_config, vllm_argv
-    from .serving.registry import TaskRegistry
+    from .serving.experiments import check_experiment
+    from .serving.registry import task_table
+    from .serving.server import check_model
 
     try:
         cfg = load_config(config)
-        tasks = TaskRegistry(cfg.tasks, cfg.state_dir).tasks()
+        tasks = task_table(cfg.tasks, cfg.state_dir).items()
         check_compatible([load_adapter(p, n) for n, p in tasks.items()])  # fail here, not inside vLLM
+        for name, exp in cfg.experiments.items():
+            check_experiment(name, exp, lambda m: check_model(m, cfg, tasks))
     except (AdapterError, MergeError) as e:
         _fail(e)
     os.environ[CONFIG_ENV] = str(config.resolve())
@@ -150,6 +154,47 @@ def serve(config: Path = typer.Option(Path("configs/default.yaml"), help="serve 
     argv = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", *vllm_argv(cfg, tasks)]
     typer.echo(f"knots-serve: {len(tasks)} tasks, base {cfg.model}, on http://{cfg.host}:{cfg.port}", err=True)
     os.execv(sys.executable, argv)
+
+
+ab = typer.Typer(help="A/B experiments of merge variants on a running server.", no_args_is_help=True)
+app.add_typer(ab, name="ab")
+
+
+@ab.command("report", help="Per-arm counts, latency quantiles and mean feedback (95% CI) of an experiment.")
+def ab_report(
+    experiment: str = typer.Argument(..., help="experiment name"),
+    url: str = typer.Option("http://127.0.0.1:8000", help="server URL"),
+    admin_key: str = typer.Option(..., envvar="KNOTS_ADMIN_KEY", help="admin key (or KNOTS_ADMIN_KEY)"),
+    json_out: bool = typer.Option(False, "--json", help="print the raw JSON"),
+):
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"{url}/admin/experiments/{experiment}/report",
+                                 headers={"authorization": f"Bearer {admin_key}"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            doc = json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        _fail(MergeError(f"{e.code}: {e.read().decode(errors='replace')}"))
+    except (urllib.error.URLError, OSError) as e:
+        _fail(MergeError(f"cannot reach {url}: {e}"))
+    if json_out:
+        return typer.echo(json.dumps(doc, indent=2))
+    from rich.console import Console
+    from rich.table import Table
+
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    table = Table(title=f"experiment {doc['experiment']}")
+    for col in ("arm", "model", "weight", "served", "p50 s", "p90 s", "p99 s", "feedback n", "mean", "95% CI"):
+        table.add_column(col)
+    for arm, row in doc["arms"].items():
+        lat, fb = row["latency_s"], row["feedback"]
+        ci = "-" if fb["ci95"] is None else f"[{fb['ci95'][0]:.3f}, {fb['ci95'][1]:.3f}]"
+        table.add_row(arm, row["model"], f"{row['weight']:g}", str(row["served"]), fmt(lat["p50"], ".3f"),
+                      fmt(lat["p90"], ".3f"), fmt(lat["p99"], ".3f"), str(fb["n"]), fmt(fb["mean"], ".3f"), ci)
+    Console().print(table)
 
 
 @app.command(help="List the merge methods with their parameters and papers.")

@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..adapters import AdapterError
 from ..compose import MergeError
+from .composer import UnknownTask
+from .experiments import Experiment
 from .server import KnotsServer, error_status
 
 router = APIRouter()
@@ -72,6 +74,114 @@ async def list_merges(request: Request):
     c = server(request).composer
     return {"merges": [{"model": m.name, "rank": m.rank, "bytes": m.nbytes} for m in c.cached()],
             "cache_bytes": c.cached_bytes(), "cache_limit": c.cache_bytes}
+
+
+@router.get("/admin/experiments", dependencies=[Depends(admin)])
+async def list_experiments(request: Request):
+    return {n: e.model_dump() for n, e in server(request).experiments.items()}
+
+
+def _no_duplicate_keys(pairs):
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise MergeError(f"duplicate name(s) in the definition: {', '.join(twice)}")
+    return dict(pairs)
+
+
+async def _experiment_body(request: Request) -> dict:
+    """The JSON body, parsed so that duplicate keys (two arms of one name) are an error, not a silent
+    overwrite as in plain JSON parsing."""
+    import json
+
+    try:
+        doc = json.loads(await request.body(), object_pairs_hook=_no_duplicate_keys)
+    except ValueError as e:
+        raise MergeError(f"invalid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise MergeError("the body must be a JSON object")
+    return doc
+
+
+def _define(request: Request, name: str, doc: dict, create: bool):
+    from pydantic import ValidationError
+
+    s = server(request)
+    if create and name in s.experiments:
+        raise MergeError(f"experiment {name!r} already exists (PUT /admin/experiments/{name} replaces it)")
+    try:
+        exp = Experiment.model_validate(doc)
+    except ValidationError as e:
+        raise MergeError("invalid experiment: " + "; ".join(
+            f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
+    s.put_experiment(name, exp)
+    return {name: exp.model_dump()}
+
+
+@router.post("/admin/experiments", dependencies=[Depends(admin)], status_code=201)
+async def create_experiment(request: Request):
+    """Body: {"name": ..., "arms": {ARM: {"model": ..., "weight": ...}}}."""
+    try:
+        doc = await _experiment_body(request)
+        name = doc.pop("name", None)
+        if not isinstance(name, str) or not name:
+            raise MergeError("the body needs a 'name'")
+        return _define(request, name, doc, create=True)
+    except MergeError as e:
+        return _error(e)
+
+
+@router.put("/admin/experiments/{name}", dependencies=[Depends(admin)])
+async def put_experiment(name: str, request: Request):
+    """Create or replace. Body: {"arms": {ARM: {"model": ..., "weight": ...}}}."""
+    try:
+        return _define(request, name, await _experiment_body(request), create=False)
+    except MergeError as e:
+        return _error(e)
+
+
+@router.patch("/admin/experiments/{name}/weights", dependencies=[Depends(admin)])
+async def set_weights(name: str, weights: dict[str, float], request: Request):
+    try:
+        return {name: server(request).set_weights(name, weights).model_dump()}
+    except (MergeError, ValueError) as e:
+        return _error(e if isinstance(e, MergeError) else MergeError(str(e)))
+
+
+@router.delete("/admin/experiments/{name}", dependencies=[Depends(admin)])
+async def delete_experiment(name: str, request: Request):
+    try:
+        server(request).delete_experiment(name)
+    except MergeError as e:
+        return _error(e)
+    return {"removed": name}
+
+
+@router.get("/admin/experiments/{name}/report", dependencies=[Depends(admin)])
+async def report(name: str, request: Request):
+    s = server(request)
+    if name not in s.experiments:
+        return _error(UnknownTask(f"unknown experiment {name!r}"))
+    exp = s.experiments[name]
+    arms = s.outcomes.report(name, sorted(exp.arms))
+    for arm, row in arms.items():
+        row |= {"model": exp.arms[arm].model, "weight": exp.arms[arm].weight}
+    return {"experiment": name, "arms": arms}
+
+
+class Feedback(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(max_length=256, description="the id of a response served by an experiment arm")
+    score: float = Field(ge=-1e6, le=1e6, allow_inf_nan=False)
+
+
+@router.post("/v1/feedback")
+async def feedback(body: Feedback, request: Request):
+    try:
+        experiment, arm = server(request).outcomes.record(body.id, body.score)
+    except KeyError:
+        return _error(UnknownTask(f"no experiment response with id {body.id!r} (or it is too old)"))
+    return {"id": body.id, "experiment": experiment, "arm": arm, "recorded": True}
 
 
 @router.get("/v1/models")

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..adapters import VLLM_RANKS
 from ..compose import MergeError
 from ..methods import resolve
+from .experiments import Experiment
 from .names import PREFIX, check_task_name, parse_model
 
 CONFIG_ENV = "KNOTS_SERVE_CONFIG"  # how the vLLM plugin (in the API server process) finds the config
@@ -25,6 +26,7 @@ class ServeConfig(BaseModel):
     tasks: dict[str, Path] = Field(default_factory=dict, description="task name -> PEFT LoRA adapter dir")
     default_method: str = "knots-ties"
     merges: dict[str, str] = Field(default_factory=dict, description="named merges: name -> tasks:… string")
+    experiments: dict[str, Experiment] = Field(default_factory=dict, description="A/B experiments: name -> arms")
     host: str = "127.0.0.1"
     port: int = 8000
     max_loras: int = 4

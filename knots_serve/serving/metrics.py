@@ -9,3 +9,10 @@ CACHE = Counter("knots_compose_cache", "composed-adapter cache lookups (hit, mis
 CACHE_BYTES = Gauge("knots_compose_cache_bytes", "bytes of composed adapters in the tmpfs cache")
 REQUESTS = Counter("knots_requests", "inference requests per selected merge, task or named merge", ["model"])
 ERRORS = Counter("knots_request_errors", "requests refused by the merge layer", ["status"])
+
+AB = ["experiment", "arm"]
+AB_REQUESTS = Counter("knots_ab_requests", "experiment requests per arm", AB)
+AB_ERRORS = Counter("knots_ab_errors", "experiment requests per arm that ended in an HTTP error", AB)
+AB_TOKENS = Counter("knots_ab_tokens", "completion tokens per experiment arm", AB)
+AB_TTFT = Histogram("knots_ab_ttft_seconds", "time to the first response byte per experiment arm", AB)
+AB_LATENCY = Histogram("knots_ab_latency_seconds", "total request time per experiment arm", AB)

@@ -1,7 +1,8 @@
-"""The task registry: the config's tasks plus runtime registrations, persisted atomically.
+"""Runtime state that survives restarts: the task table and the experiments, persisted atomically.
 
-The state file records only runtime changes ({"added": {name: path}, "removed": [name]}), so the pool is
-always `config tasks - removed + added`, and editing the config later still means what it says.
+Each is the config's entries plus the runtime changes, and the state file records only the changes
+({"added": {name: value}, "removed": [name]}), so the table is always `config - removed + added`, and
+editing the config later still means what it says.
 """
 
 from __future__ import annotations
@@ -10,47 +11,61 @@ import json
 import os
 from pathlib import Path
 
-from ..adapters import AdapterError
-
-STATE_NAME = "tasks.json"
+from ..compose import MergeError
 
 
-class TaskRegistry:
-    def __init__(self, config_tasks: dict[str, Path], state_dir: Path):
-        self.config_tasks = dict(config_tasks)
-        self.path = state_dir / STATE_NAME
-        self.added: dict[str, Path] = {}
-        self.removed: set[str] = set()
-        if self.path.exists():
-            try:
-                state = json.loads(self.path.read_text())
-                self.added = {n: Path(p) for n, p in state.get("added", {}).items()}
-                self.removed = set(state.get("removed", []))
-            except (OSError, ValueError, AttributeError) as e:
-                raise AdapterError(f"unreadable task registry {self.path}: {e}") from None
+def atomic_write_json(path: Path, doc) -> None:
+    """Temporary file, fsync, rename: after a crash at any point the file holds the old or the new doc."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
-    def tasks(self) -> dict[str, Path]:
-        pool = {n: p for n, p in self.config_tasks.items() if n not in self.removed}
-        return pool | self.added
 
-    def add(self, name: str, path: Path) -> None:
-        self.added[name] = path
+def read_json(path: Path, default):
+    if not path.exists():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise MergeError(f"unreadable state file {path}: {e}") from None
+
+
+class Overlay:
+    """A name -> JSON value table: config entries overlaid by persisted runtime changes."""
+
+    def __init__(self, config: dict, path: Path):
+        self.config, self.path = dict(config), path
+        state = read_json(path, {})
+        if not isinstance(state, dict):
+            raise MergeError(f"unreadable state file {path}: not an object")
+        self.added: dict = dict(state.get("added", {}))
+        self.removed: set[str] = set(state.get("removed", []))
+
+    def items(self) -> dict:
+        return {n: v for n, v in self.config.items() if n not in self.removed} | self.added
+
+    def put(self, name: str, value) -> None:
+        self.added[name] = value
         self.removed.discard(name)
         self._save()
 
-    def remove(self, name: str) -> None:
+    def delete(self, name: str) -> None:
         self.added.pop(name, None)
-        if name in self.config_tasks:
+        if name in self.config:
             self.removed.add(name)
         self._save()
 
     def _save(self) -> None:
-        """Write to a temporary file, fsync, rename: after a crash the file is the old or the new state."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        doc = {"added": {n: str(p) for n, p in self.added.items()}, "removed": sorted(self.removed)}
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write_json(self.path, {"added": self.added, "removed": sorted(self.removed)})
+
+
+def task_table(config_tasks: dict[str, Path], state_dir: Path) -> Overlay:
+    return Overlay({n: str(p) for n, p in config_tasks.items()}, state_dir / "tasks.json")
+
+
+def experiment_table(config_experiments: dict, state_dir: Path) -> Overlay:
+    return Overlay({n: e.model_dump() for n, e in config_experiments.items()}, state_dir / "experiments.json")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..adapters import AdapterError, load_adapter
@@ -12,21 +13,37 @@ from ..compose import MergeError
 from . import metrics
 from .composer import Composer, UnknownTask
 from .config import ServeConfig
-from .names import PREFIX, Selection, check_task_name, parse_field, parse_model
-from .registry import TaskRegistry
+from .experiments import Experiment, Outcomes, assign, check_experiment
+from .names import PREFIX, TASK_NAME, Selection, check_task_name, parse_field, parse_model
+from .registry import experiment_table, task_table
 
 log = logging.getLogger("knots_serve")
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a request goes: `model` replaces the body's model (None: leave it); for an experiment,
+    which one and which arm."""
+
+    model: str | None
+    experiment: str | None = None
+    arm: str | None = None
 
 
 class KnotsServer:
     def __init__(self, cfg: ServeConfig, models):
         self.cfg, self.models = cfg, models  # models: vllm OpenAIServingModels
-        self.registry = TaskRegistry(cfg.tasks, cfg.state_dir)
-        adapters = {n: load_adapter(p, n) for n, p in self.registry.tasks().items()}
+        self.tasks = task_table(cfg.tasks, cfg.state_dir)
+        adapters = {n: load_adapter(p, n) for n, p in self.tasks.items().items()}
         self.composer = Composer(adapters, cfg.cache_dir, cfg.cache_bytes, cfg.max_lora_rank, cfg.basis_file)
         self.loop = asyncio.get_running_loop()
         self.composer.on_evict = lambda name: self.loop.call_soon_threadsafe(self.models.lora_requests.pop, name, None)
         self._registry_lock = asyncio.Lock()
+        self.experiment_store = experiment_table(cfg.experiments, cfg.state_dir)
+        self.experiments = {n: Experiment.model_validate(e) for n, e in self.experiment_store.items().items()}
+        for name, exp in self.experiments.items():
+            check_experiment(name, exp, self.check_model)
+        self.outcomes = Outcomes(cfg.state_dir / "feedback.json")
 
     # --- request routing (called by the middleware for every completion request) ------------------------
     def selection(self, body: dict) -> Selection | None:
@@ -42,20 +59,64 @@ class KnotsServer:
             return parse_model(model, self.cfg.default_method)
         return None
 
-    async def route(self, body: dict) -> str | None:
-        """The LoRA name vLLM should serve the request with (composing it first if needed), or None to
-        leave the request as it is. Raises MergeError (400) / UnknownTask (404)."""
+    async def route(self, body: dict, user: str | None = None, forced_arm: str | None = None) -> Route:
+        """Where vLLM should serve the request (composing a merge first if needed).
+        Raises MergeError (400) / UnknownTask (404)."""
+        model, experiment, arm = body.get("model"), None, None
+        if "knots" not in body and isinstance(model, str) and model in self.experiments:
+            experiment, exp = model, self.experiments[model]
+            if forced_arm is not None and forced_arm not in exp.arms:
+                raise MergeError(f"experiment {experiment!r} has no arm {forced_arm!r}: {', '.join(sorted(exp.arms))}")
+            user = body.get("user") if isinstance(body.get("user"), str) else user
+            arm = forced_arm or assign(experiment, exp, user)
+            model = exp.arms[arm].model
+            body = {"model": model}
         sel = self.selection(body)
         if sel is None:
-            return None
-        if sel.spec is None:  # tasks:A is A's own adapter, served under its plain name
+            name = model if experiment else None  # the base or a plain adapter: vLLM's own names
+        elif sel.spec is None:  # tasks:A is A's own adapter, served under its plain name
             if sel.tasks[0] not in self.composer.adapters:
                 raise UnknownTask(f"unknown task {sel.tasks[0]!r}; known: {', '.join(sorted(self.composer.adapters))}")
             name = sel.tasks[0]
         else:
             name = (await asyncio.to_thread(self.composer.get, sel)).name
-        metrics.REQUESTS.labels(body.get("model") if body.get("model") in self.cfg.merges else name).inc()
-        return name
+        label = experiment or (model if model in self.cfg.merges else name)
+        if label:
+            metrics.REQUESTS.labels(label).inc()
+        return Route(name, experiment, arm)
+
+    def check_model(self, model: str) -> None:
+        check_model(model, self.cfg, self.composer.adapters)
+
+    # --- experiments (admin API) ------------------------------------------------------------------------
+    def put_experiment(self, name: str, exp: Experiment) -> None:
+        if not TASK_NAME.match(name):
+            raise MergeError(f"invalid experiment name {name!r}: use letters, digits, '_', '.', '-' (at most 64)")
+        taken = name == self.cfg.base_name or name.startswith(PREFIX) or name in self.composer.adapters \
+            or name in self.cfg.merges
+        if taken:
+            raise MergeError(f"experiment name {name!r} clashes with the base model, a task or a merge")
+        check_experiment(name, exp, self.check_model)
+        self.experiment_store.put(name, exp.model_dump())
+        self.experiments = self.experiments | {name: exp}  # swap, never mutate: requests in flight keep theirs
+
+    def set_weights(self, name: str, weights: dict[str, float]) -> Experiment:
+        if name not in self.experiments:
+            raise UnknownTask(f"unknown experiment {name!r}")
+        exp = self.experiments[name]
+        unknown = set(weights) - set(exp.arms)
+        if unknown:
+            raise MergeError(f"experiment {name!r} has no arm(s) {', '.join(sorted(unknown))}")
+        arms = {a: arm.model_copy(update={"weight": weights.get(a, arm.weight)}) for a, arm in exp.arms.items()}
+        new = Experiment.model_validate({"arms": {a: arm.model_dump() for a, arm in arms.items()}})
+        self.put_experiment(name, new)
+        return new
+
+    def delete_experiment(self, name: str) -> None:
+        if name not in self.experiments:
+            raise UnknownTask(f"unknown experiment {name!r}")
+        self.experiment_store.delete(name)
+        self.experiments = {n: e for n, e in self.experiments.items() if n != name}
 
     def resolve(self, name: str) -> Path | None:
         """For the vLLM resolver: where a routed merge's adapter is."""
@@ -75,7 +136,7 @@ class KnotsServer:
             pool = self.composer.adapters | {name: adapter}
             await asyncio.to_thread(self.composer.set_pool, pool)  # validates compatibility, rebuilds the basis
             await self._load_plain(name, resolved)
-            self.registry.add(name, resolved)
+            self.tasks.put(name, str(resolved))
         return self.describe(name)
 
     async def unregister(self, name: str) -> None:
@@ -85,7 +146,7 @@ class KnotsServer:
             pool = {n: a for n, a in self.composer.adapters.items() if n != name}
             await asyncio.to_thread(self.composer.set_pool, pool)
             self.models.lora_requests.pop(name, None)
-            self.registry.remove(name)
+            self.tasks.delete(name)
 
     async def _load_plain(self, name: str, path: Path) -> None:
         from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
@@ -100,8 +161,20 @@ class KnotsServer:
                 "ranks": sorted({m.rank for m in a.modules.values()})}
 
     def model_ids(self) -> list[str]:
-        """What /v1/models adds to vLLM's list: every task as tasks:NAME, and the named merges."""
-        return [f"{PREFIX}{n}" for n in sorted(self.composer.adapters)] + list(self.cfg.merges)
+        """What /v1/models adds to vLLM's list: every task as tasks:NAME, the named merges, the experiments."""
+        return [f"{PREFIX}{n}" for n in sorted(self.composer.adapters)] + list(self.cfg.merges) + list(self.experiments)
+
+
+def check_model(model: str, cfg: ServeConfig, tasks) -> None:
+    """Can a server with this config and these tasks serve `model`? (For experiment arms; composes
+    nothing.) Raises MergeError / UnknownTask."""
+    if model == cfg.base_name or model in tasks or model in cfg.merges:
+        return
+    if not model.startswith(PREFIX):
+        raise UnknownTask(f"unknown model {model!r}")
+    unknown = [t for t in parse_model(model, cfg.default_method).tasks if t not in tasks]
+    if unknown:
+        raise UnknownTask(f"unknown task(s): {', '.join(unknown)}")
 
 
 def error_status(e: Exception) -> int:

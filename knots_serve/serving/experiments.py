@@ -1,0 +1,117 @@
+"""A/B experiments: a public model name whose traffic is split over arms (merges, adapters, the base).
+
+Assignment is sticky and stateless: a user's arm is a pure function of (experiment, user, weights), so
+the same user lands in the same arm across restarts and replicas. Arms are ordered by name and the
+user's hash point u ∈ [0, 1) picks the arm whose cumulative weight share covers it; an arm of weight 0
+covers nothing. Requests without a user are assigned at random, by weight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import threading
+from collections import OrderedDict, deque
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..compose import MergeError
+from .registry import atomic_write_json, read_json
+
+
+class Arm(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(max_length=4096, description="any model string the server serves")
+    weight: float = Field(ge=0, le=1e6, allow_inf_nan=False)
+
+
+class Experiment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    arms: dict[str, Arm] = Field(min_length=1, max_length=64)
+
+
+def check_experiment(name: str, exp: Experiment, check_model) -> None:
+    """Refuse definitions that cannot serve: no positive weight, bad arm names, unservable arm models.
+    check_model(model) raises MergeError for a model string the server cannot serve."""
+    if sum(a.weight for a in exp.arms.values()) <= 0:
+        raise MergeError(f"experiment {name!r}: the arm weights must sum to a positive number")
+    for arm_name, arm in exp.arms.items():
+        if not arm_name or len(arm_name) > 64 or not arm_name.replace("-", "").replace("_", "").isalnum():
+            raise MergeError(f"experiment {name!r}: invalid arm name {arm_name!r}")
+        try:
+            check_model(arm.model)
+        except MergeError as e:
+            raise MergeError(f"experiment {name!r}, arm {arm_name!r}: {e}") from None
+
+
+def hash_point(experiment: str, user: str) -> float:
+    digest = hashlib.sha256(f"{experiment}\x00{user}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign(experiment: str, exp: Experiment, user: str | None) -> str:
+    arms = sorted(exp.arms.items())
+    total = sum(a.weight for _, a in arms)
+    u = hash_point(experiment, user) if user is not None else random.random()
+    edge = 0.0
+    for name, arm in arms:
+        edge += arm.weight / total
+        if u < edge and arm.weight > 0:
+            return name
+    return next(name for name, arm in reversed(arms) if arm.weight > 0)  # u fell on the rounding edge
+
+
+class Outcomes:
+    """Per-arm latencies (recent, for quantiles) in memory; feedback scores aggregated and persisted
+    atomically; response ids remembered (bounded) so feedback can find its arm."""
+
+    def __init__(self, path: Path, max_ids: int = 100_000, max_latencies: int = 10_000):
+        self.path, self.max_ids = path, max_ids
+        self._lock = threading.Lock()
+        self._ids: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._latency: dict[tuple[str, str], deque] = {}
+        self._max_latencies = max_latencies
+        self._served: dict[tuple[str, str], int] = {}
+        self.feedback: dict[str, dict[str, list[float]]] = read_json(path, {})  # exp -> arm -> [n, Σ, Σ²]
+
+    def served(self, response_id: str | None, experiment: str, arm: str, seconds: float) -> None:
+        with self._lock:
+            self._latency.setdefault((experiment, arm), deque(maxlen=self._max_latencies)).append(seconds)
+            self._served[experiment, arm] = self._served.get((experiment, arm), 0) + 1
+            if response_id:
+                self._ids[response_id] = (experiment, arm)
+                while len(self._ids) > self.max_ids:
+                    self._ids.popitem(last=False)
+
+    def record(self, response_id: str, score: float) -> tuple[str, str]:
+        with self._lock:
+            if response_id not in self._ids:
+                raise KeyError(response_id)
+            experiment, arm = self._ids[response_id]
+            agg = self.feedback.setdefault(experiment, {}).setdefault(arm, [0, 0.0, 0.0])
+            agg[0] += 1
+            agg[1] += score
+            agg[2] += score * score
+            atomic_write_json(self.path, self.feedback)
+        return experiment, arm
+
+    def report(self, experiment: str, arms: list[str]) -> dict:
+        out = {}
+        with self._lock:
+            for arm in arms:
+                lat = sorted(self._latency.get((experiment, arm), ()))
+                n, s, ss = self.feedback.get(experiment, {}).get(arm, [0, 0.0, 0.0])
+                mean = s / n if n else None
+                # normal-approximation 95% interval of the mean score
+                sd = math.sqrt(max(ss / n - mean * mean, 0.0) * n / (n - 1)) if n > 1 else None
+                half = 1.96 * sd / math.sqrt(n) if sd is not None else None
+                out[arm] = {
+                    "served": self._served.get((experiment, arm), 0),
+                    "latency_s": {q: lat[min(int(p * len(lat)), len(lat) - 1)] if lat else None
+                                  for q, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))},
+                    "feedback": {"n": n, "mean": mean,
+                                 "ci95": [mean - half, mean + half] if half is not None else None},
+                }
+        return out
