@@ -1,5 +1,30 @@
-"""Compute kernels of the compose path (Triton for GPUs, torch as the CPU path and the reference).
+"""Compute kernels of the compose path: Triton on GPUs, torch as the CPU path and the reference.
 
 Installed as `knots_serve.kernels` (see pyproject.toml), never as a top-level `kernels` package: that name
 belongs to Hugging Face's `kernels`, which transformers probes for at import time.
+Kernels know tensors, not tasks: callers pass stacked rows, thresholds and factors.
 """
+
+from __future__ import annotations
+
+import torch
+
+from .lowrank_update import lowrank_update_torch, lowrank_update_triton, triton
+from .ties import ties_merge_torch, ties_merge_triton
+
+
+def _triton_for(t: torch.Tensor) -> bool:
+    return triton is not None and t.is_cuda
+
+
+def ties_merge(Y: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """TIES elect + disjoint mean of weighted rows Y (n × d) trimmed at per-row thresholds (n)."""
+    return ties_merge_triton(Y, thresholds) if _triton_for(Y) else ties_merge_torch(Y, thresholds)
+
+
+def lowrank_update(W0: torch.Tensor, L: torch.Tensor, R: torch.Tensor, alpha: float,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """out = W0 + alpha·L·R without materializing L·R (Triton) — out may be a strided slice of a weight."""
+    if _triton_for(W0):
+        return lowrank_update_triton(W0, L, R, alpha, out)
+    return lowrank_update_torch(W0, L, R, alpha, out)

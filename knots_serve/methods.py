@@ -14,31 +14,22 @@ from typing import Callable
 import torch
 
 from .basis import SPACES
+from .kernels import ties_merge
 
 
-def trim(X: torch.Tensor, top_k: float) -> torch.Tensor:
-    """TIES trim: per row keep entries with |x| ≥ the (d − ⌊d·top_k⌋)-th smallest |x|; zero the rest.
+def trim_thresholds(X: torch.Tensor, top_k: float) -> torch.Tensor:
+    """TIES trim threshold per row: the (d − ⌊d·top_k⌋)-th smallest |x|; entries with |x| ≥ it are kept.
 
     As in the TIES and KnOTS reference code, this keeps ⌊d·top_k⌋ + 1 entries (more on ties)."""
     d = X.shape[1]
     k = d - int(d * top_k)
     if k <= 0:
-        return X
-    threshold = X.abs().kthvalue(k, dim=1, keepdim=True).values
-    return torch.where(X.abs() >= threshold, X, torch.zeros((), dtype=X.dtype))
+        return torch.zeros(X.shape[0], dtype=X.dtype, device=X.device)
+    return X.abs().kthvalue(k, dim=1).values
 
 
-def elect_sign(X: torch.Tensor) -> torch.Tensor:
-    """TIES elect: γ = sign(Σ_i x_i); entries with γ = 0 take the sign of Σγ (the majority)."""
-    gamma = X.sum(0).sign()
-    return torch.where(gamma == 0, gamma.sum().sign(), gamma)
-
-
-def disjoint_mean(X: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """Mean over the tasks whose entry is non-zero and has the elected sign (0 where there is none)."""
-    agree = (X.sign() == gamma) & (X != 0)
-    total = torch.where(agree, X, torch.zeros((), dtype=X.dtype)).sum(0)
-    return total / agree.sum(0).clamp(min=1)
+def trim(X: torch.Tensor, top_k: float) -> torch.Tensor:
+    return torch.where(X.abs() >= trim_thresholds(X, top_k)[:, None], X, torch.zeros((), dtype=X.dtype))
 
 
 def dare(X: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -54,8 +45,9 @@ def task_arithmetic(X, w, *, alpha=1.0, **_):
 
 
 def ties(X, w, *, alpha=1.0, top_k=0.2, **_):
-    Y = trim(w[:, None] * X, top_k)
-    return alpha * disjoint_mean(Y, elect_sign(Y))
+    """Trim, elect, disjoint mean (the last two as one kernel: elementwise per column)."""
+    Y = w[:, None] * X
+    return alpha * ties_merge(Y, trim_thresholds(Y, top_k))
 
 
 def dare_ta(X, w, *, alpha=1.0, density=0.5, generator=None, **_):
