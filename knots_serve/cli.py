@@ -142,7 +142,8 @@ def serve(config: Path = typer.Option(Path("configs/default.yaml"), help="serve 
     try:
         cfg = load_config(config)
         tasks = task_table(cfg.tasks, cfg.state_dir).items()
-        check_compatible([load_adapter(p, n) for n, p in tasks.items()])  # fail here, not inside vLLM
+        if tasks:  # fail here, not inside vLLM
+            check_compatible([load_adapter(p, n) for n, p in tasks.items()])
         for name, exp in cfg.experiments.items():
             check_experiment(name, exp, lambda m: check_model(m, cfg, tasks))
     except (AdapterError, MergeError) as e:

@@ -184,6 +184,32 @@ async def feedback(body: Feedback, request: Request):
     return {"id": body.id, "experiment": experiment, "arm": arm, "recorded": True}
 
 
+class Pin(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(max_length=4096, description="a merge: tasks:A+B[@METHOD][?…] or a named merge")
+
+
+@router.get("/admin/pin", dependencies=[Depends(admin)])
+async def show_pin(request: Request):
+    return {"pinned": server(request).pinned}
+
+
+@router.post("/admin/pin", dependencies=[Depends(admin)])
+async def pin(body: Pin, request: Request):
+    try:
+        return {"pinned": await server(request).pin(body.model)}
+    except MergeError as e:
+        return _error(e)
+
+
+@router.delete("/admin/pin", dependencies=[Depends(admin)])
+async def unpin(request: Request):
+    try:
+        return await server(request).unpin()
+    except MergeError as e:
+        return _error(e)
+
+
 @router.get("/v1/models")
 async def list_models(request: Request):
     listed = await request.app.state.openai_serving_models.show_available_models()

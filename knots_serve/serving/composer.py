@@ -109,6 +109,15 @@ class Composer:
                     self._subset.popitem(last=False)
         return basis
 
+    def basis_file_for(self, sel: Selection) -> Path:
+        """The basis a merge is composed in, saved under cache_dir (for the workers to load, once)."""
+        space, _ = resolve(sel.spec.method)
+        basis = self._basis(space, sel.basis, sel.tasks)
+        path = self.cache_dir / f"basis-{space}-{basis.fingerprint}.safetensors"
+        if not path.exists():
+            basis.save(path)
+        return path
+
     # --- composed merges --------------------------------------------------------------------------------
     def get(self, sel: Selection) -> Composed:
         unknown = [t for t in sel.tasks if t not in self.adapters]

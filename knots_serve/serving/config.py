@@ -27,6 +27,7 @@ class ServeConfig(BaseModel):
     default_method: str = "knots-ties"
     merges: dict[str, str] = Field(default_factory=dict, description="named merges: name -> tasks:… string")
     experiments: dict[str, Experiment] = Field(default_factory=dict, description="A/B experiments: name -> arms")
+    pin: str | None = Field(None, description="a merge (model string) to write into the base weights at start")
     host: str = "127.0.0.1"
     port: int = 8000
     max_loras: int = 4
@@ -65,6 +66,8 @@ class ServeConfig(BaseModel):
                 if name.startswith(PREFIX) or name in self.tasks:
                     raise MergeError(f"merge name {name!r} clashes with a task or the {PREFIX!r} prefix")
                 parse_model(model, self.default_method)
+            if self.pin is not None and self.pin not in self.merges:
+                parse_model(self.pin, self.default_method)
         except (MergeError, ValueError) as e:
             raise ValueError(str(e)) from None
         return self
@@ -103,6 +106,7 @@ def vllm_argv(cfg: ServeConfig, tasks: dict[str, Path]) -> list[str]:
         "--model", str(cfg.model), "--served-model-name", cfg.base_name, "--host", cfg.host, "--port", str(cfg.port),
         "--enable-lora", "--max-loras", str(cfg.max_loras), "--max-lora-rank", str(cfg.max_lora_rank),
         "--max-cpu-loras", str(cfg.max_cpu_loras),
+        "--worker-extension-cls", "knots_serve.serving.pinning.PinWorker",
     ]
     if tasks:
         argv += ["--lora-modules", *(f"{n}={p}" for n, p in tasks.items())]

@@ -47,7 +47,10 @@ class KnotsMiddleware:
             more = message.get("more_body", False)
             if size > MAX_BODY:
                 return await respond(send, 413, openai_error(f"request body over {MAX_BODY} bytes", 413))
-        body = b"".join(chunks)
+        async with server.gate.shared():  # held until the response is sent: no weight swap meanwhile
+            await self._serve(server, scope, b"".join(chunks), receive, send)
+
+    async def _serve(self, server, scope, body, receive, send):
         try:
             doc = json.loads(body)
         except (ValueError, UnicodeDecodeError):

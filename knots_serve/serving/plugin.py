@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 
-from . import lora_fix
+from . import lora_fix, pinning
 from .middleware import KnotsMiddleware
 
 log = logging.getLogger("knots_serve")
@@ -34,6 +34,7 @@ def register() -> None:
             return LoRARequest(lora_name, 1, str(path)) if path else None
 
     LoRAResolverRegistry.register_resolver("knots_serve", KnotsResolver())
+    pinning.keep_cpu_weights()
     if lora_fix.apply():
         log.info("knots_serve: patched vLLM's CPU LoRA ops (slot -1 picked up the last LoRA)")
 
@@ -52,6 +53,8 @@ class KnotsEndpoint:
         from .config import CONFIG_ENV, load_config
         from .server import KnotsServer
 
-        server = KnotsServer(load_config(os.environ[CONFIG_ENV]), state.openai_serving_models)
+        server = KnotsServer(load_config(os.environ[CONFIG_ENV]), state.openai_serving_models, engine_client)
         state.knots = KnotsMiddleware.server = server
+        if server.cfg.pin:
+            log.info("knots_serve: pinned %s", await server.pin(server.cfg.pin))
         log.info("knots_serve: %d tasks, basis ready", len(server.composer.adapters))

@@ -4,7 +4,11 @@ link to vLLM's LoRA table (`OpenAIServingModels`). One instance per server, made
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +34,46 @@ class Route:
     arm: str | None = None
 
 
+class Gate:
+    """Requests hold the gate shared for their whole life; a weight swap holds it exclusively: it stops
+    new requests at the door, waits for those inside to finish, swaps, and reopens. So every response
+    is computed on one consistent set of weights and routed by the state that matches them."""
+
+    def __init__(self):
+        self._cond = asyncio.Condition()
+        self._inside, self._closed = 0, False
+
+    @contextlib.asynccontextmanager
+    async def shared(self):
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._closed)
+            self._inside += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._inside -= 1
+                self._cond.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self):
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._closed)
+            self._closed = True
+            await self._cond.wait_for(lambda: self._inside == 0)
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._closed = False
+                self._cond.notify_all()
+
+
 class KnotsServer:
-    def __init__(self, cfg: ServeConfig, models):
-        self.cfg, self.models = cfg, models  # models: vllm OpenAIServingModels
+    def __init__(self, cfg: ServeConfig, models, engine=None):
+        self.cfg, self.models, self.engine = cfg, models, engine  # vllm OpenAIServingModels, EngineClient
+        self.gate = Gate()
+        self.pinned: dict | None = None  # {"model": canonical name, ...} while a merge is in the weights
         self.tasks = task_table(cfg.tasks, cfg.state_dir)
         adapters = {n: load_adapter(p, n) for n, p in self.tasks.items().items()}
         self.composer = Composer(adapters, cfg.cache_dir, cfg.cache_bytes, cfg.max_lora_rank, cfg.basis_file)
@@ -78,6 +119,8 @@ class KnotsServer:
             if sel.tasks[0] not in self.composer.adapters:
                 raise UnknownTask(f"unknown task {sel.tasks[0]!r}; known: {', '.join(sorted(self.composer.adapters))}")
             name = sel.tasks[0]
+        elif self.pinned and sel.canonical == self.pinned["model"]:
+            name = self.cfg.base_name  # the merge is in the base weights: no LoRA
         else:
             name = (await asyncio.to_thread(self.composer.get, sel)).name
         label = experiment or (model if model in self.cfg.merges else name)
@@ -87,6 +130,42 @@ class KnotsServer:
 
     def check_model(self, model: str) -> None:
         check_model(model, self.cfg, self.composer.adapters)
+
+    # --- pinning (admin API) ----------------------------------------------------------------------------
+    async def pin(self, model: str) -> dict:
+        """Write the merge into the engine's weights (every worker), draining requests around the swap."""
+        sel = self.selection({"model": model})
+        if sel is None or sel.spec is None:
+            raise MergeError(f"{model!r} is not a merge: pin a tasks:A+B[@METHOD] string or a named merge")
+        unknown = [t for t in sel.tasks if t not in self.composer.adapters]
+        if unknown:
+            raise UnknownTask(f"unknown task(s): {', '.join(unknown)}")
+        basis = await asyncio.to_thread(self.composer.basis_file_for, sel)
+        spec = json.dumps(dataclasses.asdict(sel.spec))
+        t0 = time.perf_counter()
+        async with self.gate.exclusive():
+            t1 = time.perf_counter()
+            try:
+                results = await self.engine.collective_rpc("knots_pin", args=(str(basis), spec))
+            except Exception as e:  # back to the base weights on every worker: never half a merge
+                await self.engine.collective_rpc("knots_unpin")
+                self.pinned = None
+                raise MergeError(f"pinning {model!r} failed, base weights restored: {e}") from None
+            finally:
+                await self.engine.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+            self.pinned = {"model": sel.canonical, "requested": model}
+        self.pinned |= {"drain_s": t1 - t0, "swap_s": time.perf_counter() - t1, "workers": results}
+        return self.pinned
+
+    async def unpin(self) -> dict:
+        if self.pinned is None:
+            raise UnknownTask("no merge is pinned")
+        async with self.gate.exclusive():
+            t0 = time.perf_counter()
+            results = await self.engine.collective_rpc("knots_unpin")
+            await self.engine.reset_prefix_cache()
+            was, self.pinned = self.pinned, None
+        return {"unpinned": was["model"], "swap_s": time.perf_counter() - t0, "workers": results}
 
     # --- experiments (admin API) ------------------------------------------------------------------------
     def put_experiment(self, name: str, exp: Experiment) -> None:
