@@ -36,7 +36,7 @@ def make_tiny_llama(out: Path, seed: int = 0, hidden: int = 128, layers: int = 2
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=1,  # head_dim 64: vLLM CPU attention has no 16 max_position_embeddings=256, tie_word_embeddings=False,
+        num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128),  # head_dim 64 (vLLM CPU has no 16) max_position_embeddings=256, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2, torch_dtype="float32",
     )
     model = LlamaForCausalLM(config)
