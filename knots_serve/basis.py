@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .adapters import AdapterError, LoraAdapter, atomic_write_dir, check_compatible
+from .adapters import AdapterError, LoraAdapter, check_compatible
 
 SPACES = ("full", "knots", "core")
 DEFAULT_RTOL = 1e-7  # singular values below rtol·σ_max are numerical zeros of an exact low-rank product

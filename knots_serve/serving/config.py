@@ -15,13 +15,14 @@ from ..methods import resolve
 from .experiments import Experiment
 from .names import PREFIX, check_task_name, parse_model
 
-CONFIG_ENV = "KNOTS_SERVE_CONFIG"  # how the vLLM plugin (in the API server process) finds the config
+CONFIG_ENV = "KNOTS_SERVE_CONFIG"
+BUILTIN = "builtin:"  # how the vLLM plugin (in the API server process) finds the config
 
 
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: Path = Field(description="base model directory (Hugging Face format)")
+    model: Path = Field(description="base model directory (Hugging Face format), or builtin:smollm2-135m-instruct")
     served_model_name: str | None = Field(None, description="name clients use for the base model")
     tasks: dict[str, Path] = Field(default_factory=dict, description="task name -> PEFT LoRA adapter dir")
     default_method: str = "knots-ties"
@@ -92,12 +93,24 @@ def load_config(path: str | os.PathLike) -> ServeConfig:
         msgs = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
         raise MergeError(f"invalid config {path}: {msgs}") from None
     root = path.parent
-    absolute = lambda p: p if p is None else (root / p).expanduser().resolve()  # noqa: E731
+    absolute = lambda p: p if p is None else (root / p.expanduser()).resolve()  # noqa: E731
     return cfg.model_copy(update=dict(
-        model=absolute(cfg.model), tasks={n: absolute(p) for n, p in cfg.tasks.items()},
+        model=builtin_model(str(cfg.model)) if str(cfg.model).startswith(BUILTIN) else absolute(cfg.model), tasks={n: absolute(p) for n, p in cfg.tasks.items()},
         cache_dir=absolute(cfg.cache_dir), state_dir=absolute(cfg.state_dir), basis_file=absolute(cfg.basis_file),
         adapter_dirs=[absolute(p) for p in cfg.adapter_dirs],
     ))
+
+
+def builtin_model(model: str) -> Path:
+    """builtin:smollm2-135m-instruct -> its prepared directory (converted on first use, see base_model)."""
+    from ..base_model import BaseModelError, prepare_base
+
+    if model != f"{BUILTIN}smollm2-135m-instruct":
+        raise MergeError(f"unknown builtin model {model!r}; the one there is: {BUILTIN}smollm2-135m-instruct")
+    try:
+        return prepare_base()
+    except BaseModelError as e:
+        raise MergeError(str(e)) from None
 
 
 def vllm_argv(cfg: ServeConfig, tasks: dict[str, Path]) -> list[str]:

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,6 @@ from .experiments import Experiment, Outcomes, assign, check_experiment
 from .names import PREFIX, TASK_NAME, Selection, check_task_name, parse_field, parse_model
 from .registry import experiment_table, task_table
 
-log = logging.getLogger("knots_serve")
 
 
 @dataclass(frozen=True)
