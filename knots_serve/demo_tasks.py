@@ -13,11 +13,15 @@ splits.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 SPLITS = {"train": 2000, "val": 100, "test": 200}
 SEED = 0
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
 
 
 @dataclass(frozen=True)
@@ -62,31 +66,30 @@ class Task:
 
 # --- word lists ---------------------------------------------------------------------------------------
 
-WORDS = """apple river table garden window bread music paper candle forest mountain bottle pencil basket
+WORDS = _words("""apple river table garden window bread music paper candle forest mountain bottle pencil basket
 horse rabbit cloud stone ocean silver winter summer camera button engine bridge castle dragon feather
 guitar hammer island jacket kitten ladder mirror needle orange pillow rocket saddle ticket turtle violin
 wallet yellow zebra anchor barrel cherry desert eagle finger glove helmet jungle kettle lemon marble
 napkin onion parrot quilt ribbon shadow tomato umbrella valley wagon blanket carpet doctor farmer
-flower garlic hunter lizard monkey potato rainbow spider tunnel village wizard coffee"""
-WORDS = WORDS.split()
+flower garlic hunter lizard monkey potato rainbow spider tunnel village wizard coffee""")
 
-POSITIVE = "wonderful excellent great delightful amazing fantastic lovely superb pleasant brilliant".split()
-NEGATIVE = "terrible awful horrible disappointing dreadful poor boring unpleasant bad miserable".split()
+POSITIVE = _words("wonderful excellent great delightful amazing fantastic lovely superb pleasant brilliant")
+NEGATIVE = _words("terrible awful horrible disappointing dreadful poor boring unpleasant bad miserable")
 SUBJECTS = """the food|the service|the movie|the hotel room|the staff|the book|the concert|the app|the trip|
 the coffee|the music|the game|the show|the class|the tour""".replace("\n", "").split("|")
 
 CATEGORIES = {
-    "an animal": "tiger horse rabbit eagle monkey zebra lizard parrot turtle spider wolf sheep".split(),
-    "a fruit": "apple cherry lemon orange banana grape mango peach pear plum melon kiwi".split(),
-    "a color": "red blue green yellow purple brown black white pink gray orange violet".split(),
-    "a vehicle": "car bus truck train bicycle boat plane taxi tractor scooter ship tram".split(),
-    "a piece of furniture": "chair table sofa bed desk shelf stool bench cabinet dresser couch wardrobe".split(),
-    "a body part": "hand foot knee elbow nose ear finger shoulder ankle wrist chin thumb".split(),
+    "an animal": _words("tiger horse rabbit eagle monkey zebra lizard parrot turtle spider wolf sheep"),
+    "a fruit": _words("apple cherry lemon orange banana grape mango peach pear plum melon kiwi"),
+    "a color": _words("red blue green yellow purple brown black white pink gray orange violet"),
+    "a vehicle": _words("car bus truck train bicycle boat plane taxi tractor scooter ship tram"),
+    "a piece of furniture": _words("chair table sofa bed desk shelf stool bench cabinet dresser couch wardrobe"),
+    "a body part": _words("hand foot knee elbow nose ear finger shoulder ankle wrist chin thumb"),
 }
 
-ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen \
-sixteen seventeen eighteen nineteen".split()
-TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+ONES = _words("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen \
+sixteen seventeen eighteen nineteen")
+TENS = _words("_ _ twenty thirty forty fifty sixty seventy eighty ninety")
 
 
 def number_words(n: int) -> str:

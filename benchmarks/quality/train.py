@@ -15,12 +15,18 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -43,12 +49,12 @@ def encode(tok, prompt: str, answer: str) -> tuple[list[int], list[int]]:
 
 def collate(tok, pairs: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
     n = max(len(ids) for ids, _ in pairs)
-    pad = lambda xs, v: xs + [v] * (n - len(xs))  # noqa: E731  right padding: causal attention is unaffected
-    return dict(
-        input_ids=torch.tensor([pad(ids, tok.pad_token_id) for ids, _ in pairs]),
-        attention_mask=torch.tensor([pad([1] * len(ids), 0) for ids, _ in pairs]),
-        labels=torch.tensor([pad(labels, IGNORE) for _, labels in pairs]),
-    )
+    pad = lambda xs, v: xs + [v] * (n - len(xs))
+    return {
+        "input_ids": torch.tensor([pad(ids, tok.pad_token_id) for ids, _ in pairs]),
+        "attention_mask": torch.tensor([pad([1] * len(ids), 0) for ids, _ in pairs]),
+        "labels": torch.tensor([pad(labels, IGNORE) for _, labels in pairs]),
+    }
 
 
 @torch.no_grad()
@@ -70,7 +76,8 @@ def evaluate(model, tok, task: Task, examples, max_new_tokens: int) -> dict:
     exact = sum(task.score(p, e.answer) for p, e in zip(preds, examples)) / len(examples)
     # does the answer appear anywhere: tells a base model that knows the answer but not the format apart
     contains = sum(e.answer.casefold() in p.casefold() for p, e in zip(preds, examples)) / len(examples)
-    return dict(exact=exact, contains=contains, samples=[[e.prompt, e.answer, p] for p, e in list(zip(preds, examples))[:3]])
+    samples = [[e.prompt, e.answer, p] for p, e in list(zip(preds, examples))[:3]]
+    return {"exact": exact, "contains": contains, "samples": samples}
 
 
 def lr_at(step: int, args) -> float:
@@ -96,7 +103,8 @@ def save_adapter_bf16(model, out_dir: Path, metrics: dict) -> None:
 
 def train_task(name: str, args, base_dir: Path, tok) -> dict:
     task, out_dir = TASKS[name], Path(args.out) / name
-    settings = dict(steps=args.steps, lr=args.lr, batch=args.batch, rank=16, alpha=32, dtype=args.dtype, seed=args.seed)
+    settings = {"steps": args.steps, "lr": args.lr, "batch": args.batch, "rank": 16, "alpha": 32,
+                "dtype": args.dtype, "seed": args.seed}
     done = out_dir / "metrics.json"
     if done.is_file() and json.loads(done.read_text()).get("settings") == settings:
         print(f"{name}: already trained with these settings, skipping")
@@ -147,8 +155,8 @@ def train_task(name: str, args, base_dir: Path, tok) -> dict:
             model.train()
         if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
-            state = dict(settings=settings, step=step + 1, losses=losses,
-                         lora=get_peft_model_state_dict(model), optim=opt.state_dict())
+            state = {"settings": settings, "step": step + 1, "losses": losses,
+                     "lora": get_peft_model_state_dict(model), "optim": opt.state_dict()}
             torch.save(state, ckpt.with_suffix(".tmp"))
             os.replace(ckpt.with_suffix(".tmp"), ckpt)  # a crash mid-save leaves the previous checkpoint
     train_s = time.time() - t0
@@ -157,16 +165,17 @@ def train_task(name: str, args, base_dir: Path, tok) -> dict:
     lora = evaluate(model, tok, task, val, max_new)
     with model.disable_adapter():
         base = evaluate(model, tok, task, val, max_new)
-    metrics = dict(
-        task=name, description=task.description, settings=settings, train_seconds_this_run=round(train_s, 1),
-        final_loss=sum(losses[-10:]) / max(1, len(losses[-10:])), val_size=len(val),
-        base_val_exact=base["exact"], lora_val_exact=lora["exact"],
-        base_val_contains=base["contains"], lora_val_contains=lora["contains"],
-        base_samples=base["samples"], lora_samples=lora["samples"],
-    )
+    metrics = {
+        "task": name, "description": task.description, "settings": settings,
+        "train_seconds_this_run": round(train_s, 1), "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
+        "val_size": len(val), "max_new_tokens": max_new,
+        "base_val_exact": base["exact"], "lora_val_exact": lora["exact"],
+        "base_val_contains": base["contains"], "lora_val_contains": lora["contains"],
+        "base_samples": base["samples"], "lora_samples": lora["samples"],
+    }
     save_adapter_bf16(model, out_dir, metrics)
-    ckpt.unlink(missing_ok=True)
-    ckpt_dir.rmdir() if ckpt_dir.is_dir() and not any(ckpt_dir.iterdir()) else None
+    if ckpt_dir.is_dir():  # the adapter is final now: its checkpoint would only resume a finished run
+        shutil.rmtree(ckpt_dir)
     print(f"{name}: val exact match base {base['exact']:.2f} -> LoRA {lora['exact']:.2f}")
     return metrics
 
@@ -178,7 +187,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(REPO / "adapters"))
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=25)
     p.add_argument("--eval-every", type=int, default=0, help="also check val exact match every N steps")
