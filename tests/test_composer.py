@@ -111,3 +111,14 @@ def test_shared_basis_is_loaded_from_its_file_when_the_pool_matches(tmp_path):
     assert all(torch.equal(a.modules[m].A, b.modules[m].A) for m in a.modules)
     Composer(pool(3), tmp_path / "c", 1 << 20, 64, basis_file=file)
     assert file.stat().st_mtime_ns != mtime  # another pool: rebuilt and saved
+
+
+def test_startup_removes_only_what_the_composer_wrote(tmp_path):
+    cache = tmp_path / "cache"
+    first = Composer(pool(), cache, 1 << 20, 64)
+    merged = first.get(sel("tasks:t0+t1")).path
+    first.basis_file_for(sel("tasks:t0+t1"))
+    (cache / "precious.txt").write_text("not ours")
+    (cache / "notes").mkdir()
+    Composer(pool(), cache, 1 << 20, 64)
+    assert sorted(p.name for p in cache.iterdir()) == ["notes", "precious.txt"] and not merged.exists()

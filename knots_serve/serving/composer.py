@@ -9,6 +9,7 @@ same new merge compose it once. The cache is an LRU bounded in bytes; an evicted
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import threading
 import time
@@ -24,6 +25,10 @@ from ..compose import MergeError, merge_lora
 from ..methods import resolve
 from . import metrics
 from .names import Selection
+
+
+# what the composer writes into cache_dir: merges, basis files for the workers, temporaries of atomic writes
+OWNED = re.compile(r"^([0-9a-f]{20}-g\d+|basis-\w+-[0-9a-f]{16}\.safetensors|\.[0-9a-f]{20}-g\d+\..+|\.basis-.+\.tmp\d+)$")
 
 
 class UnknownTask(MergeError):
@@ -52,8 +57,10 @@ class Composer:
         self._cache: OrderedDict[str, Composed] = OrderedDict()
         self._inflight: dict[str, Future] = {}
         self._generation = 0  # bumps when the pool changes: new paths, so vLLM never reuses stale KV blocks
-        shutil.rmtree(cache_dir, ignore_errors=True)
-        cache_dir.mkdir(parents=True)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for stale in cache_dir.iterdir():  # a previous run's merges; only what this class writes is removed
+            if OWNED.match(stale.name):
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         self.set_pool(adapters)
 
     # --- the pool and its bases -------------------------------------------------------------------------
