@@ -161,3 +161,11 @@ def test_bad_pins_are_refused(server, model, status, message):
     assert got == status and message in body["error"]["message"]
     assert http(server, "GET", "/admin/pin", key=ADMIN_KEY)[1]["pinned"] is None
     assert http(server, "POST", "/admin/pin", {"model": MERGE})[0] == 401
+
+
+def test_a_merge_pinned_in_the_config_is_in_the_weights_from_the_start(server, full_model_outputs, tmp_path):
+    config = {k: v for k, v in server.config.items() if k not in ("experiments", "port")}
+    config |= {"pin": MERGE, "cache_dir": f"{server.config['cache_dir']}-pinned", "state_dir": str(tmp_path / "s")}
+    with start_server(tmp_path, config, {"KNOTS_TEST_ADMIN_KEY": ADMIN_KEY}) as pinned:
+        assert {p: complete(pinned.client(), "tiny", p) for p in PROMPTS} == full_model_outputs
+        assert http(pinned, "GET", "/admin/pin", key=ADMIN_KEY)[1]["pinned"]["model"] == MERGE
