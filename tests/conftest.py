@@ -47,7 +47,7 @@ def server(tiny_base, tiny_adapters, tmp_path_factory):
                                          "adapter": {"model": "alpha", "weight": 2},
                                          "off": {"model": "tasks:beta+gamma", "weight": 0}}}},
         "max_loras": 2, "max_lora_rank": 64, "max_cpu_loras": 8,
-        "cache_dir": f"/dev/shm/knots-serve-test-{os.getpid()}", "cache_bytes": 4 << 20,
+        "cache_dir": str(root / "cache"), "cache_bytes": 4 << 20,  # a tmp dir: no tmpfs left behind
         "state_dir": str(root / "state"), "adapter_dirs": [str(root / "extra")],
         "admin_key_env": "KNOTS_TEST_ADMIN_KEY",
         "vllm_args": ["--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "16",
