@@ -124,7 +124,7 @@ def load_adapter(path: str | os.PathLike, name: str | None = None) -> LoraAdapte
         r_config = _pattern_value(rank_pattern, module, r_default)
         if r != r_config:
             raise AdapterError(f"{where}: {module}: tensors have rank {r} but the config says r={r_config}")
-        if not module.rsplit(".", 1)[-1] in SUPPORTED_TARGETS:
+        if module.rsplit(".", 1)[-1] not in SUPPORTED_TARGETS:
             raise AdapterError(f"{where}: {module}: only {', '.join(SUPPORTED_TARGETS)} can be merged")
         for label, t in (("lora_A", A), ("lora_B", B)):
             if not torch.isfinite(t).all():

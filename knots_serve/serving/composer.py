@@ -80,6 +80,7 @@ class Composer:
             dropped, self._cache = list(self._cache.values()), OrderedDict()
         for c in dropped:
             self._evict(c)
+        metrics.CACHE_BYTES.set(0)  # every composed merge was dropped with the old pool
 
     def _load_or_build(self, pool: list[LoraAdapter]) -> Basis:
         from ..basis import DEFAULT_RTOL, fingerprint
