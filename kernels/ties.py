@@ -15,11 +15,12 @@ import torch
 
 def ties_merge_torch(Y: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     zero = torch.zeros((), dtype=Y.dtype, device=Y.device)
-    T = torch.where(Y.abs() >= thresholds[:, None], Y, zero)
+    T = Y.abs()
+    torch.where(T >= thresholds[:, None], Y, zero, out=T)  # the trimmed Y, written over |Y| (no new buffer)
     gamma = T.sum(0).sign()
     gamma = torch.where(gamma == 0, gamma.sum().sign(), gamma)
-    agree = (T.sign() == gamma) & (T != 0)
-    return torch.where(agree, T, zero).sum(0) / agree.sum(0).clamp(min=1)
+    T.masked_fill_(T * gamma <= 0, 0)  # keep the nonzero entries of the elected sign (γ is ±1, or 0: none)
+    return T.sum(0) / (T != 0).sum(0, dtype=torch.int32).clamp(min=1)
 
 
 try:

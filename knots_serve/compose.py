@@ -93,18 +93,22 @@ def merged_tensors(basis: Basis, spec: MergeSpec, progress: bool = False) -> dic
     if method.random:
         kwargs["generator"] = torch.Generator().manual_seed(spec.seed)
     modules = [m for m, ms in basis.modules.items() if any(t in ms.tasks for t in names)]
-    stacks = {m: basis.modules[m].stack(names).to(torch.float64).flatten(1) for m in modules}
     shapes = {m: basis.modules[m].tensor_shape for m in modules}
-    if method.trims and spec.trim_scope == "global" and stacks:
-        flat = method.fn(torch.cat(list(stacks.values()), dim=1), w, **kwargs)
-        pieces = flat.split([s.shape[1] for s in stacks.values()])
+    stack = lambda m: basis.modules[m].stack(names).to(torch.float64).flatten(1)
+    if method.trims and spec.trim_scope == "global" and modules:
+        # one float64 buffer over all modules, filled in place (no per-module float64 stacks, no concatenation)
+        sizes = [shapes[m][0] * shapes[m][1] for m in modules]
+        X = torch.empty(len(names), sum(sizes), dtype=torch.float64)
+        for m, piece in zip(modules, X.split(sizes, dim=1)):
+            piece.copy_(basis.modules[m].stack(names).flatten(1))  # float32 -> float64, exact
+        pieces = method.fn(X, w, **kwargs).split(sizes)
         return {m: p.view(shapes[m]) for m, p in zip(modules, pieces)}
     items = modules
     if progress:
         from tqdm.auto import tqdm
 
         items = tqdm(modules, desc=spec.method, unit="module")
-    return {m: method.fn(stacks[m], w, **kwargs).view(shapes[m]) for m in items}
+    return {m: method.fn(stack(m), w, **kwargs).view(shapes[m]) for m in items}
 
 
 def merge_lora(
