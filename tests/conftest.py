@@ -55,3 +55,21 @@ def server(tiny_base, tiny_adapters, tmp_path_factory):
     }
     with start_server(root, config, {"KNOTS_TEST_ADMIN_KEY": ADMIN_KEY}) as srv:
         yield srv
+
+
+API_KEY = "test-inference-key-7f3a9c"
+
+
+@pytest.fixture(scope="session")
+def guarded(server, tmp_path_factory):
+    """A second server like `server`, but inference needs an API key (VLLM_API_KEY) and the merge cache
+    holds about two merges, so merges are evicted all the time (security, soak and eviction tests)."""
+    from server_process import start_server
+
+    root = tmp_path_factory.mktemp("guarded")
+    config = {k: v for k, v in server.config.items() if k not in ("port", "experiments")}
+    config |= {"cache_dir": str(root / "cache"), "cache_bytes": 400 << 10, "state_dir": str(root / "state"),
+               "adapter_dirs": [str(root / "extra")]}
+    with start_server(root, config, {"KNOTS_TEST_ADMIN_KEY": ADMIN_KEY, "VLLM_API_KEY": API_KEY}) as srv:
+        srv.api_key = API_KEY
+        yield srv

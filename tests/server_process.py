@@ -21,11 +21,18 @@ class Server:
     log: Path
     config: dict
     root: Path
+    pid: int = 0
+    api_key: str = "none"  # what clients send as the OpenAI API key (vLLM checks it when VLLM_API_KEY is set)
 
     def client(self, **kw):
         from openai import OpenAI
 
-        return OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=120, **kw)
+        return OpenAI(base_url=f"{self.url}/v1", api_key=self.api_key, max_retries=0, timeout=120, **kw)
+
+    def async_client(self, **kw):
+        from openai import AsyncOpenAI
+
+        return AsyncOpenAI(base_url=f"{self.url}/v1", api_key=self.api_key, max_retries=0, timeout=120, **kw)
 
 
 def free_port() -> int:
@@ -54,7 +61,7 @@ def start_server(root: Path, config: dict, env: dict, timeout: float = 300):
                 if time.time() > deadline:
                     raise RuntimeError(f"server not up in {timeout} s:\n{log.read_text()[-4000:]}") from None
                 time.sleep(1)
-        yield Server(url, log, config, root)
+        yield Server(url, log, config, root, proc.pid)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)

@@ -92,7 +92,7 @@ def test_a_merge_served_per_request_equals_the_merge_written_by_the_cli(server, 
                         "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     disk = f"disk-{abs(hash(model))}"
-    status, _ = http(server, "POST", "/v1/load_lora_adapter", {"lora_name": disk, "lora_path": str(out)})
+    status, _ = http(server, "POST", "/v1/load_lora_adapter", {"lora_name": disk, "lora_path": str(out)}, key=ADMIN_KEY)
     assert status == 200
     c = server.client()
     for p in PROMPTS:

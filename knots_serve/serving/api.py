@@ -3,18 +3,16 @@
 
 from __future__ import annotations
 
-import hmac
-import os
-
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..adapters import AdapterError
 from ..compose import MergeError
+from .auth import admin_refusal
 from .composer import UnknownTask
 from .experiments import Experiment
-from .server import KnotsServer, error_status
+from .server import ERROR_TYPES, KnotsServer, error_status
 
 router = APIRouter()
 
@@ -24,14 +22,11 @@ def server(request: Request) -> KnotsServer:
 
 
 def admin(request: Request, authorization: str | None = Header(None), x_admin_key: str | None = Header(None)):
-    """Admin routes need the key from the env var named by `admin_key_env` (compared in constant time)."""
-    cfg = server(request).cfg
-    expected = os.environ.get(cfg.admin_key_env)
-    if not expected:
-        raise HTTPException(403, f"admin API disabled: set {cfg.admin_key_env} for the server")
-    given = x_admin_key or (authorization or "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(given.encode(), expected.encode()):
-        raise HTTPException(401, "missing or wrong admin key (Authorization: Bearer KEY or X-Admin-Key)")
+    """Admin routes need the key from the env var named by `admin_key_env` (compared in constant time).
+    (The middleware checks it first; this keeps each route safe on its own.)"""
+    refused = admin_refusal(server(request).cfg.admin_key_env, authorization, x_admin_key)
+    if refused:
+        raise HTTPException(*refused)
 
 
 class RegisterTask(BaseModel):
@@ -42,8 +37,8 @@ class RegisterTask(BaseModel):
 
 def _error(e: Exception) -> JSONResponse:
     status = error_status(e)
-    return JSONResponse({"error": {"message": str(e), "type": "BadRequestError" if status == 400 else
-                                   "NotFoundError", "code": status}}, status_code=status)
+    return JSONResponse({"error": {"message": str(e), "type": ERROR_TYPES[status], "code": status}},
+                        status_code=status)
 
 
 @router.get("/admin/tasks", dependencies=[Depends(admin)])

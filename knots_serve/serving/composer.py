@@ -4,10 +4,17 @@
 composed from the resident basis and written to the tmpfs cache. Thread-safe; concurrent calls for the
 same new merge compose it once. The cache is an LRU bounded in bytes; an evicted merge is reported to
 `on_evict` (the server then drops it from vLLM's table, so the next request composes it again).
+
+A request holds its merge (`get(sel, hold=True)` ... `release(c)`) while vLLM serves it: a held merge is
+never evicted, and one dropped with an old pool is deleted only when its last request is done, so vLLM
+never finds the adapter it was told about gone from disk. While everything is held the cache can exceed
+its bound by the held merges. A full or unwritable cache_dir is a CacheUnavailable (HTTP 503): nothing
+cached is lost, and merges already cached, the base and the adapters keep serving.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import re
 import shutil
@@ -18,6 +25,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from safetensors import SafetensorError
 
 from ..adapters import LoraAdapter, check_compatible, padded_rank, save_adapter
 from ..basis import Basis, build_basis
@@ -33,6 +42,10 @@ OWNED = re.compile(r"^([0-9a-f]{20}-g\d+|basis-\w+-[0-9a-f]{16}\.safetensors|\.[
 
 class UnknownTask(MergeError):
     """A selection names a task the server does not have (HTTP 404)."""
+
+
+class CacheUnavailable(MergeError):
+    """The merge could not be written: cache_dir is full or not writable (HTTP 503)."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,8 @@ class Composer:
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, Composed] = OrderedDict()
         self._inflight: dict[str, Future] = {}
+        self._held: dict[Path, int] = {}  # path -> requests using it now
+        self._doomed: set[Path] = set()  # dropped while held: deleted by the last release
         self._generation = 0  # bumps when the pool changes: new paths, so vLLM never reuses stale KV blocks
         cache_dir.mkdir(parents=True, exist_ok=True)
         for stale in cache_dir.iterdir():  # a previous run's merges; only what this class writes is removed
@@ -127,7 +142,8 @@ class Composer:
         return path
 
     # --- composed merges --------------------------------------------------------------------------------
-    def get(self, sel: Selection) -> Composed:
+    def get(self, sel: Selection, hold: bool = False) -> Composed:
+        """The merge's adapter; with hold=True it stays on disk until `release` (see the module doc)."""
         unknown = [t for t in sel.tasks if t not in self.adapters]
         if unknown:
             raise UnknownTask(f"unknown task(s): {', '.join(unknown)}; known: {', '.join(sorted(self.adapters))}")
@@ -137,7 +153,7 @@ class Composer:
             if hit is not None:
                 self._cache.move_to_end(name)
                 metrics.CACHE.labels("hit").inc()
-                return hit
+                return self._hold(hit) if hold else hit
             future = self._inflight.get(name)
             owner = future is None
             if owner:
@@ -145,10 +161,14 @@ class Composer:
                 generation = self._generation
         if not owner:
             metrics.CACHE.labels("wait").inc()
-            return future.result()
+            composed = future.result()
+            with self._lock:
+                if not hold or self._cache.get(name) is composed:
+                    return self._hold(composed) if hold else composed
+            return self.get(sel, hold)  # evicted before this waiter could hold it: compose it again
         metrics.CACHE.labels("miss").inc()
         try:
-            composed = self._compose(sel, generation)
+            composed = self._compose(sel, generation, hold)
             future.set_result(composed)
             return composed
         except BaseException as e:
@@ -158,7 +178,7 @@ class Composer:
             with self._lock:
                 self._inflight.pop(name, None)
 
-    def _compose(self, sel: Selection, generation: int) -> Composed:
+    def _compose(self, sel: Selection, generation: int, hold: bool) -> Composed:
         t0 = time.perf_counter()
         space, _ = resolve(sel.spec.method)
         basis = self._basis(space, sel.basis, sel.tasks)
@@ -169,25 +189,71 @@ class Composer:
                              f"{self.max_lora_rank}: merge fewer tasks, use a knots-/core- method (a dense-space "
                              "merge is full-rank), or raise max_lora_rank")
         digest = hashlib.sha256(sel.canonical.encode()).hexdigest()[:20]
-        path = save_adapter(lora, self.cache_dir / f"{digest}-g{generation}", basis.base_model,
-                            metadata={"model": sel.canonical})
+        path = self._save(lora, self.cache_dir / f"{digest}-g{generation}", basis.base_model, sel.canonical)
         composed = Composed(sel.canonical, path, _dir_bytes(path), rank)
         metrics.COMPOSE_SECONDS.observe(time.perf_counter() - t0)
         with self._lock:
             if generation != self._generation:  # composed against a pool that has since been replaced
                 shutil.rmtree(path, ignore_errors=True)
                 raise MergeError("the task pool changed while this merge was composed; retry the request")
-            self._cache[sel.canonical] = composed
-            evicted = []
-            while sum(c.nbytes for c in self._cache.values()) > self.cache_bytes and len(self._cache) > 1:
-                evicted.append(self._cache.popitem(last=False)[1])
+            self._cache[sel.canonical] = self._hold(composed) if hold else composed
+            evicted = self._over_bound(keep=sel.canonical)
         for c in evicted:
             self._evict(c)
         metrics.CACHE_BYTES.set(self.cached_bytes())
         return composed
 
+    def _save(self, lora, path: Path, base_model, name: str) -> Path:
+        """Write the adapter; if cache_dir is full, drop every merge not in use and try once more."""
+        for attempt in (1, 2):
+            try:
+                return save_adapter(lora, path, base_model, metadata={"model": name})
+            except (OSError, SafetensorError) as e:  # safetensors reports ENOSPC as its own error
+                full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in str(e)
+                with self._lock:
+                    idle = [n for n, c in self._cache.items() if c.path not in self._held]
+                    evicted = [self._cache.pop(n) for n in idle] if full else []
+                for c in evicted:
+                    self._evict(c)
+                if attempt == 2 or not evicted:
+                    reason = "no space left on device" if full else getattr(e, "strerror", None) or str(e)
+                    raise CacheUnavailable(f"cannot write the merge {name!r} to the cache ({self.cache_dir}): "
+                                           f"{reason}; try again later") from None
+        raise AssertionError("unreachable")
+
+    def _over_bound(self, keep: str) -> list[Composed]:
+        """Pop least recently used merges not in use until the cache fits its bound (under the lock)."""
+        evicted, size = [], sum(c.nbytes for c in self._cache.values())
+        for name, c in list(self._cache.items()):
+            if size <= self.cache_bytes:
+                break
+            if name != keep and c.path not in self._held:
+                evicted.append(self._cache.pop(name))
+                size -= c.nbytes
+        return evicted
+
+    def _hold(self, c: Composed) -> Composed:
+        self._held[c.path] = self._held.get(c.path, 0) + 1
+        return c
+
+    def release(self, c: Composed) -> None:
+        """A request that held `c` is done with it."""
+        with self._lock:
+            self._held[c.path] -= 1
+            if self._held[c.path]:
+                return
+            del self._held[c.path]
+            doomed = c.path in self._doomed
+            self._doomed.discard(c.path)
+        if doomed:
+            shutil.rmtree(c.path, ignore_errors=True)
+
     def _evict(self, c: Composed) -> None:
         self.on_evict(c.name)
+        with self._lock:
+            if c.path in self._held:  # in use: the last release deletes it
+                self._doomed.add(c.path)
+                return
         shutil.rmtree(c.path, ignore_errors=True)
 
     def lookup(self, name: str) -> Composed | None:

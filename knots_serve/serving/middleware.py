@@ -9,16 +9,17 @@ import time
 from ..adapters import AdapterError
 from ..compose import MergeError
 from . import metrics
-from .server import KnotsServer, Route, error_status
+from .auth import refusal
+from .server import ERROR_TYPES, KnotsServer, Route, error_status
 
 ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions")
 MAX_BODY = 8 << 20
 USER_HEADER, ARM_HEADER, EXPERIMENT_HEADER = b"x-knots-user", b"x-knots-arm", b"x-knots-experiment"
 
 
-def openai_error(message: str, status: int) -> bytes:
-    kind = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestTooLarge"}.get(status, "BadRequestError")
-    return json.dumps({"error": {"message": message, "type": kind, "param": "model", "code": status}}).encode()
+def openai_error(message: str, status: int, param: str | None = "model") -> bytes:
+    return json.dumps({"error": {"message": message, "type": ERROR_TYPES.get(status, "BadRequestError"),
+                                 "param": param, "code": status}}).encode()
 
 
 async def respond(send, status: int, body: bytes) -> None:
@@ -35,6 +36,11 @@ class KnotsMiddleware:
 
     async def __call__(self, scope, receive, send):
         server = KnotsMiddleware.server
+        if server and scope["type"] == "http":
+            refused = refusal(scope["method"], scope["path"], dict(scope["headers"]), server.cfg.admin_key_env,
+                              server.api_keys)
+            if refused:
+                return await respond(send, refused[0], openai_error(refused[1], refused[0], None))
         if not (server and scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in ROUTED_PATHS):
             return await self.app(scope, receive, send)
         chunks, size, more = [], 0, True
@@ -48,26 +54,31 @@ class KnotsMiddleware:
             if size > MAX_BODY:
                 return await respond(send, 413, openai_error(f"request body over {MAX_BODY} bytes", 413))
         async with server.gate.shared():  # held until the response is sent: no weight swap meanwhile
-            await self._serve(server, scope, b"".join(chunks), receive, send)
-
-    async def _serve(self, server, scope, body, receive, send):
-        try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            doc = None  # not JSON: vLLM answers that itself
-        route = Route(None)
-        if isinstance(doc, dict):
-            headers = dict(scope["headers"])
+            body = b"".join(chunks)
             try:
-                route = await server.route(doc, _header(headers, USER_HEADER), _header(headers, ARM_HEADER))
-            except (MergeError, AdapterError) as e:
-                status = error_status(e)
-                metrics.ERRORS.labels(str(status)).inc()
-                return await respond(send, status, openai_error(str(e), status))
-            if route.model is not None:
-                doc["model"] = route.model
-                doc.pop("knots", None)
-                body = json.dumps(doc).encode()
+                doc = json.loads(body)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                doc = None  # not JSON: vLLM answers that itself
+            route = Route(None)
+            if isinstance(doc, dict):
+                headers = dict(scope["headers"])
+                try:
+                    route = await server.route(doc, _header(headers, USER_HEADER), _header(headers, ARM_HEADER))
+                except (MergeError, AdapterError) as e:
+                    status = error_status(e)
+                    metrics.ERRORS.labels(str(status)).inc()
+                    return await respond(send, status, openai_error(str(e), status))
+            try:
+                await self._serve(scope, body, doc, route, server, receive, send)
+            finally:
+                if route.held is not None:
+                    server.composer.release(route.held)
+
+    async def _serve(self, scope, body, doc, route, server, receive, send):
+        if route.model is not None:
+            doc["model"] = route.model
+            doc.pop("knots", None)
+            body = json.dumps(doc).encode()
         headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
         scope = dict(scope, headers=headers + [(b"content-length", str(len(body)).encode())])
         sent = False

@@ -53,7 +53,13 @@ class KnotsEndpoint:
         from .config import CONFIG_ENV, load_config
         from .server import KnotsServer
 
+        from vllm import envs
+
+        from .auth import digest
+
         server = KnotsServer(load_config(os.environ[CONFIG_ENV]), state.openai_serving_models, engine_client)
+        # the API keys vLLM checks on /v1/* (its --api-key wins over VLLM_API_KEY); auth.py checks them everywhere
+        server.api_keys = [digest(k) for k in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if k]
         state.knots = KnotsMiddleware.server = server
         if server.cfg.pin:
             log.info("knots_serve: pinned %s", await server.pin(server.cfg.pin))

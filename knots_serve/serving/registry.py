@@ -18,11 +18,20 @@ def atomic_write_json(path: Path, doc) -> None:
     """Temporary file, fsync, rename: after a crash at any point the file holds the old or the new doc."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dirfd = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a power cut only once the dir is synced
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
 
 
 def read_json(path: Path, default):
@@ -49,18 +58,16 @@ class Overlay:
         return {n: v for n, v in self.config.items() if n not in self.removed} | self.added
 
     def put(self, name: str, value) -> None:
-        self.added[name] = value
-        self.removed.discard(name)
-        self._save()
+        self._save(self.added | {name: value}, self.removed - {name})
 
     def delete(self, name: str) -> None:
-        self.added.pop(name, None)
-        if name in self.config:
-            self.removed.add(name)
-        self._save()
+        added = {n: v for n, v in self.added.items() if n != name}
+        self._save(added, self.removed | ({name} if name in self.config else set()))
 
-    def _save(self) -> None:
-        atomic_write_json(self.path, {"added": self.added, "removed": sorted(self.removed)})
+    def _save(self, added: dict, removed: set[str]) -> None:
+        """Write first, then change the table: a failed write (disk full) leaves both as they were."""
+        atomic_write_json(self.path, {"added": added, "removed": sorted(removed)})
+        self.added, self.removed = added, removed
 
 
 def task_table(config_tasks: dict[str, Path], state_dir: Path) -> Overlay:

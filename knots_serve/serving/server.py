@@ -14,7 +14,7 @@ from pathlib import Path
 from ..adapters import AdapterError, load_adapter
 from ..compose import MergeError
 from . import metrics
-from .composer import Composer, UnknownTask
+from .composer import CacheUnavailable, Composed, Composer, UnknownTask
 from .config import ServeConfig
 from .experiments import Experiment, Outcomes, assign, check_experiment
 from .names import PREFIX, TASK_NAME, Selection, check_task_name, parse_field, parse_model
@@ -30,6 +30,7 @@ class Route:
     model: str | None
     experiment: str | None = None
     arm: str | None = None
+    held: Composed | None = None  # the composed merge this request uses: release it when the response is done
 
 
 class Gate:
@@ -71,6 +72,7 @@ class KnotsServer:
     def __init__(self, cfg: ServeConfig, models, engine=None):
         self.cfg, self.models, self.engine = cfg, models, engine  # vllm OpenAIServingModels, EngineClient
         self.gate = Gate()
+        self.api_keys: list[bytes] = []  # digests of vLLM's API keys (auth.py); set by the endpoint plugin
         self.pinned: dict | None = None  # {"model": canonical name, ...} while a merge is in the weights
         self.tasks = task_table(cfg.tasks, cfg.state_dir)
         adapters = {n: load_adapter(p, n) for n, p in self.tasks.items().items()}
@@ -101,7 +103,7 @@ class KnotsServer:
     async def route(self, body: dict, user: str | None = None, forced_arm: str | None = None) -> Route:
         """Where vLLM should serve the request (composing a merge first if needed).
         Raises MergeError (400) / UnknownTask (404)."""
-        model, experiment, arm = body.get("model"), None, None
+        model, experiment, arm, held = body.get("model"), None, None, None
         if "knots" not in body and isinstance(model, str) and model in self.experiments:
             experiment, exp = model, self.experiments[model]
             if forced_arm is not None and forced_arm not in exp.arms:
@@ -120,11 +122,22 @@ class KnotsServer:
         elif self.pinned and sel.canonical == self.pinned["model"]:
             name = self.cfg.base_name  # the merge is in the base weights: no LoRA
         else:
-            name = (await asyncio.to_thread(self.composer.get, sel)).name
+            held = await self._hold(sel)
+            name = held.name
         label = experiment or (model if model in self.cfg.merges else name)
         if label:
             metrics.REQUESTS.labels(label).inc()
-        return Route(name, experiment, arm)
+        return Route(name, experiment, arm, held)
+
+    async def _hold(self, sel: Selection):
+        """composer.get(sel, hold=True) in a thread; if this request is cancelled meanwhile, the hold taken
+        by the thread is released when it ends (never leaked)."""
+        job = asyncio.ensure_future(asyncio.to_thread(self.composer.get, sel, True))
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            job.add_done_callback(lambda j: j.cancelled() or j.exception() or self.composer.release(j.result()))
+            raise
 
     def check_model(self, model: str) -> None:
         check_model(model, self.cfg, self.composer.adapters)
@@ -255,4 +268,8 @@ def check_model(model: str, cfg: ServeConfig, tasks) -> None:
 
 
 def error_status(e: Exception) -> int:
-    return 404 if isinstance(e, UnknownTask) else 400
+    return 404 if isinstance(e, UnknownTask) else 503 if isinstance(e, CacheUnavailable) else 400
+
+
+ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
+               413: "RequestTooLarge", 503: "ServiceUnavailableError"}

@@ -1,0 +1,143 @@
+"""Faults, in process: the registry file under SIGKILL, a full or unwritable merge cache, a merge evicted or
+dropped while requests still use it. (Faults on the running server: test_faults_server.py.)"""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from knots_serve.serving.composer import CacheUnavailable, Composer
+from knots_serve.serving.registry import Overlay, atomic_write_json
+from test_composer import pool, sel
+
+def writer(path):
+    """Fork a process that rewrites the state file forever; return its pid once one version is on disk."""
+    ready, ping = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: nothing but writes, until it is killed
+        for i in range(10**9):
+            atomic_write_json(path, {"added": {f"t{j}": f"/adapters/v{i}" for j in range(5000)}, "removed": []})
+            if i == 0:
+                os.write(ping, b"1")
+    os.read(ready, 1)
+    os.close(ready), os.close(ping)
+    return pid
+
+
+def test_a_registry_write_killed_at_any_point_leaves_the_old_or_the_new_state(tmp_path):
+    """SIGKILL a process that rewrites the state file in a loop, at 30 random moments: the file always
+    parses and is exactly one of the versions written, never a mix or a torn write."""
+    path = tmp_path / "tasks.json"
+    seen = set()
+    for attempt in range(30):
+        pid = writer(path)
+        time.sleep(0.015 * (attempt % 8))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        tasks = Overlay({}, path).items()  # what the server reads back at start (temporaries are ignored)
+        version = tasks["t0"]
+        assert tasks == {f"t{j}": version for j in range(5000)}
+        seen.add(version)
+    assert len(seen) > 3  # killed at many different points
+
+
+def test_a_failed_registry_write_changes_nothing(tmp_path):
+    state = tmp_path / "state"
+    table = Overlay({"a": "1"}, state / "tasks.json")
+    table.put("b", "2")
+    state.chmod(0o500)
+    blocker = state / f".tasks.json.{os.getpid()}.tmp"
+    blocker.mkdir()  # the temporary's name is taken by a directory: the write fails, even as root
+    try:
+        with pytest.raises(OSError):
+            table.put("c", "3")
+        with pytest.raises(OSError):
+            table.delete("a")
+    finally:
+        blocker.rmdir()
+        state.chmod(0o700)
+    assert table.items() == {"a": "1", "b": "2"} == Overlay({"a": "1"}, state / "tasks.json").items()
+
+
+def test_a_held_merge_is_never_evicted_and_a_dropped_one_is_deleted_by_its_last_release(tmp_path):
+    composer = Composer(pool(), tmp_path / "cache", cache_bytes=1, max_lora_rank=64)
+    a = composer.get(sel("tasks:t0+t1"), hold=True)
+    b = composer.get(sel("tasks:t2+t3"), hold=True)
+    assert a.path.exists() and b.path.exists() and len(composer.cached()) == 2  # both in use: over the bound
+    composer.release(a)
+    c = composer.get(sel("tasks:t0+t2"))
+    assert not a.path.exists() and b.path.exists() and [m.name for m in composer.cached()] == [b.name, c.name]
+    composer.get(sel("tasks:t2+t3"), hold=True)  # b is held twice now
+    composer.set_pool(pool(5))  # drops every merge; b is in use, so its files stay
+    assert composer.cached() == [] and b.path.exists() and not c.path.exists()
+    composer.release(b)
+    assert b.path.exists()
+    composer.release(b)
+    assert not b.path.exists()
+
+
+@contextlib.contextmanager
+def read_only(path):
+    """Make a directory unwritable, also for root (chattr +i), or skip where neither way is available."""
+    if os.geteuid() != 0:
+        path.chmod(0o500)
+        try:
+            yield
+        finally:
+            path.chmod(0o700)
+        return
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a directory read-only for root here (chattr +i)")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_an_unwritable_cache_refuses_new_merges_and_keeps_serving_cached_ones(tmp_path):
+    composer = Composer(pool(), tmp_path / "cache", cache_bytes=1 << 20, max_lora_rank=64)
+    cached = composer.get(sel("tasks:t0+t1"))
+    with read_only(tmp_path / "cache"):
+        with pytest.raises(CacheUnavailable, match=r"cannot write the merge 'tasks:t2\+t3@knots-ties' to the cache"):
+            composer.get(sel("tasks:t2+t3"))
+        assert composer.get(sel("tasks:t0+t1")) is cached and cached.path.exists()
+    assert composer.get(sel("tasks:t2+t3")).path.exists()  # writable again: composes
+
+
+def free_bytes(path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    mnt = tmp_path / "shm"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_a_full_cache_evicts_idle_merges_to_make_room_or_refuses_clearly(tiny_tmpfs):
+    composer = Composer(pool(), tiny_tmpfs, cache_bytes=1 << 30, max_lora_rank=64)
+    held = composer.get(sel("tasks:t0+t1"), hold=True)
+    idle = composer.get(sel("tasks:t0+t2"))
+    junk = tiny_tmpfs / "junk"
+    junk.write_bytes(b"\0" * (free_bytes(tiny_tmpfs) - idle.nbytes // 2))  # room for less than one more merge
+    made = composer.get(sel("tasks:t1+t2"), hold=True)  # full: the idle merge goes, the held one stays
+    assert not idle.path.exists() and held.path.exists() and made.path.exists()
+    (tiny_tmpfs / "junk2").write_bytes(b"\0" * max(0, free_bytes(tiny_tmpfs) - 1024))
+    composer.release(held)
+    composer.get(sel("tasks:t0+t1"), hold=True)
+    with pytest.raises(CacheUnavailable, match="no space left on device"):
+        composer.get(sel("tasks:t2+t3"))  # nothing idle is left to drop
+    assert composer.get(sel("tasks:t0+t1")).path.exists()  # cached merges still there
+    assert not [p for p in tiny_tmpfs.iterdir() if p.name.startswith(".")]  # no half-written temporaries
+    junk.unlink()
+    (tiny_tmpfs / "junk2").unlink()
+    assert composer.get(sel("tasks:t2+t3")).path.exists()
