@@ -1,0 +1,240 @@
+"""The KnOTS quality benchmark: the paper's protocol (Stoica et al. 2025, §5) on the demo tasks.
+
+    .venv/bin/python benchmarks/quality/bench.py            # all 8 demo tasks (wall time: docs/BENCHMARKS.md)
+    .venv/bin/python benchmarks/quality/bench.py --quick    # CI: 2 tasks, 4 examples, a 2-point grid
+
+Every number is exact-match accuracy of greedy answers from vLLM with the merge pinned into the weights
+(evaluate.py), on SmolLM2-135M-Instruct with the committed rank-16 q/k/v/o adapters (adapters/).
+- Normalized accuracy of a task: merged-model accuracy / the task's own LoRA accuracy (same split, same path).
+- Per-task setting: one merge of all tasks, each task's test prompts, normalized, averaged over tasks.
+- Joint setting: the same merge answers the test prompts of every task mixed in one batch; pooled exact
+  matches / pooled exact matches of the LoRAs. Each demo prompt states its task in its first line, so
+  the two settings share generations and differ in the aggregate and in the hyperparameters chosen for it.
+- Hyperparameters: one coordinate search for every method on the validation split only (alpha over its
+  grid, then top_k, then DARE density; ties keep the earlier value), once per setting. DARE methods
+  search with seed 0 and report the test mean ± std over --seeds seeds. The test split is only scored.
+- Scale: merges of k = 2, 4, 6 tasks (--subsets random subsets each, fixed seeds) and of all tasks, each
+  with the all-task per-task hyperparameters; KnOTS-TIES also with a basis built from the subset alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# OpenMP threads that spin while they wait make every other process on a shared CPU crawl, and pinning
+# (compose in the worker) crawl with them: measured 108 s vs 2.8 s for one 8-task merge at load 10.
+# Set before torch loads; an explicit setting in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from evaluate import Evaluator, Merge  # noqa: E402
+
+from knots_serve.adapters import load_adapter  # noqa: E402
+from knots_serve.base_model import prepare_base  # noqa: E402
+from knots_serve.basis import build_basis  # noqa: E402
+from knots_serve.compose import MergeSpec  # noqa: E402
+from knots_serve.demo_tasks import TASKS  # noqa: E402
+from knots_serve.methods import resolve  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+METHODS = ("ta", "ties", "dare-ties", "knots-ties", "knots-dare-ties", "core-ties")
+SUBSET_BASIS = ("knots-ties",)  # also merged from a basis of the subset's own adapters in the scale run
+GRID = {"alpha": (0.3, 0.6, 1.0, 1.5, 2.0, 3.0), "top_k": (0.2, 0.1, 0.5, 1.0), "density": (0.5, 0.3, 0.7)}
+QUICK_GRID = {"alpha": (1.0, 2.0), "top_k": (0.2,), "density": (0.5,)}
+SETTINGS = ("per_task", "joint")
+
+
+class Bench:
+    def __init__(self, args):
+        self.args, self.tasks = args, args.tasks
+        self.work = Path(args.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.adapters = {t: load_adapter(REPO / "adapters" / t, t) for t in self.tasks}
+        self.bases = {space: self._basis(space, self.tasks) for space in ("full", "knots", "core")}
+        self.eval = Evaluator(prepare_base(), self.work / "evals.json", eager=args.eager)
+        self.lora = {split: self._lora(split, n) for split, n in (("val", args.val_n), ("test", args.test_n))}
+
+    def _basis(self, space: str, tasks) -> tuple[Path, str]:
+        basis = build_basis([self.adapters[t] for t in tasks], space)
+        path = self.work / f"{space}-{basis.fingerprint}.safetensors"
+        if not path.is_file():
+            basis.save(path)
+        return path, basis.fingerprint
+
+    def merge(self, method: str, tasks, params: dict, seed: int = 0, subset_basis: bool = False) -> Merge:
+        space, m = resolve(method)
+        spec = MergeSpec(tuple(tasks), method, {p: v for p, v in params.items() if p in m.params}, seed=seed)
+        path, fp = self._basis(space, tasks) if subset_basis else self.bases[space]
+        return Merge(spec, path, fp)
+
+    def _lora(self, split: str, n: int) -> dict[str, list[int]]:
+        """Each task's own LoRA: a 1-task TA merge with alpha 1 is the adapter itself (a tested identity)."""
+        return {t: self.eval.correct(self.merge("knots-ta", [t], {"alpha": 1.0}), [t], split, n)[t]
+                for t in self.tasks}
+
+    def score(self, merge: Merge | None, split: str, n: int, tasks=None) -> dict:
+        tasks = tasks or list(merge.spec.tasks)
+        got, lora = self.eval.correct(merge, tasks, split, n), self.lora[split]
+        ratio = [sum(got[t]) / max(sum(lora[t][:n]), 1e-9) for t in tasks]
+        return {"per_task": statistics.fmean(ratio),
+                "joint": sum(sum(got[t]) for t in tasks) / max(sum(sum(lora[t][:n]) for t in tasks), 1e-9),
+                "accuracy": {t: sum(v) / len(v) for t, v in got.items()}}
+
+    def search(self, method: str, setting: str) -> tuple[dict, float, list]:
+        grid = QUICK_GRID if self.args.quick else GRID
+        current = {p: grid[p][0] for p in resolve(method)[1].params}
+        trail = []
+        for p in list(current):
+            best = None
+            for v in grid[p]:
+                trial = current | {p: v}
+                s = self.score(self.merge(method, self.tasks, trial), "val", self.args.val_n)[setting]
+                trail.append([trial, round(s, 4)])
+                if best is None or s > best[0]:
+                    best = (s, v)
+            current[p] = best[1]
+        return current, best[0], trail
+
+    def test(self, method: str, params: dict) -> list[dict]:
+        seeds = range(self.args.seeds) if resolve(method)[1].random else [0]
+        return [self.score(self.merge(method, self.tasks, params, seed), "test", self.args.test_n) for seed in seeds]
+
+    def scale_subsets(self) -> dict[int, list[tuple[str, ...]]]:
+        out = {}
+        for k in self.args.ks:
+            if 2 <= k < len(self.tasks):
+                combos = list(itertools.combinations(self.tasks, k))
+                out[k] = random.Random(f"scale:{k}").sample(combos, min(self.args.subsets, len(combos)))
+        out[len(self.tasks)] = [tuple(self.tasks)]
+        return out
+
+
+def mean_std(xs: list[float]) -> str:
+    return f"{statistics.fmean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
+
+
+def params_text(params: dict) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in params.items())
+
+
+def report(res: dict) -> str:
+    tasks = res["tasks"]
+    lines = [f"Test split: {res['args']['test_n']} prompts per task; validation: {res['args']['val_n']}.", "",
+             "| task | base | LoRA (test) | LoRA (val) |", "|---|---|---|---|"]
+    lines += [f"| {t} | {res['base'][t]:.3f} | {res['lora_test'][t]:.3f} | {res['lora_val'][t]:.3f} |" for t in tasks]
+    for setting, title in (("per_task", "Per-task setting"), ("joint", "Joint setting")):
+        lines += ["", f"**{title}** (normalized accuracy; merge of all {len(tasks)} tasks)", "",
+                  "| method | chosen on val | val | test | " + " | ".join(tasks) + " |",
+                  "|---|---|---|---|" + "---|" * len(tasks)]
+        for m, r in res["methods"].items():
+            r = r[setting]
+            per = [statistics.fmean(run["accuracy"][t] for run in r["test"]) / max(res["lora_test"][t], 1e-9)
+                   for t in tasks]
+            lines.append(f"| {m} | {params_text(r['params'])} | {r['val']:.3f} | "
+                         f"{mean_std([run[setting] for run in r['test']])} | "
+                         + " | ".join(f"{x:.2f}" for x in per) + " |")
+    ks = sorted({int(k) for c in res["scale"].values() for k in c})
+    lines += ["", "**Scale** (per-task normalized accuracy, mean over subsets; test split, "
+              f"{res['args']['scale_n']} prompts per task)", "",
+              "| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for name, curve in res["scale"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{statistics.fmean(curve[str(k)]):.3f}" for k in ks) + " |")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, curve in res["scale"].items():
+        ks = sorted(curve, key=int)
+        ax.plot([int(k) for k in ks], [statistics.fmean(curve[k]) for k in ks], marker="o", label=name,
+                linestyle="--" if "subset" in name else "-")
+    ax.set_xlabel("tasks merged")
+    ax.set_ylabel("normalized accuracy (test)")
+    ax.set_title("Merging the SmolLM2 demo LoRAs (rank 16, q/k/v/o)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CI mode: 2 tasks, 4 examples, 2-point grid, 2 seeds")
+    p.add_argument("--tasks", help="comma-separated demo tasks (default: all; --quick: sentiment,last_word)")
+    p.add_argument("--val-n", type=int, default=30, help="validation prompts per task for the search")
+    p.add_argument("--test-n", type=int, default=200)
+    p.add_argument("--scale-n", type=int, default=50, help="test prompts per task in the scale run")
+    p.add_argument("--ks", default="2,4,6", help="subset sizes of the scale run (all tasks is always added)")
+    p.add_argument("--subsets", type=int, default=2, help="random subsets per size in the scale run")
+    p.add_argument("--seeds", type=int, default=3, help="DARE seeds at test time")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--work", default="/tmp/knots-quality", help="bases and the evaluation cache (resumable)")
+    p.add_argument("--out", help="results.json, results.md, scale.png (default: benchmarks/quality/results)")
+    p.add_argument("--eager", action="store_true", help="no torch.compile in vLLM (starts faster, runs slower)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.val_n, args.test_n, args.scale_n, args.seeds, args.ks = 4, 4, 4, 2, ""
+        args.tasks = args.tasks or "sentiment,last_word"
+    args.tasks = [t.strip() for t in (args.tasks or ",".join(TASKS)).split(",") if t.strip()]
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.ks = [int(k) for k in str(args.ks).split(",") if k.strip()]
+    unknown = [t for t in args.tasks if t not in TASKS] + [m for m in args.methods if m not in METHODS]
+    if unknown or len(args.tasks) < 2:
+        p.error(f"need at least 2 known tasks ({', '.join(TASKS)}) and methods from {', '.join(METHODS)}; "
+                f"got unknown {unknown}" if unknown else "need at least 2 tasks")
+    out = Path(args.out or (Path(args.work) / "quick" if args.quick else REPO / "benchmarks/quality/results"))
+    out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.time()
+    bench = Bench(args)
+    start_s = time.time() - t0
+    res = {"tasks": args.tasks, "args": {k: v for k, v in vars(args).items() if k not in ("tasks",)},
+           "lora_val": {t: sum(v) / len(v) for t, v in bench.lora["val"].items()},
+           "lora_test": {t: sum(v) / len(v) for t, v in bench.lora["test"].items()},
+           "base": bench.eval.accuracy(None, args.tasks, "test", args.test_n), "methods": {}, "scale": {}}
+    for method in args.methods:
+        res["methods"][method] = {}
+        for setting in SETTINGS:
+            params, val, trail = bench.search(method, setting)
+            res["methods"][method][setting] = {"params": params, "val": val, "search": trail,
+                                               "test": bench.test(method, params)}
+            print(f"{method:>16} {setting:>8}: {params_text(params)}  val {val:.3f}  test "
+                  f"{mean_std([r[setting] for r in res['methods'][method][setting]['test']])}", flush=True)
+    for k, subsets in bench.scale_subsets().items():
+        for method in args.methods:
+            params = res["methods"][method]["per_task"]["params"]
+            variants = [(method, False)] + [(f"{method} (subset basis)", True)] * (method in SUBSET_BASIS)
+            for name, sub in variants:
+                curve = res["scale"].setdefault(name, {})
+                curve[str(k)] = [bench.score(bench.merge(method, s, params, subset_basis=sub), "test",
+                                             args.scale_n)["per_task"] for s in subsets]
+        print(f"scale k={k}: " + ", ".join(f"{n} {statistics.fmean(c[str(k)]):.3f}"
+                                           for n, c in res["scale"].items()), flush=True)
+    res["wall_s"] = {"total": round(time.time() - t0, 1), "start_and_bases": round(start_s, 1),
+                     "pin": round(bench.eval.seconds["pin"], 1), "generate": round(bench.eval.seconds["generate"], 1),
+                     "prompts_generated": bench.eval.prompts}
+    res["machine"] = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+                          "unknown")
+    res["date"] = time.strftime("%Y-%m-%d")
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    text = report(res)
+    (out / "results.md").write_text(text + "\n")
+    plot(res, out / "scale.png")
+    print("\n" + text + f"\n\nwall time {res['wall_s']}; results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""benchmarks/quality/bench.py --quick: the KnOTS quality benchmark end to end on the real SmolLM2 base
+(converted from the packaged GGUF), two demo tasks, a few prompts, through the vLLM pinning path."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quick_quality_benchmark_runs_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks/quality/bench.py"), "--quick", "--eager",
+                          "--work", str(tmp_path / "work"), "--out", str(out)],
+                         capture_output=True, text=True, timeout=1500)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    tasks = res["tasks"]
+    assert tasks == ["sentiment", "last_word"]
+    for t in tasks:  # each LoRA beats the base model on its own task, through the pinning path
+        assert res["lora_test"][t] > res["base"][t], (t, res["lora_test"][t], res["base"][t])
+    assert set(res["methods"]) == {"ta", "ties", "dare-ties", "knots-ties", "knots-dare-ties", "core-ties"}
+    for method, r in res["methods"].items():
+        for setting in ("per_task", "joint"):
+            chosen = r[setting]
+            # the search ran on val over the quick grid, and picked the best point it tried
+            assert chosen["val"] == max(score for _, score in chosen["search"])
+            assert len(chosen["test"]) == (2 if "dare" in method else 1)  # DARE: one test run per seed
+    assert set(res["scale"]) == set(res["methods"]) | {"knots-ties (subset basis)"}
+    # with every task merged, the subset basis is the shared one: the same merge, the same answers
+    assert res["scale"]["knots-ties (subset basis)"]["2"] == res["scale"]["knots-ties"]["2"]
+    assert (out / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Per-task setting" in (out / "results.md").read_text()
