@@ -68,7 +68,7 @@ def test_concurrent_gets_of_one_new_merge_compose_it_once(composer):
 def test_cache_is_an_lru_bounded_in_bytes(tmp_path):
     composer = Composer(pool(), tmp_path / "cache", cache_bytes=1, max_lora_rank=64)
     evicted = []
-    composer.on_evict = evicted.append
+    composer.on_evict = lambda c: evicted.append(c.name)
     first = composer.get(sel("tasks:t0+t1"))
     second = composer.get(sel("tasks:t2+t3"))
     assert evicted == [first.name] and not first.path.exists() and second.path.exists()
@@ -93,7 +93,7 @@ def test_rank_above_the_server_limit_and_unknown_tasks_are_refused(tmp_path, com
 def test_a_new_pool_drops_every_composed_merge(composer):
     c = composer.get(sel("tasks:t0+t1"))
     evicted = []
-    composer.on_evict = evicted.append
+    composer.on_evict = lambda c: evicted.append(c.name)
     composer.set_pool(pool(5))
     assert evicted == [c.name] and composer.cached() == []
     again = composer.get(sel("tasks:t0+t1"))

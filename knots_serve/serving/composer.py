@@ -2,8 +2,10 @@
 
 `Composer.get(selection)` returns a PEFT adapter directory vLLM can load for a merge: from the cache, or
 composed from the resident basis and written to the tmpfs cache. Thread-safe; concurrent calls for the
-same new merge compose it once. The cache is an LRU bounded in bytes; an evicted merge is reported to
-`on_evict` (the server then drops it from vLLM's table, so the next request composes it again).
+same new merge compose it once. The cache is an LRU bounded in bytes. Before a merge's files are deleted
+it is reported to `on_evict` (the server then drops it from vLLM's table, so that vLLM never loads a
+deleted path; the next request composes it again). Every compose writes a new directory, so a merge
+composed again never shares a path with files about to be deleted.
 
 A request holds its merge (`get(sel, hold=True)` ... `release(c)`) while vLLM serves it: a held merge is
 never evicted, and one dropped with an old pool is deleted only when its last request is done, so vLLM
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import re
 import shutil
 import threading
@@ -37,7 +40,7 @@ from .names import Selection
 
 
 # what the composer writes into cache_dir: merges, basis files for the workers, temporaries of atomic writes
-OWNED = re.compile(r"^([0-9a-f]{20}-g\d+|basis-\w+-[0-9a-f]{16}\.safetensors|\.[0-9a-f]{20}-g\d+\..+|\.basis-.+\.tmp\d+)$")
+OWNED = re.compile(r"^(\.?[0-9a-f]{20}-g\d+-\d+(\..+)?|basis-\w+-[0-9a-f]{16}\.safetensors|\.basis-.+\.tmp\d+)$")
 
 
 class UnknownTask(MergeError):
@@ -65,12 +68,13 @@ class Composer:
                  basis_file: Path | None = None, subset_bases: int = 8):
         self.cache_dir, self.cache_bytes, self.max_lora_rank = cache_dir, cache_bytes, max_lora_rank
         self.basis_file, self.subset_bases = basis_file, subset_bases
-        self.on_evict: Callable[[str], None] = lambda name: None
+        self.on_evict: Callable[[Composed], None] = lambda c: None  # called before c's files are deleted
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, Composed] = OrderedDict()
         self._inflight: dict[str, Future] = {}
         self._held: dict[Path, int] = {}  # path -> requests using it now
-        self._doomed: set[Path] = set()  # dropped while held: deleted by the last release
+        self._doomed: dict[Path, Composed] = {}  # dropped while held: deleted by the last release
+        self._serial = itertools.count()
         self._generation = 0  # bumps when the pool changes: new paths, so vLLM never reuses stale KV blocks
         cache_dir.mkdir(parents=True, exist_ok=True)
         for stale in cache_dir.iterdir():  # a previous run's merges; only what this class writes is removed
@@ -189,15 +193,21 @@ class Composer:
                              f"{self.max_lora_rank}: merge fewer tasks, use a knots-/core- method (a dense-space "
                              "merge is full-rank), or raise max_lora_rank")
         digest = hashlib.sha256(sel.canonical.encode()).hexdigest()[:20]
-        path = self._save(lora, self.cache_dir / f"{digest}-g{generation}", basis.base_model, sel.canonical)
+        path = self.cache_dir / f"{digest}-g{generation}-{next(self._serial)}"
+        path = self._save(lora, path, basis.base_model, sel.canonical)
         composed = Composed(sel.canonical, path, _dir_bytes(path), rank)
         metrics.COMPOSE_SECONDS.observe(time.perf_counter() - t0)
         with self._lock:
-            if generation != self._generation:  # composed against a pool that has since been replaced
-                shutil.rmtree(path, ignore_errors=True)
-                raise MergeError("the task pool changed while this merge was composed; retry the request")
-            self._cache[sel.canonical] = self._hold(composed) if hold else composed
-            evicted = self._over_bound(keep=sel.canonical)
+            stale, retry = generation != self._generation, self._generation
+            if not stale:
+                self._cache[sel.canonical] = self._hold(composed) if hold else composed
+                evicted = self._over_bound(keep=sel.canonical)
+            unknown = [t for t in sel.tasks if t not in self.adapters]
+        if stale:  # composed against a pool that has since been replaced: again, in the new one
+            shutil.rmtree(path, ignore_errors=True)
+            if unknown:
+                raise UnknownTask(f"task(s) {', '.join(unknown)} were unregistered while the merge was composed")
+            return self._compose(sel, retry, hold)
         for c in evicted:
             self._evict(c)
         metrics.CACHE_BYTES.set(self.cached_bytes())
@@ -243,22 +253,25 @@ class Composer:
             if self._held[c.path]:
                 return
             del self._held[c.path]
-            doomed = c.path in self._doomed
-            self._doomed.discard(c.path)
+            doomed = self._doomed.pop(c.path, None)
         if doomed:
-            shutil.rmtree(c.path, ignore_errors=True)
+            self._delete(c)
 
     def _evict(self, c: Composed) -> None:
-        self.on_evict(c.name)
         with self._lock:
             if c.path in self._held:  # in use: the last release deletes it
-                self._doomed.add(c.path)
+                self._doomed[c.path] = c
                 return
+        self._delete(c)
+
+    def _delete(self, c: Composed) -> None:
+        self.on_evict(c)
         shutil.rmtree(c.path, ignore_errors=True)
 
     def lookup(self, name: str) -> Composed | None:
+        """The cached merge of that name, or else one still in use by a request (dropped with an old pool)."""
         with self._lock:
-            return self._cache.get(name)
+            return self._cache.get(name) or next((c for c in self._doomed.values() if c.name == name), None)
 
     def cached(self) -> list[Composed]:
         with self._lock:

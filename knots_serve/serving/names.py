@@ -83,6 +83,8 @@ def parse_model(model: str, default_method: str) -> Selection:
     """Parse 'tasks:A+B[@METHOD][?k=v&…]'; raises MergeError naming what is wrong."""
     if not model.startswith(PREFIX):
         raise MergeError(f"model {model!r} does not start with {PREFIX!r}")
+    if len(model) > 4096:
+        raise MergeError(f"model string of {len(model)} characters; at most 4096")
     body, _, query = model[len(PREFIX):].partition("?")
     names, at, method = body.partition("@")
     if at and not method:
@@ -90,6 +92,8 @@ def parse_model(model: str, default_method: str) -> Selection:
     tasks = names.split("+") if names else []
     if not tasks or any(t == "" for t in tasks):
         raise MergeError(f"malformed task list in {model!r}: expected tasks:A+B[@METHOD]")
+    if len(tasks) > 256:
+        raise MergeError(f"the model string lists {len(tasks)} tasks; at most 256")
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True) if query else []
     except ValueError:

@@ -76,9 +76,10 @@ class KnotsServer:
         self.pinned: dict | None = None  # {"model": canonical name, ...} while a merge is in the weights
         self.tasks = task_table(cfg.tasks, cfg.state_dir)
         adapters = {n: load_adapter(p, n) for n, p in self.tasks.items().items()}
+        self._stamps = {n: _stamp(Path(p) / "adapter_model.safetensors") for n, p in self.tasks.items().items()}
         self.composer = Composer(adapters, cfg.cache_dir, cfg.cache_bytes, cfg.max_lora_rank, cfg.basis_file)
         self.loop = asyncio.get_running_loop()
-        self.composer.on_evict = lambda name: self.loop.call_soon_threadsafe(self.models.lora_requests.pop, name, None)
+        self.composer.on_evict = self._forget
         self._registry_lock = asyncio.Lock()
         self.experiment_store = experiment_table(cfg.experiments, cfg.state_dir)
         self.experiments = {n: Experiment.model_validate(e) for n, e in self.experiment_store.items().items()}
@@ -115,15 +116,21 @@ class KnotsServer:
         sel = self.selection(body)
         if sel is None:
             name = model if experiment else None  # the base or a plain adapter: vLLM's own names
+            if model in self.composer.adapters:
+                self._check_files(model)
         elif sel.spec is None:  # tasks:A is A's own adapter, served under its plain name
             if sel.tasks[0] not in self.composer.adapters:
                 raise UnknownTask(f"unknown task {sel.tasks[0]!r}; known: {', '.join(sorted(self.composer.adapters))}")
             name = sel.tasks[0]
+            self._check_files(name)
         elif self.pinned and sel.canonical == self.pinned["model"]:
             name = self.cfg.base_name  # the merge is in the base weights: no LoRA
         else:
             held = await self._hold(sel)
             name = held.name
+            known = self.models.lora_requests.get(name)
+            if known is not None and known.lora_path != str(held.path):  # an older compose of this merge:
+                del self.models.lora_requests[name]  # vLLM asks the resolver, which gives this request's files
         label = experiment or (model if model in self.cfg.merges else name)
         if label:
             metrics.REQUESTS.labels(label).inc()
@@ -138,6 +145,37 @@ class KnotsServer:
         except asyncio.CancelledError:
             job.add_done_callback(lambda j: j.cancelled() or j.exception() or self.composer.release(j.result()))
             raise
+
+    def _check_files(self, task: str) -> None:
+        """vLLM reads a task's own adapter from its files whenever it (re)loads it, and a failed load inside
+        a batch kills vLLM's engine. So a request for the plain adapter is refused (503) when the weights
+        file is gone or changed since it was loaded; merges are composed from the copy in memory."""
+        path = Path(self.composer.adapters[task].path) / "adapter_model.safetensors"
+        if _stamp(path) != self._stamps.get(task):
+            raise FilesChanged(f"task {task!r}: its adapter file {path} is gone or changed on disk since it was "
+                               f"loaded; merges with it still work (from memory); re-register it to serve it alone")
+
+    def _forget(self, c) -> None:
+        """Before a composed merge's files are deleted: drop its name from vLLM's LoRA table if it points
+        there, so vLLM never tries to load a deleted path (a failed load kills vLLM's engine). On the event
+        loop, which is where vLLM reads the table; the caller waits."""
+
+        def forget():
+            known = self.models.lora_requests.get(c.name)
+            if known is not None and known.lora_path == str(c.path):
+                del self.models.lora_requests[c.name]
+
+        async def on_the_loop():
+            forget()
+
+        try:
+            on_loop = asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            forget()
+        else:
+            asyncio.run_coroutine_threadsafe(on_the_loop(), self.loop).result(60)
 
     def check_model(self, model: str) -> None:
         check_model(model, self.cfg, self.composer.adapters)
@@ -216,17 +254,23 @@ class KnotsServer:
     # --- task registry (admin API) ----------------------------------------------------------------------
     async def register(self, name: str, path: str) -> dict:
         check_task_name(name)
-        resolved = Path(path).expanduser().resolve()
+        try:
+            resolved = Path(path).expanduser().resolve()
+        except (ValueError, OSError, RuntimeError) as e:  # a NUL byte, a symlink loop
+            raise MergeError(f"invalid adapter path {path!r}: {e}") from None
         if not any(resolved.is_relative_to(d) for d in self.cfg.adapter_dirs):
             raise MergeError(f"adapter path {path!r} is outside the configured adapter_dirs")
         async with self._registry_lock:
             if name in self.composer.adapters:
                 raise MergeError(f"task {name!r} is already registered; unregister it first")
+            stamp = _stamp(resolved / "adapter_model.safetensors")
             adapter = await asyncio.to_thread(load_adapter, resolved, name)
             pool = self.composer.adapters | {name: adapter}
-            await asyncio.to_thread(self.composer.set_pool, pool)  # validates compatibility, rebuilds the basis
-            await self._load_plain(name, resolved)
+            async with self.gate.exclusive():  # drained, like a pin: see docs/RELIABILITY.md
+                await asyncio.to_thread(self.composer.set_pool, pool)  # checks compatibility, rebuilds the basis
+                await self._load_plain(name, resolved)
             self.tasks.put(name, str(resolved))
+            self._stamps[name] = stamp
         return self.describe(name)
 
     async def unregister(self, name: str) -> None:
@@ -234,8 +278,9 @@ class KnotsServer:
             if name not in self.composer.adapters:
                 raise UnknownTask(f"unknown task {name!r}")
             pool = {n: a for n, a in self.composer.adapters.items() if n != name}
-            await asyncio.to_thread(self.composer.set_pool, pool)
-            self.models.lora_requests.pop(name, None)
+            async with self.gate.exclusive():
+                await asyncio.to_thread(self.composer.set_pool, pool)
+                self.models.lora_requests.pop(name, None)
             self.tasks.delete(name)
 
     async def _load_plain(self, name: str, path: Path) -> None:
@@ -267,8 +312,20 @@ def check_model(model: str, cfg: ServeConfig, tasks) -> None:
         raise UnknownTask(f"unknown task(s): {', '.join(unknown)}")
 
 
+class FilesChanged(MergeError):
+    """A task's adapter files changed on disk after they were loaded (HTTP 503)."""
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 def error_status(e: Exception) -> int:
-    return 404 if isinstance(e, UnknownTask) else 503 if isinstance(e, CacheUnavailable) else 400
+    return 404 if isinstance(e, UnknownTask) else 503 if isinstance(e, (CacheUnavailable, FilesChanged)) else 400
 
 
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",

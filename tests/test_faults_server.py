@@ -1,0 +1,94 @@
+"""Faults on the running server: a task's adapter files deleted or corrupted after registration, and a
+client that disconnects in the middle of a stream."""
+
+import shutil
+import threading
+import time
+import urllib.request
+
+import httpx
+import openai
+import pytest
+
+from conftest import ADMIN_KEY
+from test_pinning import MERGE, pin, unpin
+from test_serving import PROMPTS, complete, http
+
+
+def aborted(server) -> float:
+    text = urllib.request.urlopen(f"{server.url}/metrics").read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:request_success_total") and 'finished_reason="abort"' in line)
+
+
+@pytest.mark.parametrize("fault", ["deleted", "corrupted"])
+def test_adapter_files_lost_after_registration_refuse_the_task_alone_and_merges_keep_working(server, tiny_adapters,
+                                                                                              fault):
+    c = server.client()
+    copy = server.root / "extra" / f"lost-{fault}"
+    shutil.copytree(tiny_adapters["gamma"], copy)
+    status, body = http(server, "POST", "/admin/tasks", {"name": "lost", "path": str(copy)}, key=ADMIN_KEY)
+    assert status == 201, body
+    try:
+        alone = complete(c, "tasks:lost", PROMPTS[0])
+        assert alone == complete(c, "gamma", PROMPTS[0])
+        if fault == "deleted":
+            shutil.rmtree(copy)
+        else:
+            weights = copy / "adapter_model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:100])
+        for model in ("tasks:lost", "lost"):
+            with pytest.raises(openai.APIStatusError) as e:
+                complete(c, model, PROMPTS[0])
+            assert e.value.status_code == 503 and "'lost'" in e.value.message and "on disk" in e.value.message
+        # merges come from the weights in memory: exact, and equal to the same merge with gamma
+        assert complete(c, "tasks:alpha+lost@knots-ta?basis=subset", PROMPTS[0]) == \
+            complete(c, "tasks:alpha+gamma@knots-ta?basis=subset", PROMPTS[0])
+        assert complete(c, "tasks:alpha+beta", PROMPTS[1])  # the rest keeps serving
+    finally:
+        assert http(server, "DELETE", "/admin/tasks/lost", key=ADMIN_KEY)[0] == 200
+
+
+def test_a_client_that_disconnects_mid_stream_is_aborted_and_leaks_nothing(server):
+    """The request is aborted in vLLM (its abort counter moves), the merge hold and the drain gate are
+    released: a pin right after completes, and the server answers as before."""
+    c = server.client()
+    before = complete(c, "tasks:alpha+gamma", PROMPTS[0])
+    n = aborted(server)
+    body = {"model": "tasks:alpha+gamma", "prompt": PROMPTS[0], "max_tokens": 200, "stream": True,
+            "ignore_eos": True, "temperature": 0}
+    for _ in range(3):
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # the first chunk, then hang up
+    deadline = time.time() + 30
+    while aborted(server) < n + 3 and time.time() < deadline:
+        time.sleep(0.2)
+    assert aborted(server) == n + 3
+    t0 = time.perf_counter()
+    try:
+        info = pin(server, MERGE)
+        assert info["drain_s"] < 5
+    finally:
+        unpin(server)
+    assert time.perf_counter() - t0 < 60
+    assert complete(c, "tasks:alpha+gamma", PROMPTS[0]) == before
+
+
+def test_a_pin_waits_for_a_stream_in_flight_then_swaps(server):
+    """The known limit (docs/RELIABILITY.md): a pin drains, so it waits for a stream still being generated."""
+    body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 200, "stream": True, "ignore_eos": True}
+    done = {}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        next(lines)
+        swap = threading.Thread(target=lambda: done.setdefault("pin", pin(server, MERGE)))
+        swap.start()
+        time.sleep(0.5)
+        assert "pin" not in done  # still draining: the stream holds the gate
+        chunks = sum(1 for line in lines if line.startswith("data: "))
+    swap.join(60)
+    try:
+        assert done["pin"]["model"] == MERGE and done["pin"]["drain_s"] > 0.4 and chunks > 10
+    finally:
+        unpin(server)
