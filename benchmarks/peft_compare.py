@@ -39,6 +39,11 @@ def peft_merge(base_dir: Path, tasks: list[str], combination: str, density: floa
     peft = PeftModel.from_pretrained(model, ROOT / "adapters" / tasks[0], adapter_name=tasks[0])
     for t in tasks[1:]:
         peft.load_adapter(ROOT / "adapters" / t, adapter_name=t)
+    return add_weighted(peft, tasks, combination, density, rank)
+
+
+def add_weighted(peft, tasks: list[str], combination: str, density: float, rank: int):
+    """(seconds, {module: ΔW float64}) of PEFT's add_weighted_adapter over the loaded adapters `tasks`."""
     kw = {"density": density} if combination.startswith("ties") else {}
     if combination.endswith("svd"):
         kw["svd_rank"] = rank
@@ -51,6 +56,7 @@ def peft_merge(base_dir: Path, tasks: list[str], combination: str, density: floa
             key = name.removeprefix("base_model.model.")
             A, B = module.lora_A["merged"].weight.double(), module.lora_B["merged"].weight.double()
             deltas[key] = module.scaling["merged"] * B @ A
+    peft.delete_adapter("merged")
     return seconds, deltas
 
 
