@@ -15,10 +15,14 @@ from test_pinning import MERGE, pin, unpin
 from test_serving import PROMPTS, complete, http
 
 
-def aborted(server) -> float:
+def counters(server) -> tuple[float, float]:
+    """vLLM's requests finished (by stop or length) and tokens generated."""
+    return vllm_metric(server, "vllm:request_success_total"), vllm_metric(server, "vllm:generation_tokens_total")
+
+
+def vllm_metric(server, name) -> float:
     text = urllib.request.urlopen(f"{server.url}/metrics").read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("vllm:request_success_total") and 'finished_reason="abort"' in line)
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 @pytest.mark.parametrize("fault", ["deleted", "corrupted"])
@@ -50,21 +54,24 @@ def test_adapter_files_lost_after_registration_refuse_the_task_alone_and_merges_
 
 
 def test_a_client_that_disconnects_mid_stream_is_aborted_and_leaks_nothing(server):
-    """The request is aborted in vLLM (its abort counter moves), the merge hold and the drain gate are
-    released: a pin right after completes, and the server answers as before."""
+    """The request is aborted in vLLM (it finishes neither by stop nor by length, and generates far fewer
+    than its max_tokens), the merge hold and the drain gate are released: a pin right after completes,
+    and the server answers as before."""
     c = server.client()
     before = complete(c, "tasks:alpha+gamma", PROMPTS[0])
-    n = aborted(server)
-    body = {"model": "tasks:alpha+gamma", "prompt": PROMPTS[0], "max_tokens": 200, "stream": True,
+    finished, tokens = counters(server)
+    body = {"model": "tasks:alpha+gamma", "prompt": PROMPTS[0], "max_tokens": 240, "stream": True,
             "ignore_eos": True, "temperature": 0}
     for _ in range(3):
         with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
             assert r.status_code == 200
             next(r.iter_lines())  # the first chunk, then hang up
-    deadline = time.time() + 30
-    while aborted(server) < n + 3 and time.time() < deadline:
+    deadline = time.time() + 10
+    while vllm_metric(server, "vllm:num_requests_running") and time.time() < deadline:
         time.sleep(0.2)
-    assert aborted(server) == n + 3
+    assert vllm_metric(server, "vllm:num_requests_running") == 0
+    now_finished, now_tokens = counters(server)
+    assert now_finished == finished and now_tokens - tokens < 3 * 240 / 2  # none ran to its end
     t0 = time.perf_counter()
     try:
         info = pin(server, MERGE)
@@ -72,7 +79,9 @@ def test_a_client_that_disconnects_mid_stream_is_aborted_and_leaks_nothing(serve
     finally:
         unpin(server)
     assert time.perf_counter() - t0 < 60
+    finished, tokens = counters(server)
     assert complete(c, "tasks:alpha+gamma", PROMPTS[0]) == before
+    assert counters(server) == (finished + 1, tokens + 8)  # the counters do count
 
 
 def test_a_pin_waits_for_a_stream_in_flight_then_swaps(server):

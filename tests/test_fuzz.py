@@ -66,8 +66,8 @@ def test_our_routes_fuzzed_from_the_openapi_schema_never_give_a_5xx(server, heal
 
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False),
                       st.text(max_size=20))
-json_value = st.recursive(json_leaf, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids,
-                                                                                                max_size=4), max_leaves=20)
+json_value = st.recursive(json_leaf, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(
+    st.text(max_size=8), kids, max_size=4), max_leaves=20)
 fragments = st.sampled_from(["tasks:", "alpha", "beta", "gamma", "+", "@", "?", "&", "=", "knots-ties", "core-ta",
                              "top_k", "0.5", "w.alpha", "seed", "basis", "subset", "..", "/", "%00", "é", ""])
 model_strings = st.one_of(st.text(max_size=60), st.lists(fragments, max_size=12).map("".join))
