@@ -122,6 +122,20 @@ def test_swap_a_b_a_gives_a_again(server, full_model_outputs):
         unpin(server)
 
 
+def test_a_dense_space_pin_equals_the_same_merge_pinned_as_factors(server):
+    """TA is one merge in every space: pinned from the dense space (ΔW added as it is) and from the KnOTS
+    space (exact factors through the fused kernel), the weights, and so the answers, agree."""
+    c = server.client()
+    base = {p: complete(c, "tiny", p) for p in PROMPTS}
+    try:
+        pin(server, "tasks:alpha+beta+gamma@ta")
+        dense = {p: complete(c, "tiny", p) for p in PROMPTS}
+        pin(server, "tasks:alpha+beta+gamma@knots-ta")
+        assert {p: complete(c, "tiny", p) for p in PROMPTS} == dense != base
+    finally:
+        unpin(server)
+
+
 def test_requests_across_swaps_all_succeed_on_one_weight_set(server, full_model_outputs):
     c = server.client()
     base = {p: complete(c, "tiny", p) for p in PROMPTS}

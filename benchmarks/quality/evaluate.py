@@ -85,6 +85,10 @@ class Evaluator:
                 fresh[t].append(int(TASKS[t].score(out.outputs[0].text, e.answer)))
             self.cache.update({key(t): v for t, v in fresh.items()})
             atomic_write_json(self.cache_file, self.cache)
+            spec = merge.spec if merge else None
+            print(f"[{time.strftime('%H:%M:%S')}] {split} {len(examples)} prompts: "
+                  f"{spec.method + ' ' + str(spec.params) + ' ' + '+'.join(spec.tasks) if spec else 'base'}"
+                  f" (pin {self.seconds['pin']:.0f} s, generate {self.seconds['generate']:.0f} s so far)", flush=True)
         return {t: self.cache[key(t)][:n] for t in tasks}
 
     def accuracy(self, merge: Merge | None, tasks, split: str, n: int) -> dict[str, float]:

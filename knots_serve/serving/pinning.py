@@ -118,7 +118,7 @@ class PinWorker:
     def knots_pin(self, basis_path: str, spec_json: str) -> dict:
         """Write W0 + ΔW(merge) into the live weights; returns what was done and how long it took."""
         from ..basis import Basis
-        from ..compose import MergeSpec, merge_lora
+        from ..compose import MergeSpec, merge_dense, merge_lora
         from ..kernels import lowrank_update
 
         t0 = time.perf_counter()
@@ -127,21 +127,27 @@ class PinWorker:
             cache = self._knots_bases = {basis_path: Basis.load(basis_path)}  # resident: one pool at a time
         basis = cache[basis_path]
         spec = MergeSpec(**{k: tuple(v) if k == "tasks" else v for k, v in json.loads(spec_json).items()})
-        factors = merge_lora(basis, spec, max_rank=None)
+        # a dense-space merge (TIES trims entries of ΔW) is full-rank: add ΔW itself rather than factor it
+        dense = basis.space == "full"
+        merged = merge_dense(basis, spec) if dense else merge_lora(basis, spec, max_rank=None)
         t1 = time.perf_counter()
         updates: dict[str, list] = {}
-        for module, (B, A) in factors.items():
+        for module, m in merged.items():
             p = self._knots_placement(module, basis.modules[module].shape)
-            updates.setdefault(p.param, []).append((p, B[p.src_rows], A[:, p.src_cols]))
+            part = m[p.src_rows, p.src_cols] if dense else (m[0][p.src_rows], m[1][:, p.src_cols])
+            updates.setdefault(p.param, []).append((p, part))
         self._knots_restore()  # always from W0: A -> B never accumulates
         for param, parts in updates.items():
             layer = self._knots_layer(param)
             W0 = self._knots_w0(param)
             W = W0.clone()
-            for p, L, R in parts:
-                lowrank_update(W0[p.rows], L.to(W.device), R.to(W.device), 1.0, out=W[p.rows])
+            for p, part in parts:
+                if dense:
+                    W[p.rows] = (W0[p.rows].double() + part.to(W.device)).to(W.dtype)
+                else:
+                    lowrank_update(W0[p.rows], part[0].to(W.device), part[1].to(W.device), 1.0, out=W[p.rows])
             self._knots_set(layer, W)
-        return {"modules": len(factors), "params": len(updates), "compose_s": t1 - t0,
+        return {"modules": len(merged), "params": len(updates), "compose_s": t1 - t0,
                 "write_s": time.perf_counter() - t1}
 
     def _knots_w0(self, param: str) -> torch.Tensor:
