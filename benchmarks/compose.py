@@ -68,14 +68,14 @@ def timings(pool, bases, names, method: str, repeat: int) -> tuple[float, float,
             median_time(repeat, from_scratch, subset, names, method))
 
 
-def demo_table(repeat: int) -> None:
+def demo_table(repeat: int, methods: list[str], sizes: list[int]) -> None:
     pool = [load_adapter(ROOT / "adapters" / t, t) for t in DEMO]
     bases = {s: build_basis(pool, s) for s in ("knots", "core")}
     print("| subset | method | resident pool basis (s) | same merge from scratch: pool basis + merge (s) | speedup | "
           "subset's own basis + merge (s) | resident / subset basis |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    for names in (tuple(DEMO[:2]), tuple(DEMO[:4]), tuple(DEMO)):
-        for method in RESIDENT + ("knots-dare-ties",):
+    for names in (tuple(DEMO[:n]) for n in sizes):
+        for method in methods:
             t_res, t_new, t_sub = timings(pool, bases, names, method, repeat)
             print(f"| {len(names)} tasks | {method} | {t_res:.3f} | {t_new:.3f} | {t_new / t_res:.2f} | {t_sub:.3f} | "
                   f"{t_res / t_sub:.2f} |", flush=True)
@@ -106,16 +106,19 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="tiny sizes and the exactness check only (for tests)")
-    ap.add_argument("--demo-only", action="store_true", help="only the table of the 8 demo adapters")
+    ap.add_argument("--table", choices=("demo", "scaling", "both"), default="both")
+    ap.add_argument("--demo-methods", default=",".join(RESIDENT + ("knots-dare-ties",)))
+    ap.add_argument("--demo-sizes", default="2,4,8", help="subset sizes (the first n demo tasks)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} thread(s); {check_selection()}", flush=True)
     if args.quick:
         scaling_table(1, [8], [2, 4], 1)
         return
-    print("\n## the 8 demo adapters (SmolLM2-135M, rank 16, q/k/v/o × 30 layers)")
-    demo_table(args.repeat)
-    if args.demo_only:
+    if args.table != "scaling":
+        print("\n## the 8 demo adapters (SmolLM2-135M, rank 16, q/k/v/o × 30 layers)")
+        demo_table(args.repeat, args.demo_methods.split(","), [int(x) for x in args.demo_sizes.split(",")])
+    if args.table == "demo":
         return
     print(f"\n## synthetic SmolLM2-135M q/k/v/o × {args.layers} layers, resident basis over {max(map(int, args.counts.split(',')))} tasks")
     scaling_table(args.layers, [int(x) for x in args.ranks.split(",")], [int(x) for x in args.counts.split(",")],
