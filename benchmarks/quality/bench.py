@@ -13,7 +13,7 @@ Every number is exact-match accuracy of greedy answers from vLLM with the merge 
 - Hyperparameters: one coordinate search for every method on the validation split only (alpha over its
   grid, then top_k, then DARE density; ties keep the earlier value), once per setting. DARE methods
   search with seed 0 and report the test mean ± std over --seeds seeds. The test split is only scored.
-- Scale: merges of k = 2, 4 tasks (--subsets random subsets each, fixed seeds) and of all tasks, each
+- Scale: merges of k = 2, 4, 6 tasks (--subsets random subsets each, fixed seeds) and of all tasks, each
   with the all-task per-task hyperparameters; KnOTS-TIES also with a basis built from the subset alone.
 """
 
@@ -46,7 +46,7 @@ from knots_serve.methods import resolve  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 METHODS = ("ta", "ties", "dare-ties", "knots-ties", "knots-dare-ties", "core-ties")
 SUBSET_BASIS = ("knots-ties",)  # also merged from a basis of the subset's own adapters in the scale run
-GRID = {"alpha": (0.3, 0.6, 1.0, 1.5, 2.0, 3.0), "top_k": (0.2, 0.1, 0.5), "density": (0.5, 0.3)}
+GRID = {"alpha": (0.1, 0.2, 0.3, 0.6, 1.0, 1.5, 2.0, 3.0), "top_k": (0.2, 0.1, 0.5), "density": (0.5, 0.3)}
 QUICK_GRID = {"alpha": (1.0, 2.0), "top_k": (0.2,), "density": (0.5,)}
 SETTINGS = ("per_task", "joint")
 
@@ -176,8 +176,8 @@ def main(argv=None) -> int:
     p.add_argument("--val-n", type=int, default=20, help="validation prompts per task for the search")
     p.add_argument("--test-n", type=int, default=200)
     p.add_argument("--scale-n", type=int, default=50, help="test prompts per task in the scale run")
-    p.add_argument("--ks", default="2,4", help="subset sizes of the scale run (all tasks is always added)")
-    p.add_argument("--subsets", type=int, default=2, help="random subsets per size in the scale run")
+    p.add_argument("--ks", default="2,4,6", help="subset sizes of the scale run (all tasks is always added)")
+    p.add_argument("--subsets", type=int, default=3, help="random subsets per size in the scale run")
     p.add_argument("--seeds", type=int, default=3, help="DARE seeds at test time")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--work", default="/tmp/knots-quality", help="bases and the evaluation cache (resumable)")
