@@ -2,7 +2,6 @@
 dropped while requests still use it. (Faults on the running server: test_faults_server.py.)"""
 
 import contextlib
-import json
 import os
 import shutil
 import signal
