@@ -25,19 +25,21 @@ def op_is_buggy(bgmv_shrink) -> bool:
 
 
 def lora_matmul(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype) -> torch.Tensor:
-    """Row t: inputs[t] @ weights[indices[t]]ᵀ in `dtype`, 0 where indices[t] < 0; one matmul per slot."""
+    """Row t: inputs[t] @ weights[indices[t]]ᵀ, returned in `dtype`, 0 where indices[t] < 0; one matmul
+    per slot. Computed in float32 (the LoRA matmuls are small): a bf16 product rounds differently with
+    the number of rows a slot has in the batch, which changes greedy answers at near-ties."""
     if weights.dim() == 4:  # slots × 1 × out × in
         weights = weights.squeeze(1)
-    x = inputs.to(dtype)
+    x = inputs.float()
     slots = indices.unique().tolist()
     if len(slots) == 1 and slots[0] >= 0:  # the common case: every token on one LoRA
-        return x @ weights[slots[0]].to(dtype).T
+        return (x @ weights[slots[0]].float().T).to(dtype)
     out = x.new_zeros(x.shape[0], weights.shape[1])
     for slot in slots:
         if slot >= 0:
             rows = (indices == slot).nonzero().squeeze(1)
-            out[rows] = x[rows] @ weights[slot].to(dtype).T
-    return out
+            out[rows] = x[rows] @ weights[slot].float().T
+    return out.to(dtype)
 
 
 def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
