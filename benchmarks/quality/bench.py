@@ -79,8 +79,8 @@ class Bench:
         return {t: self.eval.correct(self.merge("knots-ta", [t], {"alpha": 1.0}), [t], split, n)[t]
                 for t in self.tasks}
 
-    def score(self, merge: Merge | None, split: str, n: int, tasks=None) -> dict:
-        tasks = tasks or list(merge.spec.tasks)
+    def score(self, merge: Merge, split: str, n: int) -> dict:
+        tasks = list(merge.spec.tasks)
         got, lora = self.eval.correct(merge, tasks, split, n), self.lora[split]
         ratio = [sum(got[t]) / max(sum(lora[t][:n]), 1e-9) for t in tasks]
         return {"per_task": statistics.fmean(ratio),
