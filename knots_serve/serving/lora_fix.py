@@ -2,8 +2,8 @@
 
 vLLM's torch LoRA ops (vllm/lora/ops/torch_ops/lora_ops.py, used by the CPU punica wrapper) compute
 y_t = x_t · W[slot_t]ᵀ by gathering W[slot_t] for every token — a copy of the slot's A or B per token per
-module (at max_lora_rank 128 on SmolLM2, ~70 MB of copies per token) — and einsum over the copies. Two
-consequences, both measured on this machine:
+module (by arithmetic, tens of MB per token at max_lora_rank 128 on SmolLM2) — and einsum over the
+copies. Two consequences, both measured on this machine:
 - Wrong answers: slot −1 means "no LoRA", but Python indexing maps −1 to the last slot, so base-model
   tokens batched with LoRA tokens get the last slot's LoRA (vLLM 0.33 masks −1).
 - Slow: LoRA requests decoded ~20× slower than base ones (docs/BENCHMARKS.md, "Serving").
