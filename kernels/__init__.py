@@ -1,4 +1,5 @@
-"""Compute kernels of the compose path: Triton on GPUs, torch as the CPU path and the reference.
+"""Compute kernels of the compose path: Triton on GPUs, numba on CPUs (cpu.py), torch everywhere else
+and as the reference.
 
 Installed as `knots_serve.kernels` (see pyproject.toml), never as a top-level `kernels` package: that name
 belongs to Hugging Face's `kernels`, which transformers probes for at import time.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu
 from .lowrank_update import lowrank_update_torch, lowrank_update_triton, triton
 from .ties import ties_merge_torch, ties_merge_triton
 
@@ -19,7 +21,16 @@ def _triton_for(t: torch.Tensor) -> bool:
 
 def ties_merge(Y: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """TIES elect + disjoint mean of weighted rows Y (n × d) trimmed at per-row thresholds (n)."""
-    return ties_merge_triton(Y, thresholds) if _triton_for(Y) else ties_merge_torch(Y, thresholds)
+    if _triton_for(Y):
+        return ties_merge_triton(Y, thresholds)
+    return cpu.ties_merge_numba(Y, thresholds) if cpu.available(Y) else ties_merge_torch(Y, thresholds)
+
+
+def abs_thresholds(X: torch.Tensor, k: int) -> torch.Tensor | None:
+    """Per row of X, the k-th smallest |x| (exact) from the fused CPU kernel; None where it does not run."""
+    if not cpu.available(X):
+        return None
+    return torch.stack([cpu.kth_abs_smallest(row, k) for row in X])
 
 
 def lowrank_update(W0: torch.Tensor, L: torch.Tensor, R: torch.Tensor, alpha: float,

@@ -13,7 +13,10 @@ that merge methods combine elementwise, and turns the merged tensor back into Lo
   X_i = U_Bᵀ·ΔW_i·V_A (Σr×Σr), ΔW = U_B·X·V_Aᵀ. Lossless.
 - ``full``: X_i = ΔW_i dense (the classic baselines); the merged ΔW is refactored by an SVD.
 
-All factorizations run in float64 (the matrices are thin, so it is cheap) and are stored in float32.
+A basis is built in float64 (the matrices are thin, so it is cheap) and stored in float32; merges run in
+float32 on whatever device the basis sits on (`Basis.to`), float64 only where a test asks for it.
+Re-factoring a merged X never repeats the basis work: U (and V_A) are orthonormal, so only X itself is
+factored (`compact_left`).
 """
 
 from __future__ import annotations
@@ -35,18 +38,25 @@ DEFAULT_RTOL = 1e-7  # singular values below rtol·σ_max are numerical zeros of
 F64 = torch.float64
 
 
+def rtol_for(dtype: torch.dtype) -> float:
+    """Numerical-zero cutoff for factorizations computed in `dtype` (float32 noise is ~1e-7·σ_max·√k)."""
+    return DEFAULT_RTOL if dtype == F64 else 1e-5
+
+
 def joint_svd(
-    Bs: list[torch.Tensor], As: list[torch.Tensor], scales: list[float], rtol: float = DEFAULT_RTOL
+    Bs: list[torch.Tensor], As: list[torch.Tensor], scales: list[float], rtol: float | None = None,
+    dtype: torch.dtype = F64,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """Thin SVD of [s_1·B_1·A_1 | … | s_n·B_n·A_n] from the factors, in float64.
+    """Thin SVD of [s_1·B_1·A_1 | … | s_n·B_n·A_n] from the factors, computed in `dtype` on their device.
 
     Returns U (O×k), σ (k), and per task (coef_i, Q_i) with diag(σ)·Vh_i = coef_i·Q_iᵀ.
-    Only σ > rtol·σ_max are kept.
+    Only σ > rtol·σ_max are kept (default: `rtol_for(dtype)`).
     """
-    Qb, Rb = torch.linalg.qr(torch.cat([B.to(F64) for B in Bs], dim=1))
+    rtol = rtol_for(dtype) if rtol is None else rtol
+    Qb, Rb = torch.linalg.qr(torch.cat([B.to(dtype) for B in Bs], dim=1))
     Qas, blocks = [], []
     for A, s in zip(As, scales):
-        Qa, Ra = torch.linalg.qr(A.to(F64).T)  # A = Ra^T Qa^T
+        Qa, Ra = torch.linalg.qr(A.to(dtype).T)  # A = Ra^T Qa^T
         Qas.append(Qa)
         blocks.append(s * Ra.T)
     core = Rb @ torch.block_diag(*blocks)  # M = Qb · core · blockdiag(Qa_i)^T
@@ -59,10 +69,31 @@ def joint_svd(
     return U, sigma, coefs, Qas
 
 
-def compact(B: torch.Tensor, A: torch.Tensor, rtol: float = DEFAULT_RTOL) -> tuple[torch.Tensor, torch.Tensor]:
-    """Smallest exact factorization of B·A (up to rtol): (U, diag(σ)·Vh), float32."""
-    U, _, (coef,), (Q,) = joint_svd([B], [A], [1.0], rtol)
-    return U.float(), (coef @ Q.T).float()
+def compact(B: torch.Tensor, A: torch.Tensor, rtol: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smallest exact factorization of B·A (up to rtol), computed in B's dtype: (U, diag(σ)·Vh)."""
+    U, _, (coef,), (Q,) = joint_svd([B], [A], [1.0], rtol, dtype=B.dtype)
+    return U, coef @ Q.T
+
+
+def compact_left(U: torch.Tensor, X: torch.Tensor, V: torch.Tensor | None = None,
+                 rtol: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """compact(U·X·Vᵀ) for U (and V) with orthonormal columns, without touching U's rows: only X is
+    factored. A merged X of full row rank (the usual case: TIES keeps entries everywhere) is already
+    minimal, which its small Gram matrix shows (k×k, in float64); only a rank-deficient X is re-factored
+    (a QR of Xᵀ, I×k, and an SVD of k×k; for Core, X is R×R and V adds its right factor)."""
+    rtol = rtol_for(X.dtype) if rtol is None else rtol
+    X64 = X.to(F64)
+    eig = torch.linalg.eigvalsh(X64 @ X64.T) if X.shape[0] <= X.shape[1] else torch.zeros(0)
+    if eig.numel() and eig[0] > (rtol * 10) ** 2 * eig[-1]:  # σ_min > 10·rtol·σ_max: full rank, keep as is
+        return U, X if V is None else X @ V.T
+    if V is None:
+        Q, R = torch.linalg.qr(X.T)  # X = Rᵀ·Qᵀ
+        Uc, sigma, Vhc = torch.linalg.svd(R.T)
+    else:
+        Uc, sigma, Vhc = torch.linalg.svd(X)
+        Q = V
+    keep = sigma > rtol * sigma[0] if sigma.numel() and sigma[0] > 0 else torch.zeros_like(sigma, dtype=bool)
+    return U @ Uc[:, keep], (sigma[keep, None] * Vhc[keep]) @ Q.T
 
 
 @dataclass
@@ -84,12 +115,28 @@ class ModuleSpace:
         self.left, self.right = c(self.left), c(self.right)
         self.coef, self.basis_q = [c(t) for t in self.coef], [c(t) for t in self.basis_q]
 
-    def task_tensor(self, name: str) -> torch.Tensor:
-        """X for one task; zeros for a task that does not adapt this module."""
+    def task_tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """X for one task (in `dtype`, default the stored float32); zeros for a task without this module."""
+        like = self.left if self.left is not None else self.coef[0]
+        dtype = dtype or like.dtype
         if name not in self.tasks:
-            return torch.zeros(self.tensor_shape)
+            return torch.zeros(self.tensor_shape, dtype=dtype, device=like.device)
         i = self.tasks[name]
-        return self.coef[i] @ self.basis_q[i].T if self.space == "knots" else self.coef[i]
+        if self.space == "knots":
+            return self.coef[i].to(dtype) @ self.basis_q[i].to(dtype).T
+        return self.coef[i].to(dtype)
+
+    def task_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """ΔW_i as two factors of rank r_i (knots: U·coef_i, Q_iᵀ) or of the basis rank (core: U_B·X_i, V_Aᵀ);
+        None for a task without this module. Full space: not factored (None is never returned there)."""
+        if name not in self.tasks:
+            return None
+        i = self.tasks[name]
+        if self.space == "knots":
+            return self.left @ self.coef[i], self.basis_q[i].T
+        if self.space == "core":
+            return self.left @ self.coef[i], self.right.T
+        raise ValueError("a dense-space basis keeps no factors")
 
     @property
     def tensor_shape(self) -> tuple[int, int]:
@@ -97,8 +144,13 @@ class ModuleSpace:
             return (self.left.shape[1], self.shape[1])
         return tuple(self.coef[0].shape) if self.coef else (0, 0)
 
-    def stack(self, names: list[str]) -> torch.Tensor:
-        return torch.stack([self.task_tensor(n) for n in names])
+    def stack(self, names: list[str], dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.stack([self.task_tensor(n, dtype) for n in names])
+
+    def to(self, device: torch.device | str) -> ModuleSpace:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return ModuleSpace(self.space, self.shape, self.tasks, move(self.left), move(self.right),
+                           [move(t) for t in self.coef], [move(t) for t in self.basis_q])
 
     def to_dense(self, X: torch.Tensor) -> torch.Tensor:
         """The merged ΔW (O×I, float64) for a merged X."""
@@ -109,16 +161,19 @@ class ModuleSpace:
             return self.left.to(F64) @ X @ self.right.to(F64).T
         return X
 
-    def to_lora(self, X: torch.Tensor, max_rank: int | None, rtol: float = DEFAULT_RTOL) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_lora(self, X: torch.Tensor, max_rank: int | None, rtol: float | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact, minimal LoRA factors (B, A) of the merged ΔW, in X's dtype and on its device."""
         if self.space == "knots":
-            return compact(self.left, X, rtol)
+            return compact_left(self.left.to(X.dtype), X, rtol=rtol)
         if self.space == "core":
-            return compact(self.left @ X.to(self.left.dtype), self.right.T, rtol)
+            return compact_left(self.left.to(X.dtype), X, self.right.to(X.dtype), rtol=rtol)
         # full: a dense merge (TIES trims entries) is in general full-rank; keep the top max_rank.
-        U, s, Vh = torch.linalg.svd(X.to(F64), full_matrices=False)
+        rtol = rtol_for(X.dtype) if rtol is None else rtol
+        U, s, Vh = torch.linalg.svd(X, full_matrices=False)
         keep = int((s > rtol * s[0]).sum()) if s.numel() and s[0] > 0 else 0
         keep = keep if max_rank is None else min(keep, max_rank)
-        return (U[:, :keep] * s[:keep]).float(), Vh[:keep].float()
+        return U[:, :keep] * s[:keep], Vh[:keep]
 
 
 @dataclass
@@ -169,6 +224,21 @@ class Basis:
                 )
         return cls(meta["space"], meta["tasks"], modules, meta["base_model"], meta["fingerprint"])
 
+    def to(self, device: torch.device | str) -> Basis:
+        """The same basis with every tensor on `device` (a copy; self is unchanged)."""
+        modules = {m: ms.to(device) for m, ms in self.modules.items()}
+        return Basis(self.space, self.tasks, modules, self.base_model, self.fingerprint)
+
+    @property
+    def device(self) -> torch.device:
+        ms = next(iter(self.modules.values()), None)
+        t = None if ms is None else (ms.left if ms.left is not None else (ms.coef or [None])[0])
+        return torch.device("cpu") if t is None else t.device
+
+    def rank(self) -> int:
+        """Rows of every task tensor, summed over modules: the work of a merge in this basis is ∝ n·rank·I."""
+        return sum(ms.tensor_shape[0] for ms in self.modules.values())
+
     def nbytes(self) -> int:
         ts = [t for ms in self.modules.values() for t in (ms.left, ms.right, *ms.coef, *ms.basis_q) if t is not None]
         return sum(t.numel() * t.element_size() for t in ts)
@@ -194,12 +264,12 @@ def _range(M: torch.Tensor, rtol: float) -> torch.Tensor:
     return U[:, s > rtol * s[0]] if s.numel() and s[0] > 0 else U[:, :0]
 
 
-def _module_space(space: str, names: list[str], loras, rtol: float) -> ModuleSpace:
+def _module_space(space: str, names: list[str], loras, rtol: float, device=None, dtype=F64) -> ModuleSpace:
     shape = loras[0].shape
     tasks = {n: i for i, n in enumerate(names)}
-    Bs, As, scales = [l.B for l in loras], [l.A for l in loras], [l.scale for l in loras]
+    Bs, As, scales = [l.B.to(device) for l in loras], [l.A.to(device) for l in loras], [l.scale for l in loras]
     if space == "knots":
-        U, _, coefs, qs = joint_svd(Bs, As, scales, rtol)
+        U, _, coefs, qs = joint_svd(Bs, As, scales, max(rtol, rtol_for(dtype)), dtype)
         return ModuleSpace(space, shape, tasks, U.float(), None, [c.float() for c in coefs], [q.float() for q in qs])
     if space == "core":
         Ub = _range(torch.cat([B.to(F64) for B in Bs], dim=1), rtol)
@@ -207,14 +277,19 @@ def _module_space(space: str, names: list[str], loras, rtol: float) -> ModuleSpa
         cores = [s * (Ub.T @ B.to(F64)) @ (A.to(F64) @ Va) for B, A, s in zip(Bs, As, scales)]
         return ModuleSpace(space, shape, tasks, Ub.float(), Va.float(), [c.float() for c in cores], [])
     if space == "full":
-        return ModuleSpace(space, shape, tasks, None, None, [l.delta(F64).float() for l in loras], [])
+        return ModuleSpace(space, shape, tasks, None, None, [s * (B.to(F64) @ A.to(F64)).float()
+                                                             for B, A, s in zip(Bs, As, scales)], [])
     raise AdapterError(f"unknown merge space {space!r}; choose one of {', '.join(SPACES)}")
 
 
 def build_basis(
-    adapters: list[LoraAdapter], space: str = "knots", rtol: float = DEFAULT_RTOL, progress: bool = False
+    adapters: list[LoraAdapter], space: str = "knots", rtol: float = DEFAULT_RTOL, progress: bool = False,
+    device: torch.device | str | None = None, dtype: torch.dtype = F64, fingerprint_as: str | None = None,
 ) -> Basis:
-    """Build every module's space over all adapters (a task without a module contributes nothing there)."""
+    """Build every module's space over all adapters (a task without a module contributes nothing there),
+    on `device` (default: where the adapters are), where the basis stays, stored in float32. The KnOTS
+    factorizations run in `dtype` (float64 for a pool's basis; float32 is enough for a per-request subset
+    basis). `fingerprint_as` names the basis instead of hashing every factor (for bases made per request)."""
     check_compatible(adapters)
     module_names = sorted({m for a in adapters for m in a.modules})
     if progress:
@@ -224,6 +299,6 @@ def build_basis(
     modules = {}
     for m in module_names:
         have = [a for a in adapters if m in a.modules]
-        modules[m] = _module_space(space, [a.name for a in have], [a.modules[m] for a in have], rtol)
+        modules[m] = _module_space(space, [a.name for a in have], [a.modules[m] for a in have], rtol, device, dtype)
     base = next((a.base_model for a in adapters if a.base_model), None)
-    return Basis(space, [a.name for a in adapters], modules, base, fingerprint(adapters, space, rtol))
+    return Basis(space, [a.name for a in adapters], modules, base, fingerprint_as or fingerprint(adapters, space, rtol))

@@ -8,7 +8,8 @@ from typing import Literal
 
 import torch
 
-from .basis import Basis
+from .adapters import LoraAdapter
+from .basis import Basis, compact
 from .methods import PARAMS, resolve
 
 TrimScope = Literal["global", "module"]
@@ -78,29 +79,30 @@ class MergeSpec:
         return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
 
-def merged_tensors(basis: Basis, spec: MergeSpec, progress: bool = False) -> dict[str, torch.Tensor]:
+def merged_tensors(basis: Basis, spec: MergeSpec, progress: bool = False,
+                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Merge the subset's per-task tensors, module by module (or over all modules at once for a global
-    trim, whose threshold is per task over the whole model, as in the TIES and KnOTS references)."""
+    trim, whose threshold is per task over the whole model, as in the TIES and KnOTS references).
+    Runs in `dtype` (float32 serves; the float64 reference tests pass float64) on the basis's device."""
     space, method = resolve(spec.method)
     if basis.space != space:
         raise MergeError(f"method {spec.method!r} needs a {space!r} basis, this one is {basis.space!r}")
     unknown = [t for t in spec.tasks if t not in basis.tasks]
     if unknown:
         raise MergeError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(basis.tasks)}")
-    names = list(spec.tasks)
-    w = torch.tensor([float(spec.weights.get(t, 1.0)) for t in names], dtype=torch.float64)
+    names, device = list(spec.tasks), basis.device
+    w = torch.tensor([float(spec.weights.get(t, 1.0)) for t in names], dtype=dtype, device=device)
     kwargs = dict(spec.resolved_params())
     if method.random:
-        kwargs["generator"] = torch.Generator().manual_seed(spec.seed)
+        kwargs["generator"] = torch.Generator(device=device).manual_seed(spec.seed)
     modules = [m for m, ms in basis.modules.items() if any(t in ms.tasks for t in names)]
     shapes = {m: basis.modules[m].tensor_shape for m in modules}
-    stack = lambda m: basis.modules[m].stack(names).to(torch.float64).flatten(1)
     if method.trims and spec.trim_scope == "global" and modules:
-        # one float64 buffer over all modules, filled in place (no per-module float64 stacks, no concatenation)
+        # one buffer over all modules, filled in place (no per-module stacks, no concatenation)
         sizes = [shapes[m][0] * shapes[m][1] for m in modules]
-        X = torch.empty(len(names), sum(sizes), dtype=torch.float64)
+        X = torch.empty(len(names), sum(sizes), dtype=dtype, device=device)
         for m, piece in zip(modules, X.split(sizes, dim=1)):
-            piece.copy_(basis.modules[m].stack(names).flatten(1))  # float32 -> float64, exact
+            piece.copy_(basis.modules[m].stack(names, dtype).flatten(1))
         pieces = method.fn(X, w, **kwargs).split(sizes)
         return {m: p.view(shapes[m]) for m, p in zip(modules, pieces)}
     items = modules
@@ -108,22 +110,72 @@ def merged_tensors(basis: Basis, spec: MergeSpec, progress: bool = False) -> dic
         from tqdm.auto import tqdm
 
         items = tqdm(modules, desc=spec.method, unit="module")
-    return {m: method.fn(stack(m), w, **kwargs).view(shapes[m]) for m in items}
+    return {m: method.fn(basis.modules[m].stack(names, dtype).flatten(1), w, **kwargs).view(shapes[m])
+            for m in items}
 
 
 def merge_lora(
-    basis: Basis, spec: MergeSpec, max_rank: int | None = 512, progress: bool = False
+    basis: Basis, spec: MergeSpec, max_rank: int | None = 512, progress: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The merge as exact LoRA factors {module: (B, A)} with ΔW = B·A (scale 1).
+    """The merge as exact LoRA factors {module: (B, A)} with ΔW = B·A (scale 1), in `dtype` on the
+    basis's device.
 
     Exact in the knots and core spaces; in the dense space a merged ΔW of rank > max_rank is truncated
-    to its top max_rank singular directions (None: never; use dense output for an exact dense merge)."""
-    merged = merged_tensors(basis, spec, progress)
+    to its top max_rank singular directions (None: never; use dense output for an exact dense merge).
+    A linear merge (TA) in the knots or core space goes straight from the tasks' factors (`linear_merge`)."""
+    space, method = resolve(spec.method)
+    if method.linear and space != "full" and basis.space == space:
+        unknown = [t for t in spec.tasks if t not in basis.tasks]
+        if unknown:
+            raise MergeError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(basis.tasks)}")
+        factors = {m: {t: ms.task_factors(t) for t in spec.tasks if t in ms.tasks} for m, ms in basis.modules.items()}
+        return linear_merge(factors, spec, dtype)
+    merged = merged_tensors(basis, spec, progress, dtype)
     # a module whose merge is zero keeps rank 0 (written as zero padding): every adapted module stays listed
     return {m: basis.modules[m].to_lora(X, max_rank) for m, X in merged.items()}
 
 
-def merge_dense(basis: Basis, spec: MergeSpec, progress: bool = False) -> dict[str, torch.Tensor]:
+def adapter_factors(adapters: dict[str, LoraAdapter], tasks, device=None) -> dict[str, dict[str, tuple]]:
+    """{module: {task: (s_i·B_i, A_i)}} of the named adapters, on `device`."""
+    out: dict[str, dict[str, tuple]] = {}
+    for t in tasks:
+        for m, lora in adapters[t].modules.items():
+            out.setdefault(m, {})[t] = (lora.scale * lora.B.to(device), lora.A.to(device))
+    return dict(sorted(out.items()))
+
+
+def linear_merge(factors: dict[str, dict[str, tuple]], spec: MergeSpec, dtype: torch.dtype = torch.float32
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """TA (`ta`, `knots-ta`, `core-ta`: equal in every space) from factors {module: {task: (B_i, A_i)}}
+    with ΔW_i = B_i·A_i: ΔW = α·Σ w_i B_i A_i = [α·w_1·B_1 | …]·[A_1; …], compacted once per module.
+    No basis, no stacking: the cost is the subset's (Σr_i·(O+I) per module), whatever the pool."""
+    _, method = resolve(spec.method)
+    if not method.linear:
+        raise MergeError(f"{spec.method!r} is not a linear merge")
+    alpha = spec.resolved_params()["alpha"]
+    out = {}
+    for m, per_task in factors.items():
+        if not per_task:
+            continue
+        B = torch.cat([(alpha * spec.weights.get(t, 1.0)) * B.to(dtype) for t, (B, _) in per_task.items()], dim=1)
+        A = torch.cat([A.to(dtype) for B, A in per_task.values()], dim=0)
+        out[m] = compact(B, A)
+    return out
+
+
+def to_host(lora: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Factors on another device -> on the CPU in one copy (one flat buffer, not a transfer per tensor)."""
+    tensors = [t for pair in lora.values() for t in pair]
+    if not tensors or all(t.device.type == "cpu" for t in tensors):
+        return lora
+    flat = torch.cat([t.reshape(-1) for t in tensors]).cpu()
+    views = iter(flat.split([t.numel() for t in tensors]))
+    return {m: (next(views).view(B.shape), next(views).view(A.shape)) for m, (B, A) in lora.items()}
+
+
+def merge_dense(basis: Basis, spec: MergeSpec, progress: bool = False,
+                dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The merge as dense float64 ΔW per module (for writing a merged full model)."""
-    merged = merged_tensors(basis, spec, progress)
+    merged = merged_tensors(basis, spec, progress, dtype)
     return {m: basis.modules[m].to_dense(X) for m, X in merged.items()}

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from .basis import SPACES
-from .kernels import ties_merge
+from .kernels import abs_thresholds, ties_merge
 
 SAMPLE = 1 << 16  # rows longer than 4·SAMPLE are selected through a sampled bracket (kth_smallest)
 
@@ -50,19 +50,22 @@ def trim_thresholds(X: torch.Tensor, top_k: float) -> torch.Tensor:
     k = d - int(d * top_k)
     if k <= 0:
         return torch.zeros(X.shape[0], dtype=X.dtype, device=X.device)
-    return kth_smallest(X.abs(), k)
+    fused = abs_thresholds(X, k)
+    return fused if fused is not None else kth_smallest(X.abs(), k)
 
 
 def trim(X: torch.Tensor, top_k: float) -> torch.Tensor:
-    return torch.where(X.abs() >= trim_thresholds(X, top_k)[:, None], X, torch.zeros((), dtype=X.dtype))
+    return torch.where(X.abs() >= trim_thresholds(X, top_k)[:, None], X, X.new_zeros(()))
 
 
 def dare(X: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
-    """DARE: drop each entry with probability 1 − density, rescale the kept ones by 1/density."""
+    """DARE: drop each entry with probability 1 − density, rescale the kept ones by 1/density.
+    The mask is drawn on X's device by `generator` (which must live there): for one seed it is the same
+    on every machine of one device type, not between CPU and CUDA (their generators differ)."""
     if density >= 1:
         return X
-    keep = torch.rand(X.shape, generator=generator, dtype=torch.float32) < density
-    return torch.where(keep, X / density, torch.zeros((), dtype=X.dtype))
+    keep = torch.rand(X.shape, generator=generator, dtype=torch.float32, device=X.device) < density
+    return torch.where(keep, X / density, X.new_zeros(()))
 
 
 def task_arithmetic(X, w, *, alpha=1.0, **_):
@@ -116,6 +119,7 @@ class Method:
     summary: str
     trims: bool = False  # uses the TIES trim, so the trim scope (global / module) matters
     random: bool = False  # uses DARE's seeded random drop
+    linear: bool = False  # a weighted sum of the task updates: the same in every space, merged from the factors
 
 
 _TA = "Ilharco et al. 2023, Editing Models with Task Arithmetic, arXiv:2212.04089"
@@ -124,7 +128,7 @@ _DARE = "Yu et al. 2023, Language Models are Super Mario (DARE), arXiv:2311.0309
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("ta", task_arithmetic, ("alpha",), _TA, "task arithmetic: alpha * sum_i w_i X_i"),
+        Method("ta", task_arithmetic, ("alpha",), _TA, "task arithmetic: alpha * sum_i w_i X_i", linear=True),
         Method("ties", ties, ("alpha", "top_k"), _TIES,
                "trim to top_k per task, elect a sign per entry, mean of the agreeing entries", trims=True),
         Method("dare-ta", dare_ta, ("alpha", "density"), _DARE,

@@ -1,5 +1,5 @@
-"""The composer (resident pool + composed-adapter cache) in process: compose once, LRU by bytes,
-rank limit, pool changes; and the model-string grammar."""
+"""The basis store (resident pool) and the composed-adapter cache in process: compose once, LRU by bytes,
+rank limit, pool changes, the compose bound, the auto basis rule; and the model-string grammar."""
 
 import threading
 
@@ -9,7 +9,8 @@ import torch
 from knots_serve.adapters import load_adapter
 from knots_serve.compose import MergeError
 from knots_serve.serving import metrics
-from knots_serve.serving.composer import Composer, UnknownTask
+from knots_serve.serving.adapter_cache import AdapterCache, ComposeBusy
+from knots_serve.serving.basis_store import BasisStore, UnknownTask
 from knots_serve.serving.names import parse_field, parse_model
 from tiny import random_adapter
 
@@ -20,9 +21,19 @@ def pool(n=4):
     return {f"t{i}": random_adapter(f"t{i}", SHAPES, 4, seed=i) for i in range(n)}
 
 
+def new_cache(adapters, cache_dir, cache_bytes, max_lora_rank, basis_file=None, **kw) -> AdapterCache:
+    return AdapterCache(BasisStore(adapters, "cpu", basis_file), cache_dir, cache_bytes, max_lora_rank, **kw)
+
+
+def repool(cache: AdapterCache, adapters) -> None:
+    """What the server does when the pool changes."""
+    cache.store.set_pool(adapters)
+    cache.clear()
+
+
 @pytest.fixture
 def composer(tmp_path):
-    return Composer(pool(), tmp_path / "cache", cache_bytes=1 << 20, max_lora_rank=64)
+    return new_cache(pool(), tmp_path / "cache", cache_bytes=1 << 20, max_lora_rank=64)
 
 
 def sel(s):
@@ -41,7 +52,7 @@ def test_equal_merges_share_one_canonical_name():
 def test_compose_writes_a_loadable_adapter_and_caches_it(composer):
     c = composer.get(sel("tasks:t0+t2@knots-ta"))
     merged = load_adapter(c.path)
-    want = sum(composer.adapters[t].modules["model.layers.0.self_attn.q_proj"].delta() for t in ("t0", "t2"))
+    want = sum(composer.store.adapters[t].modules["model.layers.0.self_attn.q_proj"].delta() for t in ("t0", "t2"))
     got = merged.modules["model.layers.0.self_attn.q_proj"].delta()
     assert torch.allclose(got, want, atol=1e-4)
     assert composer.get(sel("tasks:t2+t0@knots-ta")) is c and composer.lookup(c.name) is c
@@ -66,7 +77,7 @@ def test_concurrent_gets_of_one_new_merge_compose_it_once(composer):
 
 
 def test_cache_is_an_lru_bounded_in_bytes(tmp_path):
-    composer = Composer(pool(), tmp_path / "cache", cache_bytes=1, max_lora_rank=64)
+    composer = new_cache(pool(), tmp_path / "cache", cache_bytes=1, max_lora_rank=64)
     evicted = []
     composer.on_evict = lambda c: evicted.append(c.name)
     first = composer.get(sel("tasks:t0+t1"))
@@ -82,7 +93,7 @@ def test_cache_is_an_lru_bounded_in_bytes(tmp_path):
 
 
 def test_rank_above_the_server_limit_and_unknown_tasks_are_refused(tmp_path, composer):
-    small = Composer(pool(), tmp_path / "small", cache_bytes=1 << 20, max_lora_rank=8)
+    small = new_cache(pool(), tmp_path / "small", cache_bytes=1 << 20, max_lora_rank=8)
     with pytest.raises(MergeError, match="above this server's max_lora_rank 8"):
         small.get(sel("tasks:t0+t1+t2@knots-ties"))
     assert small.get(sel("tasks:t0+t1@knots-ta")).rank == 8  # rank 8 fits
@@ -94,7 +105,7 @@ def test_a_new_pool_drops_every_composed_merge(composer):
     c = composer.get(sel("tasks:t0+t1"))
     evicted = []
     composer.on_evict = lambda c: evicted.append(c.name)
-    composer.set_pool(pool(5))
+    repool(composer, pool(5))
     assert evicted == [c.name] and composer.cached() == []
     again = composer.get(sel("tasks:t0+t1"))
     assert again.path != c.path  # a new path: vLLM must not reuse KV blocks cached for the old weights
@@ -102,23 +113,23 @@ def test_a_new_pool_drops_every_composed_merge(composer):
 
 def test_shared_basis_is_loaded_from_its_file_when_the_pool_matches(tmp_path):
     file = tmp_path / "pool.safetensors"
-    first = Composer(pool(), tmp_path / "a", 1 << 20, 64, basis_file=file)
+    first = new_cache(pool(), tmp_path / "a", 1 << 20, 64, basis_file=file)
     assert file.exists()
     mtime = file.stat().st_mtime_ns
-    second = Composer(pool(), tmp_path / "b", 1 << 20, 64, basis_file=file)
+    second = new_cache(pool(), tmp_path / "b", 1 << 20, 64, basis_file=file)
     assert file.stat().st_mtime_ns == mtime  # reused, not rebuilt
     a, b = (load_adapter(c.get(sel("tasks:t0+t3")).path) for c in (first, second))
     assert all(torch.equal(a.modules[m].A, b.modules[m].A) for m in a.modules)
-    Composer(pool(3), tmp_path / "c", 1 << 20, 64, basis_file=file)
+    new_cache(pool(3), tmp_path / "c", 1 << 20, 64, basis_file=file)
     assert file.stat().st_mtime_ns != mtime  # another pool: rebuilt and saved
 
 
 def test_startup_removes_only_what_the_composer_wrote(tmp_path):
     cache = tmp_path / "cache"
-    first = Composer(pool(), cache, 1 << 20, 64)
+    first = new_cache(pool(), cache, 1 << 20, 64)
     merged = first.get(sel("tasks:t0+t1")).path
-    first.basis_file_for(sel("tasks:t0+t1"))
+    first.store.basis_file_for(sel("tasks:t0+t1@knots-ties?basis=shared"), cache)
     (cache / "precious.txt").write_text("not ours")
     (cache / "notes").mkdir()
-    Composer(pool(), cache, 1 << 20, 64)
+    new_cache(pool(), cache, 1 << 20, 64)
     assert sorted(p.name for p in cache.iterdir()) == ["notes", "precious.txt"] and not merged.exists()

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from knots_serve.serving.composer import CacheUnavailable, Composer
+from knots_serve.serving.adapter_cache import CacheUnavailable
 from knots_serve.serving.registry import Overlay, atomic_write_json
-from test_composer import pool, sel
+from test_composer import new_cache, pool, repool, sel
 
 def writer(path):
     """Fork a process that rewrites the state file forever; return its pid once one version is on disk."""
@@ -65,7 +65,7 @@ def test_a_failed_registry_write_changes_nothing(tmp_path):
 
 
 def test_a_held_merge_is_never_evicted_and_a_dropped_one_is_deleted_by_its_last_release(tmp_path):
-    composer = Composer(pool(), tmp_path / "cache", cache_bytes=1, max_lora_rank=64)
+    composer = new_cache(pool(), tmp_path / "cache", cache_bytes=1, max_lora_rank=64)
     a = composer.get(sel("tasks:t0+t1"), hold=True)
     b = composer.get(sel("tasks:t2+t3"), hold=True)
     assert a.path.exists() and b.path.exists() and len(composer.cached()) == 2  # both in use: over the bound
@@ -73,7 +73,7 @@ def test_a_held_merge_is_never_evicted_and_a_dropped_one_is_deleted_by_its_last_
     c = composer.get(sel("tasks:t0+t2"))
     assert not a.path.exists() and b.path.exists() and [m.name for m in composer.cached()] == [b.name, c.name]
     composer.get(sel("tasks:t2+t3"), hold=True)  # b is held twice now
-    composer.set_pool(pool(5))  # drops every merge; b is in use, so its files stay
+    repool(composer, pool(5))  # drops every merge; b is in use, so its files stay
     assert composer.cached() == [] and b.path.exists() and not c.path.exists()
     composer.release(b)
     assert b.path.exists()
@@ -100,7 +100,7 @@ def read_only(path):
 
 
 def test_an_unwritable_cache_refuses_new_merges_and_keeps_serving_cached_ones(tmp_path):
-    composer = Composer(pool(), tmp_path / "cache", cache_bytes=1 << 20, max_lora_rank=64)
+    composer = new_cache(pool(), tmp_path / "cache", cache_bytes=1 << 20, max_lora_rank=64)
     cached = composer.get(sel("tasks:t0+t1"))
     with read_only(tmp_path / "cache"):
         with pytest.raises(CacheUnavailable, match=r"cannot write the merge 'tasks:t2\+t3@knots-ties' to the cache"):
@@ -125,7 +125,7 @@ def tiny_tmpfs(tmp_path):
 
 
 def test_a_full_cache_evicts_idle_merges_to_make_room_or_refuses_clearly(tiny_tmpfs):
-    composer = Composer(pool(), tiny_tmpfs, cache_bytes=1 << 30, max_lora_rank=64)
+    composer = new_cache(pool(), tiny_tmpfs, cache_bytes=1 << 30, max_lora_rank=64)
     held = composer.get(sel("tasks:t0+t1"), hold=True)
     idle = composer.get(sel("tasks:t0+t2"))
     junk = tiny_tmpfs / "junk"

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..adapters import AdapterError
 from ..compose import MergeError
 from .auth import admin_refusal
-from .composer import UnknownTask
+from .basis_store import UnknownTask
 from .experiments import Experiment
 from .server import ERROR_TYPES, KnotsServer, error_status
 
@@ -44,7 +44,7 @@ def _error(e: Exception) -> JSONResponse:
 @router.get("/admin/tasks", dependencies=[Depends(admin)])
 async def list_tasks(request: Request):
     s = server(request)
-    return {"tasks": [s.describe(n) for n in sorted(s.composer.adapters)]}
+    return {"tasks": [s.describe(n) for n in sorted(s.bases.adapters)]}
 
 
 @router.post("/admin/tasks", dependencies=[Depends(admin)], status_code=201)
@@ -66,7 +66,7 @@ async def unregister_task(name: str, request: Request):
 
 @router.get("/admin/merges", dependencies=[Depends(admin)])
 async def list_merges(request: Request):
-    c = server(request).composer
+    c = server(request).cache
     return {"merges": [{"model": m.name, "rank": m.rank, "bytes": m.nbytes} for m in c.cached()],
             "cache_bytes": c.cached_bytes(), "cache_limit": c.cache_bytes}
 

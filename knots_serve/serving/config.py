@@ -4,6 +4,7 @@ Relative paths are relative to the config file. `vllm_argv` turns it into vLLM's
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -38,6 +39,11 @@ class ServeConfig(BaseModel):
     cache_bytes: int = Field(1 << 30, gt=0, description="bound of the composed-adapter cache on tmpfs")
     state_dir: Path = Path("state")
     basis_file: Path | None = None
+    compose_device: str = Field("auto", description="where merges are composed: auto (CUDA if torch sees it, "
+                                "else CPU), cpu, cuda, cuda:N")
+    compose_workers: int = Field(2, ge=1, le=64, description="new merges composed at once")
+    compose_pending: int = Field(16, ge=1, le=4096, description="new merges composing or waiting; past "
+                                 "it a new merge gets 503 + Retry-After")
     adapter_dirs: list[Path] = Field(default_factory=list, description="where admin-registered adapters may live")
     admin_key_env: str = "KNOTS_ADMIN_KEY"
     vllm_args: list[str] = Field(default_factory=list, description="extra vLLM command-line arguments")
@@ -51,6 +57,13 @@ class ServeConfig(BaseModel):
             except MergeError as e:
                 raise ValueError(str(e)) from None
         return tasks
+
+    @field_validator("compose_device")
+    @classmethod
+    def _device(cls, d):
+        if d not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", d):
+            raise ValueError(f"compose_device must be auto, cpu, cuda or cuda:N, got {d!r}")
+        return d
 
     @field_validator("max_lora_rank")
     @classmethod

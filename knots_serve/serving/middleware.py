@@ -22,9 +22,10 @@ def openai_error(message: str, status: int, param: str | None = "model") -> byte
                                  "param": param, "code": status}}).encode()
 
 
-async def respond(send, status: int, body: bytes) -> None:
+async def respond(send, status: int, body: bytes, headers: tuple = ()) -> None:
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -67,12 +68,14 @@ class KnotsMiddleware:
                 except (MergeError, AdapterError) as e:
                     status = error_status(e)
                     metrics.ERRORS.labels(str(status)).inc()
-                    return await respond(send, status, openai_error(str(e), status))
+                    retry = getattr(e, "retry_after", None)
+                    headers = ((b"retry-after", str(retry).encode()),) if retry else ()
+                    return await respond(send, status, openai_error(str(e), status), headers)
             try:
                 await self._serve(scope, body, doc, route, server, receive, send)
             finally:
                 if route.held is not None:
-                    server.composer.release(route.held)
+                    server.cache.release(route.held)
 
     async def _serve(self, scope, body, doc, route, server, receive, send):
         if route.model is not None:

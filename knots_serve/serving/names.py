@@ -4,6 +4,7 @@
     tasks:A+B@knots-ties           a method id from the registry
     tasks:A+B@knots-ties?top_k=0.3&alpha=1.2&w.A=0.5&seed=1&trim_scope=module&basis=subset
                                    (extension) parameters, per-task weights, DARE seed, trim scope, basis
+                                   (auto, the default; shared; subset: see basis_store.py)
     tasks:A                        one task, no method: that task's own adapter, as `A` is
 
 Every merge has one canonical string (sorted tasks, the method, non-default settings in a fixed order);
@@ -21,7 +22,7 @@ from ..methods import PARAMS, resolve
 
 PREFIX = "tasks:"
 TASK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
-BASIS_MODES = ("shared", "subset")
+BASIS_MODES = ("auto", "shared", "subset")
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class Selection:
 
     tasks: tuple[str, ...]
     spec: MergeSpec | None
-    basis: str = "shared"
+    basis: str = "auto"  # auto | shared | subset (basis_store.py)
 
     @property
     def canonical(self) -> str:
@@ -44,7 +45,7 @@ class Selection:
             query.append(("seed", s.seed))
         if method.trims and s.trim_scope != "global":
             query.append(("trim_scope", s.trim_scope))
-        if self.basis != "shared":
+        if self.basis != "auto" and not method.linear:  # a linear merge is the same in every basis
             query.append(("basis", self.basis))
         q = "&".join(f"{k}={_fmt(v)}" for k, v in query)
         return f"{PREFIX}{'+'.join(sorted(s.tasks))}@{s.method}" + (f"?{q}" if q else "")
@@ -71,8 +72,8 @@ def selection(tasks, method: str | None, params: dict, weights: dict, seed, trim
               default_method: str) -> Selection:
     tasks = tuple(check_task_name(t) for t in tasks)
     if basis not in BASIS_MODES:
-        raise MergeError(f"basis must be 'shared' or 'subset', got {basis!r}")
-    if len(tasks) == 1 and method is None and not (params or weights or seed or basis != "shared"
+        raise MergeError(f"basis must be one of {', '.join(BASIS_MODES)}, got {basis!r}")
+    if len(tasks) == 1 and method is None and not (params or weights or seed or basis != "auto"
                                                    or trim_scope != "global"):
         return Selection(tasks, None)
     spec = MergeSpec(tasks, method or default_method, params, weights, seed, trim_scope)
@@ -102,7 +103,7 @@ def parse_model(model: str, default_method: str) -> Selection:
     twice = sorted({k for k in keys if keys.count(k) > 1})
     if twice:
         raise MergeError(f"parameter {twice[0]!r} given twice in {model!r}")
-    params, weights, seed, trim_scope, basis = {}, {}, 0, "global", "shared"
+    params, weights, seed, trim_scope, basis = {}, {}, 0, "global", "auto"
     for key, value in pairs:
         if key.startswith("w."):
             weights[key[2:]] = _number(key, value)
@@ -124,7 +125,7 @@ def parse_model(model: str, default_method: str) -> Selection:
 def parse_field(field: object, default_method: str) -> Selection:
     """The structured form, sent as `extra_body={"knots": {...}}` by OpenAI clients:
     {"tasks": [...], "method": "...", "params": {...}, "weights": {...}, "seed": 0,
-     "trim_scope": "global", "basis": "shared"}."""
+     "trim_scope": "global", "basis": "auto"}."""
     if not isinstance(field, dict):
         raise MergeError("'knots' must be an object: {\"tasks\": [...], \"method\": ..., \"params\": {...}}")
     unknown = set(field) - {"tasks", "method", "params", "weights", "seed", "trim_scope", "basis"}
@@ -142,4 +143,4 @@ def parse_field(field: object, default_method: str) -> Selection:
     if not isinstance(params, dict) or not isinstance(weights, dict):
         raise MergeError("'knots.params' and 'knots.weights' must be objects")
     return selection(tasks, method, params, weights, field.get("seed", 0), field.get("trim_scope", "global"),
-                     field.get("basis", "shared"), default_method)
+                     field.get("basis", "auto"), default_method)

@@ -4,7 +4,8 @@
 process, called from the API server through `collective_rpc`. It keeps the pool's basis resident
 (loaded once per basis file), composes the merge there, and writes W = W0 + B·A with the fused kernel —
 q/k/v into their rows of the packed `qkv_proj`, gate/up into `gate_up_proj`, each worker its own
-tensor-parallel shard. W0 of every touched parameter is kept, so unpinning (or pinning another merge,
+tensor-parallel shard. The basis lives on the weights' device and the merge is composed there (float32).
+W0 of every touched parameter is kept, so unpinning (or pinning another merge,
 always from W0) restores the base bit-exactly.
 
 On CPUs vLLM packs each linear weight into a oneDNN (or SGL) kernel handle at load time and drops the
@@ -123,8 +124,9 @@ class PinWorker:
 
         t0 = time.perf_counter()
         cache = getattr(self, "_knots_bases", {})
-        if basis_path not in cache:
-            cache = self._knots_bases = {basis_path: Basis.load(basis_path)}  # resident: one pool at a time
+        if basis_path not in cache:  # resident on the weights' device (composed there): one basis at a time
+            device = next(self.model_runner.get_model().parameters()).device
+            cache = self._knots_bases = {basis_path: Basis.load(basis_path).to(device)}
         basis = cache[basis_path]
         spec = MergeSpec(**{k: tuple(v) if k == "tasks" else v for k, v in json.loads(spec_json).items()})
         # a dense-space merge (TIES trims entries of ΔW) is full-rank: add ΔW itself rather than factor it

@@ -1,5 +1,6 @@
-"""The merge layer's state inside vLLM's API server process: config, task registry, composer, and the
-link to vLLM's LoRA table (`OpenAIServingModels`). One instance per server, made by the endpoint plugin."""
+"""The merge layer's state inside vLLM's API server process: config, task registry, the basis store and
+the composed-adapter cache, and the link to vLLM's LoRA table (`OpenAIServingModels`). One instance per
+server, made by the endpoint plugin."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import contextlib
 import dataclasses
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..adapters import AdapterError, load_adapter
 from ..compose import MergeError
 from . import metrics
-from .composer import CacheUnavailable, Composed, Composer, UnknownTask
+from .adapter_cache import AdapterCache, CacheUnavailable, Composed, ComposeBusy
+from .basis_store import BasisStore, UnknownTask, compose_device
 from .config import ServeConfig
 from .experiments import Experiment, Outcomes, assign, check_experiment
 from .names import PREFIX, TASK_NAME, Selection, check_task_name, parse_field, parse_model
@@ -77,9 +80,18 @@ class KnotsServer:
         self.tasks = task_table(cfg.tasks, cfg.state_dir)
         adapters = {n: load_adapter(p, n) for n, p in self.tasks.items().items()}
         self._stamps = {n: _stamp(Path(p) / "adapter_model.safetensors") for n, p in self.tasks.items().items()}
-        self.composer = Composer(adapters, cfg.cache_dir, cfg.cache_bytes, cfg.max_lora_rank, cfg.basis_file)
+        self.bases = BasisStore(adapters, compose_device(cfg.compose_device), cfg.basis_file)
+        if self.bases.device.type == "cpu":
+            from ..kernels import cpu
+
+            cpu.warm_up()  # compile the CPU compose kernels now (or load them from disk), not on a request
+        self.cache = AdapterCache(self.bases, cfg.cache_dir, cfg.cache_bytes, cfg.max_lora_rank,
+                                  cfg.compose_workers, cfg.compose_pending)
+        # composes run here, never in the event loop's default executor: a queue of composes must not
+        # hold up cache hits or anything else the server runs in threads
+        self.compose_pool = ThreadPoolExecutor(cfg.compose_workers + cfg.compose_pending, "knots-compose")
         self.loop = asyncio.get_running_loop()
-        self.composer.on_evict = self._forget
+        self.cache.on_evict = self._forget
         self._registry_lock = asyncio.Lock()
         self.experiment_store = experiment_table(cfg.experiments, cfg.state_dir)
         self.experiments = {n: Experiment.model_validate(e) for n, e in self.experiment_store.items().items()}
@@ -116,11 +128,11 @@ class KnotsServer:
         sel = self.selection(body)
         if sel is None:
             name = model if experiment else None  # the base or a plain adapter: vLLM's own names
-            if model in self.composer.adapters:
+            if model in self.bases.adapters:
                 self._check_files(model)
         elif sel.spec is None:  # tasks:A is A's own adapter, served under its plain name
-            if sel.tasks[0] not in self.composer.adapters:
-                raise UnknownTask(f"unknown task {sel.tasks[0]!r}; known: {', '.join(sorted(self.composer.adapters))}")
+            if sel.tasks[0] not in self.bases.adapters:
+                raise UnknownTask(f"unknown task {sel.tasks[0]!r}; known: {', '.join(sorted(self.bases.adapters))}")
             name = sel.tasks[0]
             self._check_files(name)
         elif self.pinned and sel.canonical == self.pinned["model"]:
@@ -137,20 +149,23 @@ class KnotsServer:
         return Route(name, experiment, arm, held)
 
     async def _hold(self, sel: Selection):
-        """composer.get(sel, hold=True) in a thread; if this request is cancelled meanwhile, the hold taken
-        by the thread is released when it ends (never leaked)."""
-        job = asyncio.ensure_future(asyncio.to_thread(self.composer.get, sel, True))
+        """cache.get(sel, hold=True): a cached merge at once, a new one in the compose pool; if this request
+        is cancelled meanwhile, the hold taken by the pool's thread is released when it ends (never leaked)."""
+        cached = self.cache.hold_cached(sel)
+        if cached is not None:
+            return cached
+        job = asyncio.ensure_future(self.loop.run_in_executor(self.compose_pool, self.cache.get, sel, True))
         try:
             return await asyncio.shield(job)
         except asyncio.CancelledError:
-            job.add_done_callback(lambda j: j.cancelled() or j.exception() or self.composer.release(j.result()))
+            job.add_done_callback(lambda j: j.cancelled() or j.exception() or self.cache.release(j.result()))
             raise
 
     def _check_files(self, task: str) -> None:
         """vLLM reads a task's own adapter from its files whenever it (re)loads it, and a failed load inside
         a batch kills vLLM's engine. So a request for the plain adapter is refused (503) when the weights
         file is gone or changed since it was loaded; merges are composed from the copy in memory."""
-        path = Path(self.composer.adapters[task].path) / "adapter_model.safetensors"
+        path = Path(self.bases.adapters[task].path) / "adapter_model.safetensors"
         if _stamp(path) != self._stamps.get(task):
             raise FilesChanged(f"task {task!r}: its adapter file {path} is gone or changed on disk since it was "
                                f"loaded; merges with it still work (from memory); re-register it to serve it alone")
@@ -178,7 +193,7 @@ class KnotsServer:
             asyncio.run_coroutine_threadsafe(on_the_loop(), self.loop).result(60)
 
     def check_model(self, model: str) -> None:
-        check_model(model, self.cfg, self.composer.adapters)
+        check_model(model, self.cfg, self.bases.adapters)
 
     # --- pinning (admin API) ----------------------------------------------------------------------------
     async def pin(self, model: str) -> dict:
@@ -186,10 +201,10 @@ class KnotsServer:
         sel = self.selection({"model": model})
         if sel is None or sel.spec is None:
             raise MergeError(f"{model!r} is not a merge: pin a tasks:A+B[@METHOD] string or a named merge")
-        unknown = [t for t in sel.tasks if t not in self.composer.adapters]
+        unknown = [t for t in sel.tasks if t not in self.bases.adapters]
         if unknown:
             raise UnknownTask(f"unknown task(s): {', '.join(unknown)}")
-        basis = await asyncio.to_thread(self.composer.basis_file_for, sel)
+        basis = await asyncio.to_thread(self.bases.basis_file_for, sel, self.cfg.cache_dir)
         spec = json.dumps(dataclasses.asdict(sel.spec))
         t0 = time.perf_counter()
         async with self.gate.exclusive():
@@ -220,7 +235,7 @@ class KnotsServer:
     def put_experiment(self, name: str, exp: Experiment) -> None:
         if not TASK_NAME.match(name):
             raise MergeError(f"invalid experiment name {name!r}: use letters, digits, '_', '.', '-' (at most 64)")
-        taken = name == self.cfg.base_name or name.startswith(PREFIX) or name in self.composer.adapters \
+        taken = name == self.cfg.base_name or name.startswith(PREFIX) or name in self.bases.adapters \
             or name in self.cfg.merges
         if taken:
             raise MergeError(f"experiment name {name!r} clashes with the base model, a task or a merge")
@@ -248,7 +263,7 @@ class KnotsServer:
 
     def resolve(self, name: str) -> Path | None:
         """For the vLLM resolver: where a routed merge's adapter is."""
-        composed = self.composer.lookup(name)
+        composed = self.cache.lookup(name)
         return composed.path if composed else None
 
     # --- task registry (admin API) ----------------------------------------------------------------------
@@ -261,13 +276,13 @@ class KnotsServer:
         if not any(resolved.is_relative_to(d) for d in self.cfg.adapter_dirs):
             raise MergeError(f"adapter path {path!r} is outside the configured adapter_dirs")
         async with self._registry_lock:
-            if name in self.composer.adapters:
+            if name in self.bases.adapters:
                 raise MergeError(f"task {name!r} is already registered; unregister it first")
             stamp = _stamp(resolved / "adapter_model.safetensors")
             adapter = await asyncio.to_thread(load_adapter, resolved, name)
-            pool = self.composer.adapters | {name: adapter}
+            pool = self.bases.adapters | {name: adapter}
             async with self.gate.exclusive():  # drained, like a pin: see docs/RELIABILITY.md
-                await asyncio.to_thread(self.composer.set_pool, pool)  # checks compatibility, rebuilds the basis
+                await asyncio.to_thread(self.set_pool, pool)  # checks compatibility, rebuilds the basis
                 await self._load_plain(name, resolved)
             self.tasks.put(name, str(resolved))
             self._stamps[name] = stamp
@@ -275,13 +290,17 @@ class KnotsServer:
 
     async def unregister(self, name: str) -> None:
         async with self._registry_lock:
-            if name not in self.composer.adapters:
+            if name not in self.bases.adapters:
                 raise UnknownTask(f"unknown task {name!r}")
-            pool = {n: a for n, a in self.composer.adapters.items() if n != name}
+            pool = {n: a for n, a in self.bases.adapters.items() if n != name}
             async with self.gate.exclusive():
-                await asyncio.to_thread(self.composer.set_pool, pool)
+                await asyncio.to_thread(self.set_pool, pool)
                 self.models.lora_requests.pop(name, None)
             self.tasks.delete(name)
+
+    def set_pool(self, pool) -> None:
+        self.bases.set_pool(pool)
+        self.cache.clear()  # in a new shared basis every non-TA merge changes
 
     async def _load_plain(self, name: str, path: Path) -> None:
         from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
@@ -291,13 +310,13 @@ class KnotsServer:
             raise AdapterError(f"vLLM could not load {name!r}: {result.error.message}")
 
     def describe(self, name: str) -> dict:
-        a = self.composer.adapters[name]
+        a = self.bases.adapters[name]
         return {"name": name, "model": f"{PREFIX}{name}", "path": a.path, "modules": len(a.modules),
                 "ranks": sorted({m.rank for m in a.modules.values()})}
 
     def model_ids(self) -> list[str]:
         """What /v1/models adds to vLLM's list: every task as tasks:NAME, the named merges, the experiments."""
-        return [f"{PREFIX}{n}" for n in sorted(self.composer.adapters)] + list(self.cfg.merges) + list(self.experiments)
+        return [f"{PREFIX}{n}" for n in sorted(self.bases.adapters)] + list(self.cfg.merges) + list(self.experiments)
 
 
 def check_model(model: str, cfg: ServeConfig, tasks) -> None:
@@ -325,7 +344,9 @@ def _stamp(path: Path) -> tuple[int, int] | None:
 
 
 def error_status(e: Exception) -> int:
-    return 404 if isinstance(e, UnknownTask) else 503 if isinstance(e, (CacheUnavailable, FilesChanged)) else 400
+    if isinstance(e, UnknownTask):
+        return 404
+    return 503 if isinstance(e, (CacheUnavailable, FilesChanged, ComposeBusy)) else 400
 
 
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",

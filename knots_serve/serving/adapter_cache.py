@@ -1,8 +1,10 @@
-"""The resident pool and the composed-adapter cache of a running server.
+"""The composed-adapter cache of a running server: merges written as PEFT adapter directories for vLLM.
 
-`Composer.get(selection)` returns a PEFT adapter directory vLLM can load for a merge: from the cache, or
-composed from the resident basis and written to the tmpfs cache. Thread-safe; concurrent calls for the
-same new merge compose it once. The cache is an LRU bounded in bytes. Before a merge's files are deleted
+`AdapterCache.get(selection)` returns a PEFT adapter directory vLLM can load for a merge: from the cache,
+or composed by the basis store (basis_store.py) and written to the tmpfs cache. Thread-safe; concurrent
+calls for the same new merge compose it once. At most `workers` composes run at once, at most
+`max_pending` distinct new merges wait or run; past that a new merge is refused at once (ComposeBusy,
+HTTP 503 with Retry-After) instead of queueing without bound. The cache is an LRU bounded in bytes. Before a merge's files are deleted
 it is reported to `on_evict` (the server then drops it from vLLM's table, so that vLLM never loads a
 deleted path; the next request composes it again). Every compose writes a new directory, so a merge
 composed again never shares a path with files about to be deleted.
@@ -31,11 +33,10 @@ from typing import Callable
 
 from safetensors import SafetensorError
 
-from ..adapters import LoraAdapter, check_compatible, padded_rank, save_adapter
-from ..basis import Basis, build_basis
-from ..compose import MergeError, merge_lora
-from ..methods import resolve
+from ..adapters import padded_rank, save_adapter
+from ..compose import MergeError
 from . import metrics
+from .basis_store import BasisStore, UnknownTask
 from .names import Selection
 
 
@@ -43,12 +44,14 @@ from .names import Selection
 OWNED = re.compile(r"^(\.?[0-9a-f]{20}-g\d+-\d+(\..+)?|basis-\w+-[0-9a-f]{16}\.safetensors|\.basis-.+\.tmp\d+)$")
 
 
-class UnknownTask(MergeError):
-    """A selection names a task the server does not have (HTTP 404)."""
-
-
 class CacheUnavailable(MergeError):
     """The merge could not be written: cache_dir is full or not writable (HTTP 503)."""
+
+
+class ComposeBusy(MergeError):
+    """Too many new merges are being composed; the client should retry after `retry_after` s (HTTP 503)."""
+
+    retry_after = 1
 
 
 @dataclass(frozen=True)
@@ -63,13 +66,14 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir())
 
 
-class Composer:
-    def __init__(self, adapters: dict[str, LoraAdapter], cache_dir: Path, cache_bytes: int, max_lora_rank: int,
-                 basis_file: Path | None = None, subset_bases: int = 8):
-        self.cache_dir, self.cache_bytes, self.max_lora_rank = cache_dir, cache_bytes, max_lora_rank
-        self.basis_file, self.subset_bases = basis_file, subset_bases
+class AdapterCache:
+    def __init__(self, store: BasisStore, cache_dir: Path, cache_bytes: int, max_lora_rank: int,
+                 workers: int = 2, max_pending: int = 16):
+        self.store, self.cache_dir, self.cache_bytes, self.max_lora_rank = store, cache_dir, cache_bytes, max_lora_rank
+        self.max_pending = max_pending
         self.on_evict: Callable[[Composed], None] = lambda c: None  # called before c's files are deleted
         self._lock = threading.Lock()
+        self._slots = threading.Semaphore(workers)
         self._cache: OrderedDict[str, Composed] = OrderedDict()
         self._inflight: dict[str, Future] = {}
         self._held: dict[Path, int] = {}  # path -> requests using it now
@@ -80,77 +84,21 @@ class Composer:
         for stale in cache_dir.iterdir():  # a previous run's merges; only what this class writes is removed
             if OWNED.match(stale.name):
                 shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-        self.set_pool(adapters)
 
-    # --- the pool and its bases -------------------------------------------------------------------------
-    def set_pool(self, adapters: dict[str, LoraAdapter]) -> None:
-        """Replace the task pool. Builds the shared KnOTS basis now (or loads basis_file when it was built
-        from this same pool); other spaces are built on first use. Every composed merge is dropped:
-        with another pool, the shared basis — and so every non-TA merge — changes."""
-        pool = list(adapters.values())
-        if pool:
-            check_compatible(pool)
-        knots = self._load_or_build(pool) if pool else None
+    def clear(self) -> None:
+        """Drop every composed merge (the pool changed: with another shared basis every non-TA merge
+        changes). Merges in use are deleted when their last request is done."""
         with self._lock:
-            self.adapters = dict(adapters)
-            self._bases: dict[str, Basis] = {"knots": knots} if knots else {}
-            self._subset: OrderedDict[tuple, Basis] = OrderedDict()
             self._generation += 1
             dropped, self._cache = list(self._cache.values()), OrderedDict()
         for c in dropped:
             self._evict(c)
-        metrics.CACHE_BYTES.set(0)  # every composed merge was dropped with the old pool
-
-    def _load_or_build(self, pool: list[LoraAdapter]) -> Basis:
-        from ..basis import DEFAULT_RTOL, fingerprint
-
-        if self.basis_file and self.basis_file.exists():
-            saved = Basis.load(self.basis_file)
-            if saved.fingerprint == fingerprint(pool, "knots", DEFAULT_RTOL):
-                return saved
-        basis = build_basis(pool, "knots")
-        if self.basis_file:
-            self.basis_file.parent.mkdir(parents=True, exist_ok=True)
-            basis.save(self.basis_file)
-        return basis
-
-    def _basis(self, space: str, mode: str, tasks: tuple[str, ...]) -> Basis:
-        with self._lock:
-            adapters = self.adapters
-            if mode == "shared" and space in self._bases:
-                return self._bases[space]
-            key = (space, tasks)
-            if mode == "subset" and key in self._subset:
-                self._subset.move_to_end(key)
-                return self._subset[key]
-        chosen = adapters.values() if mode == "shared" else [adapters[t] for t in tasks]
-        basis = build_basis(list(chosen), space)
-        with self._lock:
-            if adapters is not self.adapters:  # the pool changed meanwhile; do not cache a stale basis
-                return basis
-            if mode == "shared":
-                self._bases[space] = basis
-            else:
-                self._subset[key] = basis
-                while len(self._subset) > self.subset_bases:
-                    self._subset.popitem(last=False)
-        return basis
-
-    def basis_file_for(self, sel: Selection) -> Path:
-        """The basis a merge is composed in, saved under cache_dir (for the workers to load, once)."""
-        space, _ = resolve(sel.spec.method)
-        basis = self._basis(space, sel.basis, sel.tasks)
-        path = self.cache_dir / f"basis-{space}-{basis.fingerprint}.safetensors"
-        if not path.exists():
-            basis.save(path)
-        return path
+        metrics.CACHE_BYTES.set(0)
 
     # --- composed merges --------------------------------------------------------------------------------
     def get(self, sel: Selection, hold: bool = False) -> Composed:
         """The merge's adapter; with hold=True it stays on disk until `release` (see the module doc)."""
-        unknown = [t for t in sel.tasks if t not in self.adapters]
-        if unknown:
-            raise UnknownTask(f"unknown task(s): {', '.join(unknown)}; known: {', '.join(sorted(self.adapters))}")
+        self.store.check(sel.tasks)
         name = sel.canonical
         with self._lock:
             hit = self._cache.get(name)
@@ -160,6 +108,10 @@ class Composer:
                 return self._hold(hit) if hold else hit
             future = self._inflight.get(name)
             owner = future is None
+            if owner and len(self._inflight) >= self.max_pending:
+                metrics.COMPOSE_BUSY.inc()
+                raise ComposeBusy(f"{len(self._inflight)} new merges are being composed (the bound is "
+                                  f"{self.max_pending}); retry in {ComposeBusy.retry_after} s")
             if owner:
                 future = self._inflight[name] = Future()
                 generation = self._generation
@@ -182,11 +134,29 @@ class Composer:
             with self._lock:
                 self._inflight.pop(name, None)
 
+    def hold_cached(self, sel: Selection) -> Composed | None:
+        """The cached merge, held — or None (then `get` composes it). Never blocks on a compose."""
+        with self._lock:
+            hit = self._cache.get(sel.canonical)
+            if hit is None:
+                return None
+            self._cache.move_to_end(sel.canonical)
+            metrics.CACHE.labels("hit").inc()
+            return self._hold(hit)
+
     def _compose(self, sel: Selection, generation: int, hold: bool) -> Composed:
-        t0 = time.perf_counter()
-        space, _ = resolve(sel.spec.method)
-        basis = self._basis(space, sel.basis, sel.tasks)
-        lora = merge_lora(basis, sel.spec, max_rank=None)  # never truncate silently: refuse below instead
+        metrics.COMPOSE_QUEUE.inc()
+        with self._slots:
+            metrics.COMPOSE_QUEUE.dec()
+            metrics.COMPOSE_RUNNING.inc()
+            try:
+                t0 = time.perf_counter()
+                lora = self.store.merge(sel)  # never truncated silently: refused below instead
+                return self._write(sel, lora, generation, hold, t0)
+            finally:
+                metrics.COMPOSE_RUNNING.dec()
+
+    def _write(self, sel: Selection, lora, generation: int, hold: bool, t0: float) -> Composed:
         rank = padded_rank(max((B.shape[1] for B, _ in lora.values()), default=1))
         if rank > self.max_lora_rank:
             raise MergeError(f"the merge {sel.canonical!r} has rank {rank}, above this server's max_lora_rank "
@@ -194,7 +164,7 @@ class Composer:
                              "merge is full-rank), or raise max_lora_rank")
         digest = hashlib.sha256(sel.canonical.encode()).hexdigest()[:20]
         path = self.cache_dir / f"{digest}-g{generation}-{next(self._serial)}"
-        path = self._save(lora, path, basis.base_model, sel.canonical)
+        path = self._save(lora, path, self.store.base_model, sel.canonical)
         composed = Composed(sel.canonical, path, _dir_bytes(path), rank)
         metrics.COMPOSE_SECONDS.observe(time.perf_counter() - t0)
         with self._lock:
@@ -202,12 +172,13 @@ class Composer:
             if not stale:
                 self._cache[sel.canonical] = self._hold(composed) if hold else composed
                 evicted = self._over_bound(keep=sel.canonical)
-            unknown = [t for t in sel.tasks if t not in self.adapters]
         if stale:  # composed against a pool that has since been replaced: again, in the new one
             shutil.rmtree(path, ignore_errors=True)
-            if unknown:
-                raise UnknownTask(f"task(s) {', '.join(unknown)} were unregistered while the merge was composed")
-            return self._compose(sel, retry, hold)
+            try:
+                self.store.check(sel.tasks)
+            except UnknownTask as e:
+                raise UnknownTask(f"{e} (unregistered while the merge was composed)") from None
+            return self._write(sel, self.store.merge(sel), retry, hold, time.perf_counter())
         for c in evicted:
             self._evict(c)
         metrics.CACHE_BYTES.set(self.cached_bytes())

@@ -1,0 +1,151 @@
+"""The task pool and its bases, resident on the compose device: what every merge is composed from.
+
+- The pool's shared KnOTS basis is built (float64) when the pool changes — or loaded from basis_file when
+  it was built from this same pool — and kept on the compose device in float32; other spaces' shared
+  bases on first use.
+- Each task's factors (s_i·B_i, A_i) are kept on the device too: linear merges (TA in any space) are
+  composed straight from them, and a subset's own basis is built from them per request (cached, LRU).
+- `basis: auto` (the default) picks per merge: the shared basis when the subset spans at least half of
+  the pool's rank, else the subset's own basis. In the shared basis every task tensor has the pool's rank
+  in rows, so a 2-task merge in a large pool would cost what the pool costs; with the rule a merge never
+  costs more than about twice what its own subset needs (docs/BENCHMARKS.md, "Compose cost vs pool").
+
+`merge(sel)` returns the merged factors on the host (one copy at the end). Thread-safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from ..adapters import LoraAdapter, check_compatible
+from ..basis import DEFAULT_RTOL, Basis, build_basis, fingerprint
+from ..compose import MergeError, adapter_factors, linear_merge, merge_lora, to_host
+from ..methods import resolve
+from .names import Selection
+
+
+class UnknownTask(MergeError):
+    """A selection names a task the server does not have (HTTP 404)."""
+
+
+def compose_device(setting: str) -> torch.device:
+    """`auto`: the GPU when torch sees one (where vLLM computes), else the CPU; or `cpu`, `cuda`, `cuda:N`."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"compose_device {setting!r}: torch sees no CUDA device here")
+    return device
+
+
+class BasisStore:
+    def __init__(self, adapters: dict[str, LoraAdapter], device: torch.device | str = "cpu",
+                 basis_file: Path | None = None, subset_bases: int = 8):
+        self.device, self.basis_file, self.subset_bases = torch.device(device), basis_file, subset_bases
+        self._lock = threading.Lock()
+        self.set_pool(adapters)
+
+    def set_pool(self, adapters: dict[str, LoraAdapter]) -> None:
+        """Replace the pool: check it, build (or load) its shared KnOTS basis on the device, keep its factors
+        there. Raises AdapterError for an incompatible pool, leaving the old one in place."""
+        pool = list(adapters.values())
+        if pool:
+            check_compatible(pool)
+        knots = self._load_or_build(pool) if pool else None
+        on_device = {n: LoraAdapter(a.name, {m: type(l)(A=l.A.to(self.device), B=l.B.to(self.device), scale=l.scale)
+                                             for m, l in a.modules.items()}, a.base_model, a.path)
+                     for n, a in adapters.items()}
+        ranks = {n: sum(l.rank for l in a.modules.values()) for n, a in adapters.items()}
+        with self._lock:
+            self.adapters = dict(adapters)
+            self._device_adapters = on_device
+            self._ranks = ranks
+            self._pool_id = knots.fingerprint if knots else ""
+            self._bases: dict[str, Basis] = {"knots": knots} if knots else {}
+            self._subset: OrderedDict[tuple, Basis] = OrderedDict()
+
+    def _load_or_build(self, pool: list[LoraAdapter]) -> Basis:
+        if self.basis_file and self.basis_file.exists():
+            saved = Basis.load(self.basis_file)
+            if saved.fingerprint == fingerprint(pool, "knots", DEFAULT_RTOL):
+                return saved.to(self.device)
+        basis = build_basis(pool, "knots", device=self.device)
+        if self.basis_file:
+            self.basis_file.parent.mkdir(parents=True, exist_ok=True)
+            basis.to("cpu").save(self.basis_file)
+        return basis
+
+    @property
+    def base_model(self) -> str | None:
+        return next((a.base_model for a in self.adapters.values() if a.base_model), None)
+
+    def check(self, tasks) -> None:
+        unknown = [t for t in tasks if t not in self.adapters]
+        if unknown:
+            raise UnknownTask(f"unknown task(s): {', '.join(unknown)}; known: {', '.join(sorted(self.adapters))}")
+
+    def choose(self, mode: str, tasks: tuple[str, ...]) -> str:
+        """shared or subset for a merge of `tasks` (mode auto: by the rank rule of the module doc)."""
+        if mode != "auto":
+            return mode
+        subset = sum(self._ranks[t] for t in tasks)
+        return "subset" if 2 * subset <= sum(self._ranks.values()) else "shared"
+
+    def basis(self, space: str, mode: str, tasks: tuple[str, ...]) -> Basis:
+        with self._lock:
+            adapters, chosen = self._device_adapters, self.choose(mode, tasks)
+            if chosen == "shared" and space in self._bases:
+                return self._bases[space]
+            key = (space, tasks)
+            if chosen == "subset" and key in self._subset:
+                self._subset.move_to_end(key)
+                return self._subset[key]
+            pool_id = self._pool_id
+        members = list(adapters.values()) if chosen == "shared" else [adapters[t] for t in tasks]
+        # a subset basis is named by the pool and the subset (hashing its factors again would cost more
+        # than building it); the pool's own bases by their fingerprint
+        name = None if chosen == "shared" else hashlib.sha256(f"{pool_id}/{space}/{tasks}".encode()).hexdigest()[:16]
+        basis = build_basis(members, space, device=self.device, fingerprint_as=name,
+                            dtype=torch.float64 if chosen == "shared" else torch.float32)
+        with self._lock:
+            if adapters is not self._device_adapters:  # the pool changed meanwhile; do not cache a stale basis
+                return basis
+            if chosen == "shared":
+                self._bases[space] = basis
+            else:
+                self._subset[key] = basis
+                while len(self._subset) > self.subset_bases:
+                    self._subset.popitem(last=False)
+        return basis
+
+    def merge(self, sel: Selection) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The merge's exact LoRA factors on the host, composed on the device."""
+        space, method = resolve(sel.spec.method)
+        if method.linear and space != "full":  # TA: the same in every space and basis, from the factors
+            with self._lock:
+                adapters = self._device_adapters
+            lora = linear_merge(adapter_factors(adapters, sel.tasks), sel.spec)
+        else:
+            lora = merge_lora(self.basis(space, sel.basis, sel.tasks), sel.spec, max_rank=None)
+        return to_host(lora)
+
+    def basis_file_for(self, sel: Selection, directory: Path) -> Path:
+        """The basis a merge is composed in, saved under `directory` (for the engine's workers to load)."""
+        space, _ = resolve(sel.spec.method)
+        basis = self.basis(space, sel.basis, sel.tasks)
+        path = directory / f"basis-{space}-{basis.fingerprint}.safetensors"
+        if not path.exists():
+            basis.to("cpu").save(path)
+        return path
+
+    def nbytes(self) -> int:
+        """Bytes resident on the device: the pool's factors, its bases, the cached subset bases."""
+        with self._lock:
+            factors = sum(t.numel() * t.element_size() for a in self._device_adapters.values()
+                          for l in a.modules.values() for t in (l.A, l.B))
+            return factors + sum(b.nbytes() for b in (*self._bases.values(), *self._subset.values()))
