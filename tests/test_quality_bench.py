@@ -30,8 +30,9 @@ def test_quick_quality_benchmark_runs_end_to_end(tmp_path):
             # the search ran on val over the quick grid, and picked the best point it tried
             assert chosen["val"] == max(score for _, score in chosen["search"])
             assert len(chosen["test"]) == (2 if "dare" in method else 1)  # DARE: one test run per seed
-    assert set(res["scale"]) == set(res["methods"]) | {"knots-ties (subset basis)"}
+    assert set(res["scale"]) == set(res["methods"]) | {"knots-ties (subset basis)", "knots-ties (auto basis)"}
     # with every task merged, the subset basis is the shared one: the same merge, the same answers
     assert res["scale"]["knots-ties (subset basis)"]["2"] == res["scale"]["knots-ties"]["2"]
+    assert res["scale"]["knots-ties (auto basis)"]["2"] == res["scale"]["knots-ties"]["2"]  # auto: shared here
     assert (out / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Per-task setting" in (out / "results.md").read_text()

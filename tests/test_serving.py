@@ -156,7 +156,7 @@ def test_bad_selections_get_clear_errors_and_the_server_keeps_serving(server, mo
     ({"tasks": []}, "empty task subset"),
     ({"tasks": ["alpha", "beta"], "colour": 1}, "unknown field(s) in 'knots': colour"),
     ({"tasks": ["alpha", "beta"], "params": {"top_k": "high"}}, "top_k='high' is out of range"),
-    ({"tasks": ["alpha", "beta"], "basis": "mine"}, "basis must be 'shared' or 'subset'"),
+    ({"tasks": ["alpha", "beta"], "basis": "mine"}, "basis must be one of auto, shared, subset"),
     ({"tasks": ["t"] * 300}, "at most 256"),
     ({"tasks": ["alpha", "beta"], "method": "knots-dare-ties", "seed": -1}, "seed must be an integer"),
 ])

@@ -14,7 +14,8 @@ Every number is exact-match accuracy of greedy answers from vLLM with the merge 
   grid, then top_k, then DARE density; ties keep the earlier value), once per setting. DARE methods
   search with seed 0 and report the test mean ± std over --seeds seeds. The test split is only scored.
 - Scale: merges of k = 2, 4, 6 tasks (--subsets random subsets each, fixed seeds) and of all tasks, each
-  with the all-task per-task hyperparameters; KnOTS-TIES also with a basis built from the subset alone.
+  with the all-task per-task hyperparameters; KnOTS-TIES also with a basis built from the subset alone, and
+  in the basis the server's `basis: auto` picks (subset when it spans at most half the pool's rank).
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ from knots_serve.basis import build_basis  # noqa: E402
 from knots_serve.compose import MergeSpec  # noqa: E402
 from knots_serve.demo_tasks import TASKS  # noqa: E402
 from knots_serve.methods import resolve  # noqa: E402
+from knots_serve.serving.basis_store import auto_basis, lora_ranks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = ("ta", "ties", "dare-ties", "knots-ties", "knots-dare-ties", "core-ties")
-SUBSET_BASIS = ("knots-ties",)  # also merged from a basis of the subset's own adapters in the scale run
+SUBSET_BASIS = ("knots-ties",)  # also in the subset's own basis and in the server's auto choice (scale run)
 GRID = {"alpha": (0.1, 0.2, 0.3, 0.6, 1.0, 1.5, 2.0, 3.0), "top_k": (0.2, 0.1, 0.5), "density": (0.5, 0.3)}
 QUICK_GRID = {"alpha": (1.0, 2.0), "top_k": (0.2,), "density": (0.5,)}
 SETTINGS = ("per_task", "joint")
@@ -68,10 +70,13 @@ class Bench:
             basis.save(path)
         return path, basis.fingerprint
 
-    def merge(self, method: str, tasks, params: dict, seed: int = 0, subset_basis: bool = False) -> Merge:
+    def merge(self, method: str, tasks, params: dict, seed: int = 0, basis: str = "shared") -> Merge:
+        """basis: shared (all the run's tasks), subset (the merged tasks alone), auto (the server's rule)."""
         space, m = resolve(method)
         spec = MergeSpec(tuple(tasks), method, {p: v for p, v in params.items() if p in m.params}, seed=seed)
-        path, fp = self._basis(space, tasks) if subset_basis else self.bases[space]
+        if basis == "auto":
+            basis = auto_basis(tasks, lora_ranks(self.adapters))
+        path, fp = self._basis(space, tasks) if basis == "subset" else self.bases[space]
         return Merge(spec, path, fp)
 
     def _lora(self, split: str, n: int) -> dict[str, list[int]]:
@@ -159,7 +164,7 @@ def plot(res: dict, path: Path) -> None:
     for name, curve in res["scale"].items():
         ks = sorted(curve, key=int)
         ax.plot([int(k) for k in ks], [statistics.fmean(curve[k]) for k in ks], marker="o", label=name,
-                linestyle="--" if "subset" in name else "-")
+                linestyle="--" if "subset" in name else ":" if "auto" in name else "-")
     ax.set_xlabel("tasks merged")
     ax.set_ylabel("normalized accuracy (test)")
     ax.set_title("Merging the SmolLM2 demo LoRAs (rank 16, q/k/v/o)")
@@ -215,10 +220,11 @@ def main(argv=None) -> int:
     for k, subsets in bench.scale_subsets().items():
         for method in args.methods:
             params = res["methods"][method]["per_task"]["params"]
-            variants = [(method, False)] + [(f"{method} (subset basis)", True)] * (method in SUBSET_BASIS)
-            for name, sub in variants:
+            variants = [(method, "shared")] + [(f"{method} ({b} basis)", b) for b in ("subset", "auto")
+                                                 if method in SUBSET_BASIS]
+            for name, basis in variants:
                 curve = res["scale"].setdefault(name, {})
-                curve[str(k)] = [bench.score(bench.merge(method, s, params, subset_basis=sub), "test",
+                curve[str(k)] = [bench.score(bench.merge(method, s, params, basis=basis), "test",
                                              args.scale_n)["per_task"] for s in subsets]
         print(f"scale k={k}: " + ", ".join(f"{n} {statistics.fmean(c[str(k)]):.3f}"
                                            for n, c in res["scale"].items()), flush=True)

@@ -43,6 +43,16 @@ def compose_device(setting: str) -> torch.device:
     return device
 
 
+def lora_ranks(adapters: dict[str, LoraAdapter]) -> dict[str, int]:
+    return {n: sum(lora.rank for lora in a.modules.values()) for n, a in adapters.items()}
+
+
+def auto_basis(tasks, ranks: dict[str, int]) -> str:
+    """`basis: auto`: "subset" when the tasks' summed LoRA ranks are at most half the pool's, else "shared".
+    ranks: every pool task -> the sum of its LoRA ranks over modules."""
+    return "subset" if 2 * sum(ranks[t] for t in tasks) <= sum(ranks.values()) else "shared"
+
+
 class BasisStore:
     def __init__(self, adapters: dict[str, LoraAdapter], device: torch.device | str = "cpu",
                  basis_file: Path | None = None, subset_bases: int = 8):
@@ -60,7 +70,7 @@ class BasisStore:
         on_device = {n: LoraAdapter(a.name, {m: type(l)(A=l.A.to(self.device), B=l.B.to(self.device), scale=l.scale)
                                              for m, l in a.modules.items()}, a.base_model, a.path)
                      for n, a in adapters.items()}
-        ranks = {n: sum(l.rank for l in a.modules.values()) for n, a in adapters.items()}
+        ranks = lora_ranks(adapters)
         with self._lock:
             self.adapters = dict(adapters)
             self._device_adapters = on_device
@@ -91,10 +101,7 @@ class BasisStore:
 
     def choose(self, mode: str, tasks: tuple[str, ...]) -> str:
         """shared or subset for a merge of `tasks` (mode auto: by the rank rule of the module doc)."""
-        if mode != "auto":
-            return mode
-        subset = sum(self._ranks[t] for t in tasks)
-        return "subset" if 2 * subset <= sum(self._ranks.values()) else "shared"
+        return mode if mode != "auto" else auto_basis(tasks, self._ranks)
 
     def basis(self, space: str, mode: str, tasks: tuple[str, ...]) -> Basis:
         with self._lock:
