@@ -85,7 +85,8 @@ def main():
             subset = [a for a in pool[:n]]
             ties, ta = MergeSpec(names, "knots-ties"), MergeSpec(names, "knots-ta")
             t_shared = timed(lambda: merge_lora(shared, ties), device, args.repeat)
-            t_subset = timed(lambda: merge_lora(build_basis(subset, "knots", device=device), ties), device, args.repeat)
+            on = {} if device == "cpu" else {"device": device}  # (older versions: no device argument)
+            t_subset = timed(lambda: merge_lora(build_basis(subset, "knots", **on), ties), device, args.repeat)
             t_ta_shared = timed(lambda: merge_lora(shared, ta), device, args.repeat)
             if store is not None:
                 sel = parse_model(f"tasks:{'+'.join(names)}@knots-ties", "knots-ties")

@@ -13,9 +13,10 @@ import time
 
 import torch
 
+from knots_serve.kernels import abs_thresholds, cpu
 from knots_serve.kernels.lowrank_update import lowrank_update_torch, lowrank_update_triton, triton
 from knots_serve.kernels.ties import ties_merge_torch, ties_merge_triton
-from knots_serve.methods import trim_thresholds
+from knots_serve.methods import kth_smallest, trim_thresholds
 
 
 def timeit(fn, device, repeat=20):
@@ -60,9 +61,21 @@ def main():
         impls = [("torch", lambda: ties_merge_torch(Y, thr))]
         if use_triton:
             impls.append(("triton", lambda: ties_merge_triton(Y, thr)))
+        if cpu.available(Y):
+            impls.append(("numba", lambda: cpu.ties_merge_numba(Y, thr)))
         for impl, fn in impls:
             t = timeit(fn, dev, repeat=5 if dev == "cpu" else 20)
             print(f"| TIES elect + disjoint mean | {n}×{d} fp32 | {impl} | {t * 1e3:.2f} | {floor * 1e3:.3f} | "
+                  f"{t / floor:.1f} |")
+        # the trim threshold: the exact k-th smallest |x| of each row (two reads of Y at best)
+        k = d - int(d * 0.2)
+        impls = [("torch (sampled bracket)", lambda: kth_smallest(Y.abs(), k))]
+        if cpu.available(Y):
+            impls.append(("numba (bit histogram)", lambda: abs_thresholds(Y, k)))
+        for impl, fn in impls:
+            t = timeit(fn, dev, repeat=5 if dev == "cpu" else 20)
+            floor = 2 * n * d * 4 / bw
+            print(f"| TIES trim threshold | {n}×{d} fp32 | {impl} | {t * 1e3:.2f} | {floor * 1e3:.3f} | "
                   f"{t / floor:.1f} |")
     for (O, I, k), dtype in (((4096, 4096, 128), torch.bfloat16), ((14336, 4096, 128), torch.bfloat16),
                              ((4096, 4096, 128), torch.float32)):

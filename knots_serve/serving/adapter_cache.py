@@ -4,8 +4,8 @@
 or composed by the basis store (basis_store.py) and written to the tmpfs cache. Thread-safe; concurrent
 calls for the same new merge compose it once. At most `workers` composes run at once, at most
 `max_pending` distinct new merges wait or run; past that a new merge is refused at once (ComposeBusy,
-HTTP 503 with Retry-After) instead of queueing without bound. The cache is an LRU bounded in bytes. Before a merge's files are deleted
-it is reported to `on_evict` (the server then drops it from vLLM's table, so that vLLM never loads a
+HTTP 503 with Retry-After) instead of queueing without bound. The cache is an LRU bounded in bytes.
+Before a merge's files are deleted it is reported to `on_evict` (the server then drops it from vLLM's table, so that vLLM never loads a
 deleted path; the next request composes it again). Every compose writes a new directory, so a merge
 composed again never shares a path with files about to be deleted.
 
@@ -40,7 +40,7 @@ from .basis_store import BasisStore, UnknownTask
 from .names import Selection
 
 
-# what the composer writes into cache_dir: merges, basis files for the workers, temporaries of atomic writes
+# what the cache writes into cache_dir: merges, basis files for the workers, temporaries of atomic writes
 OWNED = re.compile(r"^(\.?[0-9a-f]{20}-g\d+-\d+(\..+)?|basis-\w+-[0-9a-f]{16}\.safetensors|\.basis-.+\.tmp\d+)$")
 
 
@@ -101,11 +101,9 @@ class AdapterCache:
         self.store.check(sel.tasks)
         name = sel.canonical
         with self._lock:
-            hit = self._cache.get(name)
+            hit = self._take(name, hold)
             if hit is not None:
-                self._cache.move_to_end(name)
-                metrics.CACHE.labels("hit").inc()
-                return self._hold(hit) if hold else hit
+                return hit
             future = self._inflight.get(name)
             owner = future is None
             if owner and len(self._inflight) >= self.max_pending:
@@ -137,12 +135,17 @@ class AdapterCache:
     def hold_cached(self, sel: Selection) -> Composed | None:
         """The cached merge, held — or None (then `get` composes it). Never blocks on a compose."""
         with self._lock:
-            hit = self._cache.get(sel.canonical)
-            if hit is None:
-                return None
-            self._cache.move_to_end(sel.canonical)
+            return self._take(sel.canonical, hold=True)
+
+    def _take(self, name: str, hold: bool) -> Composed | None:
+        """A cache hit (most recently used now, held if asked), or None. Under the lock."""
+        hit = self._cache.get(name)
+        if hit is not None:
+            self._cache.move_to_end(name)
             metrics.CACHE.labels("hit").inc()
-            return self._hold(hit)
+            if hold:
+                self._hold(hit)
+        return hit
 
     def _compose(self, sel: Selection, generation: int, hold: bool) -> Composed:
         metrics.COMPOSE_QUEUE.inc()
