@@ -176,6 +176,8 @@ def test_concurrent_requests_for_one_new_merge_compose_it_once(server):
     assert metric(server, 'knots_compose_cache_total{result="miss"}') == misses + 1
     assert metric(server, f'knots_requests_total{{model="{model}"}}') == 8
     assert metric(server, "knots_compose_seconds_count") >= 1
+    text = urllib.request.urlopen(f"{server.url}/metrics").read().decode()  # the compose pool settled back
+    assert "\nknots_compose_running 0.0\n" in text and "\nknots_compose_queue_depth 0.0\n" in text
 
 
 def test_admin_registers_and_unregisters_tasks_at_runtime(server, tiny_adapters):

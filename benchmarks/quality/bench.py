@@ -60,7 +60,8 @@ class Bench:
         self.work.mkdir(parents=True, exist_ok=True)
         self.adapters = {t: load_adapter(REPO / "adapters" / t, t) for t in self.tasks}
         self.bases = {space: self._basis(space, self.tasks) for space in ("full", "knots", "core")}
-        self.eval = Evaluator(prepare_base(), self.work / "evals.json", eager=args.eager)
+        self.eval = Evaluator(prepare_base(), self.work / f"evals{'' if args.dtype == 'auto' else '-' + args.dtype}.json",
+                              eager=args.eager, dtype=args.dtype)
         self.lora = {split: self._lora(split, n) for split, n in (("val", args.val_n), ("test", args.test_n))}
 
     def _basis(self, space: str, tasks) -> tuple[Path, str]:
@@ -188,6 +189,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="/tmp/knots-quality", help="bases and the evaluation cache (resumable)")
     p.add_argument("--out", help="results.json, results.md, scale.png (default: benchmarks/quality/results)")
     p.add_argument("--eager", action="store_true", help="no torch.compile in vLLM (starts faster, runs slower)")
+    p.add_argument("--dtype", default="auto", help="vLLM's dtype (auto: the model's bf16; float32 is far faster on "
+                   "CPUs without AVX512-BF16)")
     args = p.parse_args(argv)
     if args.quick:
         args.val_n, args.test_n, args.scale_n, args.seeds, args.ks = 4, 4, 4, 2, ""

@@ -34,14 +34,14 @@ class Merge:
 
 
 class Evaluator:
-    def __init__(self, base_dir: Path, cache_file: Path, eager: bool = False):
+    def __init__(self, base_dir: Path, cache_file: Path, eager: bool = False, dtype: str = "auto"):
         os.environ["VLLM_PLUGINS"] = "knots_serve"  # the plugin keeps W0 of packed CPU weights: pinning needs it
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in-process: collective_rpc is a call
         from vllm import LLM
 
         self.llm = LLM(model=str(base_dir), worker_extension_cls="knots_serve.serving.pinning.PinWorker",
                        kv_cache_memory_bytes=1 << 30, max_model_len=512, max_num_seqs=256, seed=0,
-                       enforce_eager=eager)
+                       enforce_eager=eager, dtype=dtype)
         self.tok = self.llm.get_tokenizer()
         self.cache_file = cache_file
         self.cache: dict[str, list[int]] = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
