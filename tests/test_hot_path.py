@@ -1,6 +1,7 @@
 """The serving compose path: float32 on the basis's device against the float64 reference, TA straight
 from the factors, the fused CPU kernels against torch, the basis store's auto rule, the compose bound."""
 
+import json
 import threading
 from pathlib import Path
 
@@ -181,3 +182,21 @@ def test_new_merges_past_the_bound_are_refused_at_once_not_queued(tmp_path):
     firsts = [c for c in results if c.name == first.canonical]
     assert len(results) == 3 and len(firsts) == 2 and firsts[0] is firsts[1]  # the third joined the first compose
     assert cache.get(third).path.exists()  # with room again, the refused merge composes
+
+
+def test_compose_settings_are_checked_when_the_config_loads(tmp_path):
+    from knots_serve.compose import MergeError
+    from knots_serve.serving.config import load_config
+
+    def load(**fields):
+        path = tmp_path / "c.yaml"
+        path.write_text(json.dumps({"model": str(tmp_path)} | fields))
+        return load_config(path)
+
+    assert load().compose_device == "auto" and load(compose_device="cpu").compose_device == "cpu"
+    with pytest.raises(MergeError, match="compose_device must be auto, cpu, cuda or cuda:N"):
+        load(compose_device="tpu")
+    with pytest.raises(MergeError, match=r"compose_device 'cuda:99': torch sees \d+ CUDA device"):
+        load(compose_device="cuda:99")
+    with pytest.raises(MergeError, match="compose_pending"):
+        load(compose_pending=0)

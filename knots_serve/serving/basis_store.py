@@ -5,10 +5,10 @@
   bases on first use.
 - Each task's factors (s_i·B_i, A_i) are kept on the device too: linear merges (TA in any space) are
   composed straight from them, and a subset's own basis is built from them per request (cached, LRU).
-- `basis: auto` (the default) picks per merge: the shared basis when the subset spans at least half of
-  the pool's rank, else the subset's own basis. In the shared basis every task tensor has the pool's rank
+- `basis: auto` (the default) picks per merge: the subset's own basis when its tasks' summed rank is at
+  most half the pool's, else the shared basis. In the shared basis every task tensor has the pool's rank
   in rows, so a 2-task merge in a large pool would cost what the pool costs; with the rule a merge never
-  costs more than about twice what its own subset needs (docs/BENCHMARKS.md, "Compose cost vs pool").
+  costs more than about twice what its own subset needs (docs/BENCHMARKS.md, "Compose cost vs pool size").
 
 `merge(sel)` returns the merged factors on the host (one copy at the end). Thread-safe.
 """

@@ -63,6 +63,11 @@ class ServeConfig(BaseModel):
     def _device(cls, d):
         if d not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", d):
             raise ValueError(f"compose_device must be auto, cpu, cuda or cuda:N, got {d!r}")
+        if d.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available() or int(d.partition(":")[2] or 0) >= torch.cuda.device_count():
+                raise ValueError(f"compose_device {d!r}: torch sees {torch.cuda.device_count()} CUDA device(s) here")
         return d
 
     @field_validator("max_lora_rank")
