@@ -128,7 +128,7 @@ class ModuleSpace:
 
     def task_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """ΔW_i as two factors of rank r_i (knots: U·coef_i, Q_iᵀ) or of the basis rank (core: U_B·X_i, V_Aᵀ);
-        None for a task without this module. Full space: not factored (None is never returned there)."""
+        None for a task without this module. A dense-space basis keeps no factors (ValueError)."""
         if name not in self.tasks:
             return None
         i = self.tasks[name]
@@ -234,10 +234,6 @@ class Basis:
         ms = next(iter(self.modules.values()), None)
         t = None if ms is None else (ms.left if ms.left is not None else (ms.coef or [None])[0])
         return torch.device("cpu") if t is None else t.device
-
-    def rank(self) -> int:
-        """Rows of every task tensor, summed over modules: the work of a merge in this basis is ∝ n·rank·I."""
-        return sum(ms.tensor_shape[0] for ms in self.modules.values())
 
     def nbytes(self) -> int:
         ts = [t for ms in self.modules.values() for t in (ms.left, ms.right, *ms.coef, *ms.basis_q) if t is not None]

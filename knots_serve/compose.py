@@ -87,9 +87,7 @@ def merged_tensors(basis: Basis, spec: MergeSpec, progress: bool = False,
     space, method = resolve(spec.method)
     if basis.space != space:
         raise MergeError(f"method {spec.method!r} needs a {space!r} basis, this one is {basis.space!r}")
-    unknown = [t for t in spec.tasks if t not in basis.tasks]
-    if unknown:
-        raise MergeError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(basis.tasks)}")
+    _check_tasks(basis, spec)
     names, device = list(spec.tasks), basis.device
     w = torch.tensor([float(spec.weights.get(t, 1.0)) for t in names], dtype=dtype, device=device)
     kwargs = dict(spec.resolved_params())
@@ -126,9 +124,7 @@ def merge_lora(
     A linear merge (TA) in the knots or core space goes straight from the tasks' factors (`linear_merge`)."""
     space, method = resolve(spec.method)
     if method.linear and space != "full" and basis.space == space:
-        unknown = [t for t in spec.tasks if t not in basis.tasks]
-        if unknown:
-            raise MergeError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(basis.tasks)}")
+        _check_tasks(basis, spec)
         factors = {m: {t: ms.task_factors(t) for t in spec.tasks if t in ms.tasks} for m, ms in basis.modules.items()}
         return linear_merge(factors, spec, dtype)
     merged = merged_tensors(basis, spec, progress, dtype)
@@ -136,12 +132,18 @@ def merge_lora(
     return {m: basis.modules[m].to_lora(X, max_rank) for m, X in merged.items()}
 
 
-def adapter_factors(adapters: dict[str, LoraAdapter], tasks, device=None) -> dict[str, dict[str, tuple]]:
-    """{module: {task: (s_i·B_i, A_i)}} of the named adapters, on `device`."""
+def _check_tasks(basis: Basis, spec: MergeSpec) -> None:
+    unknown = [t for t in spec.tasks if t not in basis.tasks]
+    if unknown:
+        raise MergeError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(basis.tasks)}")
+
+
+def adapter_factors(adapters: dict[str, LoraAdapter], tasks) -> dict[str, dict[str, tuple]]:
+    """{module: {task: (s_i·B_i, A_i)}} of the named adapters, where their tensors are."""
     out: dict[str, dict[str, tuple]] = {}
     for t in tasks:
         for m, lora in adapters[t].modules.items():
-            out.setdefault(m, {})[t] = (lora.scale * lora.B.to(device), lora.A.to(device))
+            out.setdefault(m, {})[t] = (lora.scale * lora.B, lora.A)
     return dict(sorted(out.items()))
 
 
@@ -159,7 +161,7 @@ def linear_merge(factors: dict[str, dict[str, tuple]], spec: MergeSpec, dtype: t
         if not per_task:
             continue
         B = torch.cat([(alpha * spec.weights.get(t, 1.0)) * B.to(dtype) for t, (B, _) in per_task.items()], dim=1)
-        A = torch.cat([A.to(dtype) for B, A in per_task.values()], dim=0)
+        A = torch.cat([A.to(dtype) for _, A in per_task.values()], dim=0)
         out[m] = compact(B, A)
     return out
 
