@@ -19,7 +19,7 @@ import os
 from . import lora_fix, pinning
 from .middleware import KnotsMiddleware
 
-log = logging.getLogger("knots_serve")
+log = logging.getLogger("vllm.knots_serve")  # under vLLM's logger: its handler and level apply
 
 
 def register() -> None:
