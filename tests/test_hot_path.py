@@ -200,3 +200,60 @@ def test_compose_settings_are_checked_when_the_config_loads(tmp_path):
         load(compose_device="cuda:99")
     with pytest.raises(MergeError, match="compose_pending"):
         load(compose_pending=0)
+
+
+def test_the_middleware_answers_a_merge_past_the_bound_with_503_and_retry_after(tiny_adapters, tmp_path):
+    """The real KnotsServer and middleware (ASGI, without the vLLM engine behind them: vLLM's LoRA table is
+    a plain object), compose_pending 1, the first new merge held in flight: a second new merge gets 503 at
+    once, with Retry-After and an OpenAI-style error naming the bound."""
+    import asyncio
+    import types
+
+    from knots_serve.serving.config import load_config
+    from knots_serve.serving.middleware import KnotsMiddleware
+    from knots_serve.serving.server import KnotsServer
+
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps({"model": str(tmp_path), "served_model_name": "tiny", "tasks": {
+        n: str(p) for n, p in tiny_adapters.items()}, "cache_dir": str(tmp_path / "cache"),
+        "state_dir": str(tmp_path / "state"), "compose_device": "cpu", "compose_workers": 1, "compose_pending": 1}))
+
+    async def app(scope, receive, send):  # stands in for vLLM's routes: 200 once the request reaches it
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def call(mw, model):
+        sent = []
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "one"}]}).encode()
+
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+        await mw(scope, receive, send)
+        return sent[0]["status"], dict(sent[0]["headers"]), sent[1]["body"]
+
+    async def run():
+        server = KnotsServer(load_config(path), types.SimpleNamespace(lora_requests={}))
+        gated = GatedStore(server.bases.adapters, "cpu")
+        server.cache.store = gated
+        KnotsMiddleware.server = server
+        mw = KnotsMiddleware(app)
+        try:
+            first = asyncio.ensure_future(call(mw, "tasks:alpha+beta"))
+            while not server.cache._inflight:
+                await asyncio.sleep(0.01)
+            status, headers, body = await asyncio.wait_for(call(mw, "tasks:alpha+gamma"), 10)
+            assert status == 503 and headers[b"retry-after"] == b"1"
+            assert "bound is 1" in json.loads(body)["error"]["message"]
+            gated.go.set()
+            assert (await asyncio.wait_for(first, 30))[0] == 200
+            assert (await asyncio.wait_for(call(mw, "tasks:alpha+gamma"), 30))[0] == 200  # room again
+        finally:
+            gated.go.set()
+            KnotsMiddleware.server = None
+
+    asyncio.run(run())
