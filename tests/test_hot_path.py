@@ -141,6 +141,17 @@ def test_auto_basis_is_the_subset_for_small_subsets_and_the_shared_basis_for_lar
         assert all(torch.equal(a[m][0], b[m][0]) and torch.equal(a[m][1], b[m][1]) for m in a)
 
 
+def test_every_ta_id_is_served_from_the_factors_alike():
+    """ta, knots-ta and core-ta are one merge: the store composes each from the factors, never a basis
+    (plain `ta` would otherwise build the pool's dense basis and factor a dense sum)."""
+    store = BasisStore(store_pool(4))
+    got = [store.merge(parse_model(f"tasks:t0+t2@{m}?alpha=0.7&w.t2=-1.5", "knots-ties"))
+           for m in ("ta", "knots-ta", "core-ta")]
+    for other in got[1:]:
+        assert all(torch.equal(got[0][m][0], other[m][0]) and torch.equal(got[0][m][1], other[m][1]) for m in got[0])
+    assert "full" not in store._bases and not store._subset  # no basis was built for them
+
+
 def test_the_shared_basis_stays_on_the_compose_device_and_merges_come_back_to_the_host():
     for device in DEVICES:
         store = BasisStore(store_pool(4), device)

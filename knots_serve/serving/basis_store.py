@@ -133,7 +133,7 @@ class BasisStore:
     def merge(self, sel: Selection) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The merge's exact LoRA factors on the host, composed on the device."""
         space, method = resolve(sel.spec.method)
-        if method.linear and space != "full":  # TA: the same in every space and basis, from the factors
+        if method.linear:  # TA (ta, knots-ta, core-ta): the same in every space and basis, from the factors
             with self._lock:
                 adapters = self._device_adapters
             lora = linear_merge(adapter_factors(adapters, sel.tasks), sel.spec)
