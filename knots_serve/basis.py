@@ -6,7 +6,7 @@ that merge methods combine elementwise, and turns the merged tensor back into Lo
 - ``knots``: SVD of M = [ΔW_1 | … | ΔW_n] = U·diag(σ)·[Vh_1 | … | Vh_n]; X_i = diag(σ)·Vh_i (k×I),
   ΔW = U·X. Computed exactly from the factors: M = [B_1..B_n]·blockdiag(s_i·A_i) has rank ≤ Σr_i,
   so a QR of the stacked B's, a QR of each A_iᵀ and an SVD of the small (Σr)×(Σr) core give U, σ, Vh
-  without ever forming M (DESIGN.md). X_i is kept factored, X_i = coef_i·Q_iᵀ (coef_i: k×r_i,
+  without ever forming M (docs/ARCHITECTURE.md). X_i is kept factored, X_i = coef_i·Q_iᵀ (coef_i: k×r_i,
   Q_i: I×r_i orthonormal), so memory grows with Σr_i·(k+I), not n·k·I.
 - ``core`` (Core Space, Panariello et al. 2025): U_B, V_A the left singular vectors of the stacked B's
   and of the stacked Aᵀ's;

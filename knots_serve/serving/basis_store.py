@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -34,12 +35,15 @@ class UnknownTask(MergeError):
 
 
 def compose_device(setting: str) -> torch.device:
-    """`auto`: the GPU when torch sees one (where vLLM computes), else the CPU; or `cpu`, `cuda`, `cuda:N`."""
+    """`auto`: the GPU when torch sees one (where vLLM computes), else the CPU; or `cpu`, `cuda`, `cuda:N`.
+    Raises ValueError for anything else, or for a CUDA device torch does not see here."""
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting not in ("cpu", "cuda") and not re.fullmatch(r"cuda:\d+", setting):
+        raise ValueError(f"compose_device must be auto, cpu, cuda or cuda:N, got {setting!r}")
     device = torch.device(setting)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"compose_device {setting!r}: torch sees no CUDA device here")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"compose_device {setting!r}: torch sees {torch.cuda.device_count()} CUDA device(s) here")
     return device
 
 

@@ -4,7 +4,6 @@ Relative paths are relative to the config file. `vllm_argv` turns it into vLLM's
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import yaml
@@ -61,13 +60,9 @@ class ServeConfig(BaseModel):
     @field_validator("compose_device")
     @classmethod
     def _device(cls, d):
-        if d not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", d):
-            raise ValueError(f"compose_device must be auto, cpu, cuda or cuda:N, got {d!r}")
-        if d.startswith("cuda"):
-            import torch
+        from .basis_store import compose_device
 
-            if not torch.cuda.is_available() or int(d.partition(":")[2] or 0) >= torch.cuda.device_count():
-                raise ValueError(f"compose_device {d!r}: torch sees {torch.cuda.device_count()} CUDA device(s) here")
+        compose_device(d)  # raises ValueError naming what is wrong
         return d
 
     @field_validator("max_lora_rank")
