@@ -21,6 +21,19 @@ def counters(server) -> tuple[float, float]:
     return vllm_metric(server, "vllm:request_success_total"), vllm_metric(server, "vllm:generation_tokens_total")
 
 
+def settled_counters(server) -> tuple[float, float]:
+    """counters() once they stop moving: vLLM records a finished request's stats a moment after its
+    response (a clean-clone run read 449 before and 450 after, from the warm-up request)."""
+    last, deadline = counters(server), time.time() + 10
+    while time.time() < deadline:
+        time.sleep(0.3)
+        now = counters(server)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 def vllm_metric(server, name) -> float:
     text = urllib.request.urlopen(f"{server.url}/metrics").read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
@@ -60,7 +73,7 @@ def test_a_client_that_disconnects_mid_stream_is_aborted_and_leaks_nothing(serve
     and the server answers as before."""
     c = server.client()
     before = complete(c, "tasks:alpha+gamma", PROMPTS[0])
-    finished, tokens = counters(server)
+    finished, tokens = settled_counters(server)
     body = {"model": "tasks:alpha+gamma", "prompt": PROMPTS[0], "max_tokens": 240, "stream": True,
             "ignore_eos": True, "temperature": 0}
     for _ in range(3):
