@@ -12,13 +12,14 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_write_dir
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -170,29 +171,6 @@ def padded_rank(rank: int, allowed: tuple[int, ...] = VLLM_RANKS) -> int:
     raise AdapterError(f"merged rank {rank} exceeds the largest rank vLLM serves ({allowed[-1]})")
 
 
-def atomic_write_dir(write, out_dir: str | os.PathLike) -> Path:
-    """Call write(tmp_dir), then move tmp_dir to out_dir in one rename: readers never see a partial dir."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the result is an ordinary directory
-    try:
-        write(tmp)
-        if out.exists():  # replace: move the old one aside first so the swap is two renames, never a mix
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
 def save_adapter(
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]],
     out_dir: str | os.PathLike,
@@ -236,7 +214,7 @@ def save_adapter(
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"knots_serve": json.dumps(metadata or {})})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
 
-    return atomic_write_dir(write, out_dir)
+    return atomic_write_dir(out_dir, write)
 
 
 def save_merged_model(base_dir: str | os.PathLike, deltas: dict[str, torch.Tensor], out_dir: str | os.PathLike) -> Path:
@@ -268,4 +246,4 @@ def save_merged_model(base_dir: str | os.PathLike, deltas: dict[str, torch.Tenso
         if pending:
             raise AdapterError(f"base model {base} has no weight for: {', '.join(sorted(pending)[:5])}")
 
-    return atomic_write_dir(write, out_dir)
+    return atomic_write_dir(out_dir, write)

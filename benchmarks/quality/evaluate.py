@@ -15,9 +15,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from knots_serve.atomic import atomic_write_json
 from knots_serve.compose import MergeSpec
 from knots_serve.demo_tasks import TASKS
-from knots_serve.serving.registry import atomic_write_json
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from knots_serve.adapters import atomic_write_dir
+from knots_serve.atomic import atomic_write_dir
 from knots_serve.base_model import MODEL_NAME, prepare_base
 from knots_serve.demo_tasks import TASKS, Task
 
@@ -98,7 +98,7 @@ def save_adapter_bf16(model, out_dir: Path, metrics: dict) -> None:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (tmp / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub, with a local path in it
-    atomic_write_dir(write, out_dir)
+    atomic_write_dir(out_dir, write)
 
 
 def train_task(name: str, args, base_dir: Path, tok) -> dict:

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..atomic import atomic_write_json
 from ..compose import MergeError
-from .registry import atomic_write_json, read_json
+from .registry import read_json
 
 
 class Arm(BaseModel):

@@ -1,4 +1,4 @@
-"""Runtime state that survives restarts: the task table and the experiments, persisted atomically.
+"""Runtime state that survives restarts: the task table and the experiments, persisted atomically (atomic.py).
 
 Each is the config's entries plus the runtime changes, and the state file records only the changes
 ({"added": {name: value}, "removed": [name]}), so the table is always `config - removed + added`, and
@@ -8,30 +8,10 @@ editing the config later still means what it says.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from ..atomic import atomic_write_json
 from ..compose import MergeError
-
-
-def atomic_write_json(path: Path, doc) -> None:
-    """Temporary file, fsync, rename: after a crash at any point the file holds the old or the new doc."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dirfd = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a power cut only once the dir is synced
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
 
 
 def read_json(path: Path, default):
