@@ -1,7 +1,10 @@
 """The basis store (resident pool) and the composed-adapter cache in process: compose once, LRU by bytes,
 rank limit, pool changes, the compose bound, the auto basis rule; and the model-string grammar."""
 
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,12 +127,37 @@ def test_shared_basis_is_loaded_from_its_file_when_the_pool_matches(tmp_path):
     assert file.stat().st_mtime_ns != mtime  # another pool: rebuilt and saved
 
 
-def test_startup_removes_only_what_the_composer_wrote(tmp_path):
-    cache = tmp_path / "cache"
-    first = new_cache(pool(), cache, 1 << 20, 64)
+def test_servers_sharing_a_cache_dir_remove_only_dead_servers_files(tmp_path):
+    root = tmp_path / "cache"
+    first = new_cache(pool(), root, 1 << 20, 64)
     merged = first.get(sel("tasks:t0+t1")).path
-    first.store.basis_file_for(sel("tasks:t0+t1@knots-ties?basis=shared"), cache)
-    (cache / "precious.txt").write_text("not ours")
-    (cache / "notes").mkdir()
-    new_cache(pool(), cache, 1 << 20, 64)
-    assert sorted(p.name for p in cache.iterdir()) == ["notes", "precious.txt"] and not merged.exists()
+    basis = first.store.basis_file_for(sel("tasks:t0+t1@knots-ties?basis=shared"), first.cache_dir)
+    assert merged.parent == basis.parent == first.cache_dir and first.cache_dir.parent == root
+    dead = root / "knots-1-0123456789ab"  # a crashed server's: its lock file is there, nobody holds it
+    (dead / ("0" * 20)).mkdir(parents=True)
+    (dead / "lock").touch()
+    starting = root / "knots-2-0123456789ab"  # a server between mkdir and its lock: not known to be dead
+    starting.mkdir()
+    (root / "precious.txt").write_text("not ours")
+    (root / "notes").mkdir()
+    second = new_cache(pool(), root, 1 << 20, 64)
+    assert merged.exists() and basis.exists()  # the first server is alive: its files stay
+    assert not dead.exists() and starting.exists() and (root / "precious.txt").exists() and (root / "notes").exists()
+    assert second.get(sel("tasks:t0+t1")).path.parent == second.cache_dir != first.cache_dir
+    first.close()  # a normal exit removes the instance's own directory, nothing else
+    assert not first.cache_dir.exists() and second.cache_dir.exists()
+    left = sorted(p.name for p in root.iterdir())
+    assert left == sorted(["notes", "precious.txt", starting.name, second.cache_dir.name])
+
+
+def test_a_killed_servers_cache_dir_is_removed_by_the_next_start(tmp_path):
+    root = tmp_path / "cache"
+    code = (f"import os, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"from test_composer import new_cache, pool, sel; from pathlib import Path; "
+            f"c = new_cache(pool(), Path({str(root)!r}), 1 << 20, 64); c.get(sel('tasks:t0+t1')); "
+            "print(c.cache_dir, flush=True); os.kill(os.getpid(), 9)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    killed = Path(out.stdout.strip())
+    assert killed.parent == root and any(killed.iterdir()), out.stderr
+    new_cache(pool(), root, 1 << 20, 64)
+    assert not killed.exists()

@@ -103,7 +103,7 @@ def read_only(path):
 def test_an_unwritable_cache_refuses_new_merges_and_keeps_serving_cached_ones(tmp_path):
     composer = new_cache(pool(), tmp_path / "cache", cache_bytes=1 << 20, max_lora_rank=64)
     cached = composer.get(sel("tasks:t0+t1"))
-    with read_only(tmp_path / "cache"):
+    with read_only(composer.cache_dir):
         with pytest.raises(CacheUnavailable, match=r"cannot write the merge 'tasks:t2\+t3@knots-ties' to the cache"):
             composer.get(sel("tasks:t2+t3"))
         assert composer.get(sel("tasks:t0+t1")) is cached and cached.path.exists()
@@ -139,7 +139,7 @@ def test_a_full_cache_evicts_idle_merges_to_make_room_or_refuses_clearly(tiny_tm
     with pytest.raises(CacheUnavailable, match="no space left on device"):
         composer.get(sel("tasks:t2+t3"))  # nothing idle is left to drop
     assert composer.get(sel("tasks:t0+t1")).path.exists()  # cached merges still there
-    assert not [p for p in tiny_tmpfs.iterdir() if p.name.startswith(".")]  # no half-written temporaries
+    assert not [p for p in composer.cache_dir.iterdir() if p.name.startswith(".")]  # no half-written temporaries
     junk.unlink()
     (tiny_tmpfs / "junk2").unlink()
     assert composer.get(sel("tasks:t2+t3")).path.exists()
