@@ -58,7 +58,17 @@ def test_compose_writes_a_loadable_adapter_and_caches_it(composer):
     want = sum(composer.store.adapters[t].modules["model.layers.0.self_attn.q_proj"].delta() for t in ("t0", "t2"))
     got = merged.modules["model.layers.0.self_attn.q_proj"].delta()
     assert torch.allclose(got, want, atol=1e-4)
-    assert composer.get(sel("tasks:t2+t0@knots-ta")) is c and composer.lookup(c.name) is c
+    assert composer.get(sel("tasks:t2+t0@knots-ta")) is c
+
+
+def test_only_a_held_merge_is_resolvable(composer):
+    """The vLLM resolver serves a merge only while a routed request holds it (middleware.py)."""
+    c = composer.get(sel("tasks:t0+t1@knots-ta"))
+    assert composer.held(c.name) is None  # cached, but no request holds it
+    held = composer.get(sel("tasks:t0+t1@knots-ta"), hold=True)
+    assert composer.held(c.name) is held
+    composer.release(held)
+    assert composer.held(c.name) is None
 
 
 def test_concurrent_gets_of_one_new_merge_compose_it_once(composer):

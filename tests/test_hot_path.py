@@ -19,7 +19,7 @@ from knots_serve.methods import method_ids, resolve
 from knots_serve.serving.adapter_cache import AdapterCache, ComposeBusy
 from knots_serve.serving.basis_store import BasisStore
 from knots_serve.serving.names import parse_model
-from knots_serve.serving.server import error_status
+from knots_serve.serving.errors import status_of
 from test_merge_math import factors, pool, rel
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -186,7 +186,7 @@ def test_new_merges_past_the_bound_are_refused_at_once_not_queued(tmp_path):
         threading.Event().wait(0.01)
     with pytest.raises(ComposeBusy, match="bound is 2") as refused:
         cache.get(third)
-    assert error_status(refused.value) == 503 and refused.value.retry_after >= 1
+    assert status_of(refused.value) == 503 and refused.value.retry_after >= 1
     store.go.set()
     for t in threads:
         t.join(30)
@@ -214,52 +214,26 @@ def test_compose_settings_are_checked_when_the_config_loads(tmp_path):
 
 
 def test_the_middleware_answers_a_merge_past_the_bound_with_503_and_retry_after(tiny_adapters, tmp_path):
-    """The real KnotsServer and middleware (ASGI, without the vLLM engine behind them: vLLM's LoRA table is
-    a plain object), compose_pending 1, the first new merge held in flight: a second new merge gets 503 at
-    once, with Retry-After and an OpenAI-style error naming the bound."""
+    """The real KnotsServer and middleware over ASGI (asgi_edge.py), compose_pending 1, the first new merge
+    held in flight: a second new merge gets 503 at once, with Retry-After and an OpenAI-style error naming
+    the bound."""
     import asyncio
-    import types
 
-    from knots_serve.serving.config import load_config
+    from asgi_edge import Engine, call, make_server
     from knots_serve.serving.middleware import KnotsMiddleware
-    from knots_serve.serving.server import KnotsServer
-
-    path = tmp_path / "c.yaml"
-    path.write_text(json.dumps({"model": str(tmp_path), "served_model_name": "tiny", "tasks": {
-        n: str(p) for n, p in tiny_adapters.items()}, "cache_dir": str(tmp_path / "cache"),
-        "state_dir": str(tmp_path / "state"), "compose_device": "cpu", "compose_workers": 1, "compose_pending": 1}))
-
-    async def app(scope, receive, send):  # stands in for vLLM's routes: 200 once the request reaches it
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"{}"})
-
-    async def call(mw, model):
-        sent = []
-        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "one"}]}).encode()
-
-        async def receive():
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        async def send(message):
-            sent.append(message)
-
-        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
-        await mw(scope, receive, send)
-        return sent[0]["status"], dict(sent[0]["headers"]), sent[1]["body"]
 
     async def run():
-        server = KnotsServer(load_config(path), types.SimpleNamespace(lora_requests={}))
+        server = make_server(tmp_path, tiny_adapters, compose_workers=1, compose_pending=1)
         gated = GatedStore(server.bases.adapters, "cpu")
         server.cache.store = gated
-        KnotsMiddleware.server = server
-        mw = KnotsMiddleware(app)
+        mw = KnotsMiddleware(Engine())
         try:
             first = asyncio.ensure_future(call(mw, "tasks:alpha+beta"))
             while not server.cache._inflight:
                 await asyncio.sleep(0.01)
             status, headers, body = await asyncio.wait_for(call(mw, "tasks:alpha+gamma"), 10)
             assert status == 503 and headers[b"retry-after"] == b"1"
-            assert "bound is 1" in json.loads(body)["error"]["message"]
+            assert "bound is 1" in body["error"]["message"] and body["error"]["type"] == "ServiceUnavailableError"
             gated.go.set()
             assert (await asyncio.wait_for(first, 30))[0] == 200
             assert (await asyncio.wait_for(call(mw, "tasks:alpha+gamma"), 30))[0] == 200  # room again

@@ -1,7 +1,7 @@
 """Exact-match accuracy of merges on the demo tasks, through the engine path the server pins merges with.
 
 One vLLM engine (in this process) with the knots_serve plugin and its PinWorker: a merge is written into
-the weights by `knots_pin` (what POST /admin/pin runs in every worker), the prefix cache is reset, and a
+the weights by `knots_prepare` + `knots_pin` (what POST /admin/pin runs in every worker), the prefix cache is reset, and a
 split's prompts are generated greedily in one batch with vLLM's chat API (the chat template that
 /v1/chat/completions applies). Per-example results are cached in a JSON file, keyed by the basis
 fingerprint and the merge's canonical key, so a rerun (or an interrupted run) evaluates nothing twice.
@@ -57,7 +57,8 @@ class Evaluator:
         if merge is None:
             self.llm.collective_rpc("knots_unpin")
         else:
-            self.llm.collective_rpc("knots_pin", args=(str(merge.basis_path), json.dumps(asdict(merge.spec))))
+            self.llm.collective_rpc("knots_prepare", args=("basis", str(merge.basis_path), json.dumps(asdict(merge.spec))))
+            self.llm.collective_rpc("knots_pin")
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the previous weights
         self.pinned = label
         self.seconds["pin"] += time.perf_counter() - t0

@@ -39,9 +39,10 @@ from typing import Callable
 from safetensors import SafetensorError
 
 from ..adapters import padded_rank, save_adapter
-from ..compose import MergeError
+from ..methods import resolve
 from . import metrics
 from .basis_store import BasisStore, UnknownTask
+from .errors import BadRequest, Unavailable
 from .names import Selection
 
 
@@ -87,11 +88,11 @@ def _release(path: Path, fd: int, pid: int) -> None:
         os.close(fd)
 
 
-class CacheUnavailable(MergeError):
+class CacheUnavailable(Unavailable):
     """The merge could not be written: cache_dir is full or not writable (HTTP 503)."""
 
 
-class ComposeBusy(MergeError):
+class ComposeBusy(Unavailable):
     """Too many new merges are being composed; the client should retry after `retry_after` s (HTTP 503)."""
 
     retry_after = 1
@@ -111,9 +112,9 @@ def _dir_bytes(path: Path) -> int:
 
 class AdapterCache:
     def __init__(self, store: BasisStore, cache_dir: Path, cache_bytes: int, max_lora_rank: int,
-                 workers: int = 2, max_pending: int = 16):
+                 workers: int = 2, max_pending: int = 16, max_bytes: int = 8 << 30):
         self.store, self.cache_bytes, self.max_lora_rank = store, cache_bytes, max_lora_rank
-        self.max_pending = max_pending
+        self.max_pending, self.max_bytes = max_pending, max_bytes  # max_bytes: one compose's working set
         self.on_evict: Callable[[Composed], None] = lambda c: None  # called before c's files are deleted
         self._lock = threading.Lock()
         self._slots = threading.Semaphore(workers)
@@ -146,6 +147,8 @@ class AdapterCache:
         self.store.check(sel.tasks)
         name = sel.canonical
         with self._lock:
+            if name not in self._cache and name not in self._inflight:
+                self._check_plan(sel)
             hit = self._take(name, hold)
             if hit is not None:
                 return hit
@@ -177,6 +180,23 @@ class AdapterCache:
             with self._lock:
                 self._inflight.pop(name, None)
 
+    def _check_plan(self, sel: Selection) -> None:
+        """Refuse a merge this server would refuse after composing it, before any work (rank, memory)."""
+        rank, module, nbytes = self.store.plan(sel)
+        if padded_rank(rank) > self.max_lora_rank:
+            dense = resolve(sel.spec.method)[0] == "full"
+            why = (f"the dense-space merge {sel.spec.method!r} is full-rank in general (up to {rank} in {module})"
+                   if dense else f"the merge can reach rank {rank} (in {module})")
+            fix = (f"use knots-{sel.spec.method} (the same method in the KnOTS basis, exact at low rank), or pin it "
+                   "(POST /admin/pin adds the exact dense merge to the weights)" if dense else
+                   "merge fewer tasks or raise max_lora_rank")
+            raise BadRequest(f"{sel.canonical!r} is not served per request: {why}, above this server's "
+                             f"max_lora_rank {self.max_lora_rank}; {fix}")
+        if nbytes > self.max_bytes:
+            raise BadRequest(f"{sel.canonical!r} would need about {nbytes / 2**20:.0f} MiB to compose, above this "
+                             f"server's compose_memory_bytes ({self.max_bytes / 2**20:.0f} MiB): merge fewer "
+                             "tasks, trim per module (trim_scope=module), or use basis=subset")
+
     def hold_cached(self, sel: Selection) -> Composed | None:
         """The cached merge, held — or None (then `get` composes it). Never blocks on a compose."""
         with self._lock:
@@ -206,10 +226,6 @@ class AdapterCache:
 
     def _write(self, sel: Selection, lora, generation: int, hold: bool, t0: float) -> Composed:
         rank = padded_rank(max((B.shape[1] for B, _ in lora.values()), default=1))
-        if rank > self.max_lora_rank:
-            raise MergeError(f"the merge {sel.canonical!r} has rank {rank}, above this server's max_lora_rank "
-                             f"{self.max_lora_rank}: merge fewer tasks, use a knots-/core- method (a dense-space "
-                             "merge is full-rank), or raise max_lora_rank")
         digest = hashlib.sha256(sel.canonical.encode()).hexdigest()[:20]
         path = self.cache_dir / f"{digest}-g{generation}-{next(self._serial)}"
         path = self._save(lora, path, self.store.base_model, sel.canonical)
@@ -287,10 +303,19 @@ class AdapterCache:
         self.on_evict(c)
         shutil.rmtree(c.path, ignore_errors=True)
 
-    def lookup(self, name: str) -> Composed | None:
-        """The cached merge of that name, or else one still in use by a request (dropped with an old pool)."""
+    def held(self, name: str) -> Composed | None:
+        """The merge of that name that a request holds now (the cached one first, else one dropped with an
+        old pool and still in use), or None."""
         with self._lock:
-            return self._cache.get(name) or next((c for c in self._doomed.values() if c.name == name), None)
+            cached = self._cache.get(name)
+            if cached is not None and cached.path in self._held:
+                return cached
+            return next((c for c in self._doomed.values() if c.name == name), None)  # doomed: held by definition
+
+    def composing(self, sel: Selection) -> bool:
+        """Is this merge being composed now (a new request for it would join, not start, a compose)?"""
+        with self._lock:
+            return sel.canonical in self._inflight
 
     def cached(self) -> list[Composed]:
         with self._lock:

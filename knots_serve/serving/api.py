@@ -3,16 +3,17 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..adapters import AdapterError
 from ..compose import MergeError
 from .auth import admin_refusal
-from .basis_store import UnknownTask
+from .errors import ERRORS, BadRequest, Conflict, NotFound, error_response
 from .experiments import Experiment
-from .server import ERROR_TYPES, KnotsServer, error_status
+from .server import KnotsServer
 
 router = APIRouter()
 
@@ -35,12 +36,6 @@ class RegisterTask(BaseModel):
     path: str = Field(max_length=4096)
 
 
-def _error(e: Exception) -> JSONResponse:
-    status = error_status(e)
-    return JSONResponse({"error": {"message": str(e), "type": ERROR_TYPES[status], "code": status}},
-                        status_code=status)
-
-
 @router.get("/admin/tasks", dependencies=[Depends(admin)])
 async def list_tasks(request: Request):
     s = server(request)
@@ -51,16 +46,16 @@ async def list_tasks(request: Request):
 async def register_task(body: RegisterTask, request: Request):
     try:
         return await server(request).register(body.name, body.path)
-    except (MergeError, AdapterError) as e:
-        return _error(e)
+    except ERRORS as e:
+        return error_response(e)
 
 
 @router.delete("/admin/tasks/{name}", dependencies=[Depends(admin)])
 async def unregister_task(name: str, request: Request):
     try:
         await server(request).unregister(name)
-    except (MergeError, AdapterError) as e:
-        return _error(e)
+    except ERRORS as e:
+        return error_response(e)
     return {"removed": name}
 
 
@@ -80,7 +75,7 @@ def _no_duplicate_keys(pairs):
     keys = [k for k, _ in pairs]
     twice = sorted({k for k in keys if keys.count(k) > 1})
     if twice:
-        raise MergeError(f"duplicate name(s) in the definition: {', '.join(twice)}")
+        raise BadRequest(f"duplicate name(s) in the definition: {', '.join(twice)}")
     return dict(pairs)
 
 
@@ -92,9 +87,9 @@ async def _experiment_body(request: Request) -> dict:
     try:
         doc = json.loads(await request.body(), object_pairs_hook=_no_duplicate_keys)
     except ValueError as e:
-        raise MergeError(f"invalid JSON: {e}") from None
+        raise BadRequest(f"invalid JSON: {e}") from None
     if not isinstance(doc, dict):
-        raise MergeError("the body must be a JSON object")
+        raise BadRequest("the body must be a JSON object")
     return doc
 
 
@@ -103,11 +98,11 @@ def _define(request: Request, name: str, doc: dict, create: bool):
 
     s = server(request)
     if create and name in s.experiments:
-        raise MergeError(f"experiment {name!r} already exists (PUT /admin/experiments/{name} replaces it)")
+        raise Conflict(f"experiment {name!r} already exists (PUT /admin/experiments/{name} replaces it)")
     try:
         exp = Experiment.model_validate(doc)
     except ValidationError as e:
-        raise MergeError("invalid experiment: " + "; ".join(
+        raise BadRequest("invalid experiment: " + "; ".join(
             f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
     s.put_experiment(name, exp)
     return {name: exp.model_dump()}
@@ -120,10 +115,10 @@ async def create_experiment(request: Request):
         doc = await _experiment_body(request)
         name = doc.pop("name", None)
         if not isinstance(name, str) or not name:
-            raise MergeError("the body needs a 'name'")
+            raise BadRequest("the body needs a 'name'")
         return _define(request, name, doc, create=True)
-    except MergeError as e:
-        return _error(e)
+    except ERRORS as e:
+        return error_response(e)
 
 
 @router.put("/admin/experiments/{name}", dependencies=[Depends(admin)])
@@ -131,24 +126,24 @@ async def put_experiment(name: str, request: Request):
     """Create or replace. Body: {"arms": {ARM: {"model": ..., "weight": ...}}}."""
     try:
         return _define(request, name, await _experiment_body(request), create=False)
-    except MergeError as e:
-        return _error(e)
+    except ERRORS as e:
+        return error_response(e)
 
 
 @router.patch("/admin/experiments/{name}/weights", dependencies=[Depends(admin)])
 async def set_weights(name: str, weights: dict[str, float], request: Request):
     try:
         return {name: server(request).set_weights(name, weights).model_dump()}
-    except (MergeError, ValueError) as e:
-        return _error(e if isinstance(e, MergeError) else MergeError(str(e)))
+    except ValueError as e:  # MergeError (a ServeError) or pydantic's, for a weight out of range
+        return error_response(e if isinstance(e, MergeError) else BadRequest(str(e)))
 
 
 @router.delete("/admin/experiments/{name}", dependencies=[Depends(admin)])
 async def delete_experiment(name: str, request: Request):
     try:
         server(request).delete_experiment(name)
-    except MergeError as e:
-        return _error(e)
+    except ERRORS as e:
+        return error_response(e)
     return {"removed": name}
 
 
@@ -156,7 +151,7 @@ async def delete_experiment(name: str, request: Request):
 async def report(name: str, request: Request):
     s = server(request)
     if name not in s.experiments:
-        return _error(UnknownTask(f"unknown experiment {name!r}"))
+        return error_response(NotFound(f"unknown experiment {name!r}"))
     exp = s.experiments[name]
     arms = s.outcomes.report(name, sorted(exp.arms))
     for arm, row in arms.items():
@@ -172,11 +167,15 @@ class Feedback(BaseModel):
 
 @router.post("/v1/feedback")
 async def feedback(body: Feedback, request: Request):
+    """One score per response id: the same score again answers 200 with "recorded": false (a safe retry),
+    another score 409."""
     try:
-        experiment, arm = server(request).outcomes.record(body.id, body.score)
+        experiment, arm, recorded = await asyncio.to_thread(server(request).outcomes.record, body.id, body.score)
     except KeyError:
-        return _error(UnknownTask(f"no experiment response with id {body.id!r} (or it is too old)"))
-    return {"id": body.id, "experiment": experiment, "arm": arm, "recorded": True}
+        return error_response(NotFound(f"no experiment response with id {body.id!r} (or it is too old)"))
+    except ERRORS as e:
+        return error_response(e)
+    return {"id": body.id, "experiment": experiment, "arm": arm, "recorded": recorded}
 
 
 class Pin(BaseModel):
@@ -193,16 +192,16 @@ async def show_pin(request: Request):
 async def pin(body: Pin, request: Request):
     try:
         return {"pinned": await server(request).pin(body.model)}
-    except MergeError as e:
-        return _error(e)
+    except ERRORS as e:
+        return error_response(e)
 
 
 @router.delete("/admin/pin", dependencies=[Depends(admin)])
 async def unpin(request: Request):
     try:
         return await server(request).unpin()
-    except MergeError as e:
-        return _error(e)
+    except ERRORS as e:
+        return error_response(e)
 
 
 @router.get("/v1/models")

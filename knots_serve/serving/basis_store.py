@@ -25,12 +25,13 @@ import torch
 
 from ..adapters import LoraAdapter, check_compatible
 from ..basis import DEFAULT_RTOL, Basis, build_basis, fingerprint
-from ..compose import MergeError, adapter_factors, linear_merge, merge_lora, to_host
+from ..compose import adapter_factors, linear_merge, merge_lora, to_host
 from ..methods import resolve
+from .errors import NotFound
 from .names import Selection
 
 
-class UnknownTask(MergeError):
+class UnknownTask(NotFound):
     """A selection names a task the server does not have (HTTP 404)."""
 
 
@@ -65,8 +66,12 @@ class BasisStore:
         self.set_pool(adapters)
 
     def set_pool(self, adapters: dict[str, LoraAdapter]) -> None:
-        """Replace the pool: check it, build (or load) its shared KnOTS basis on the device, keep its factors
-        there. Raises AdapterError for an incompatible pool, leaving the old one in place."""
+        self.install(self.prepare(adapters))
+
+    def prepare(self, adapters: dict[str, LoraAdapter]) -> dict:
+        """A new pool, ready to install: checked, its shared KnOTS basis built (or loaded) on the device, its
+        factors there. The slow part of a pool change; requests keep being served from the old pool
+        meanwhile. Raises AdapterError for an incompatible pool."""
         pool = list(adapters.values())
         if pool:
             check_compatible(pool)
@@ -74,13 +79,13 @@ class BasisStore:
         on_device = {n: LoraAdapter(a.name, {m: type(l)(A=l.A.to(self.device), B=l.B.to(self.device), scale=l.scale)
                                              for m, l in a.modules.items()}, a.base_model, a.path)
                      for n, a in adapters.items()}
-        ranks = lora_ranks(adapters)
+        return {"adapters": dict(adapters), "_device_adapters": on_device, "_ranks": lora_ranks(adapters),
+                "_pool_id": knots.fingerprint if knots else "", "_bases": {"knots": knots} if knots else {}}
+
+    def install(self, prepared: dict) -> None:
+        """Switch to a prepared pool (instant)."""
         with self._lock:
-            self.adapters = dict(adapters)
-            self._device_adapters = on_device
-            self._ranks = ranks
-            self._pool_id = knots.fingerprint if knots else ""
-            self._bases: dict[str, Basis] = {"knots": knots} if knots else {}
+            self.__dict__.update(prepared)
             self._subset: OrderedDict[tuple, Basis] = OrderedDict()
 
     def _load_or_build(self, pool: list[LoraAdapter]) -> Basis:
@@ -133,6 +138,31 @@ class BasisStore:
                 while len(self._subset) > self.subset_bases:
                     self._subset.popitem(last=False)
         return basis
+
+    def plan(self, sel: Selection) -> tuple[int, str, int]:
+        """Before composing: (an upper bound of the merge's LoRA rank, the module that attains it, the bytes
+        of the compose's working set: the stacked float32 task tensors plus the merged one). Known from the
+        method, the basis it is composed in and the tasks' ranks and shapes; builds nothing."""
+        space, method = resolve(sel.spec.method)
+        with self._lock:
+            adapters, knots = self.adapters, self._bases.get("knots")
+        shared = not method.linear and self.choose(sel.basis, sel.tasks) == "shared"
+        members = adapters.values() if shared else [adapters[t] for t in sel.tasks]
+        rank, worst, sizes = 0, "", []
+        for m in {m for t in sel.tasks for m in adapters[t].modules}:
+            out, inp = next(a.modules[m].shape for a in members if m in a.modules)
+            r = sum(a.modules[m].rank for a in members if m in a.modules)
+            if space == "knots" and shared and knots is not None and m in knots.modules:
+                r = knots.modules[m].left.shape[1]  # the resident basis's own k
+            if method.linear or space != "full":
+                bound, rows, cols = min(r, out, inp), r, (inp if space == "knots" else r)
+            else:  # a trimmed (or dropped) dense ΔW is full-rank in general
+                bound, rows, cols = min(out, inp), out, inp
+            sizes.append(0 if method.linear else (len(sel.tasks) + 1) * rows * cols * 4)
+            if bound > rank:
+                rank, worst = bound, m
+        whole = method.trims and sel.spec.trim_scope == "global"  # one buffer over all modules
+        return rank, worst, sum(sizes) if whole else max(sizes, default=0)
 
     def merge(self, sel: Selection) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The merge's exact LoRA factors on the host, composed on the device."""

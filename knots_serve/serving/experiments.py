@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..atomic import atomic_write_json
 from ..compose import MergeError
+from .errors import Conflict, Unavailable
 from .registry import read_json
 
 
@@ -72,6 +73,7 @@ class Outcomes:
         self.path, self.max_ids = path, max_ids
         self._lock = threading.Lock()
         self._ids: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._scored: OrderedDict[str, float] = OrderedDict()  # response id -> its score
         self._latency: dict[tuple[str, str], deque] = {}
         self._max_latencies = max_latencies
         self._served: dict[tuple[str, str], int] = {}
@@ -86,17 +88,31 @@ class Outcomes:
                 while len(self._ids) > self.max_ids:
                     self._ids.popitem(last=False)
 
-    def record(self, response_id: str, score: float) -> tuple[str, str]:
+    def record(self, response_id: str, score: float) -> tuple[str, str, bool]:
+        """One score per response: (experiment, arm, recorded). The same score again is a retry (recorded
+        False); another score is a Conflict. KeyError for an id not served (or forgotten). Blocking (it
+        writes the file): call it off the event loop. A failed write changes nothing."""
         with self._lock:
             if response_id not in self._ids:
                 raise KeyError(response_id)
             experiment, arm = self._ids[response_id]
-            agg = self.feedback.setdefault(experiment, {}).setdefault(arm, [0, 0.0, 0.0])
-            agg[0] += 1
-            agg[1] += score
-            agg[2] += score * score
-            atomic_write_json(self.path, self.feedback)
-        return experiment, arm
+            if response_id in self._scored:
+                if self._scored[response_id] == score:
+                    return experiment, arm, False
+                raise Conflict(f"response {response_id!r} already has the score {self._scored[response_id]!r}; "
+                               "feedback is one score per response")
+            n, s, ss = self.feedback.get(experiment, {}).get(arm, [0, 0.0, 0.0])
+            new = {e: dict(arms) for e, arms in self.feedback.items()}
+            new.setdefault(experiment, {})[arm] = [n + 1, s + score, ss + score * score]
+            try:
+                atomic_write_json(self.path, new)
+            except OSError as e:
+                raise Unavailable(f"cannot save the feedback to {self.path}: {e.strerror or e}") from None
+            self.feedback = new
+            self._scored[response_id] = score
+            while len(self._scored) > self.max_ids:
+                self._scored.popitem(last=False)
+        return experiment, arm, True
 
     def report(self, experiment: str, arms: list[str]) -> dict:
         out = {}

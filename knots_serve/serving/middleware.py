@@ -1,32 +1,33 @@
-"""The request middleware (pure ASGI, inside vLLM's app): routes merge and experiment requests before
-vLLM parses them, and labels experiment responses with their arm (header + JSON field) and metrics."""
+"""The request middleware (pure ASGI, inside vLLM's app): checks who may call what (auth.py), then routes
+merge and experiment requests before vLLM parses them.
+
+Every vLLM route that generates with a `model` (INFERENCE_PATHS: chat, completions, the Responses and
+Anthropic Messages APIs, SageMaker's /invocations, ...) passes the merge routing and the drain gate, so
+every response is computed on one set of weights and every merge it uses is held until it is sent. Any
+other POST route whose body (JSON or a form) selects a merge, an experiment or a `knots` field is refused
+with a 400 naming the route: nothing reaches vLLM by a merge's name without being routed here.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import time
 
-from ..adapters import AdapterError
-from ..compose import MergeError
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+
 from . import metrics
+from .arm_labels import ARM_HEADER, ArmLabeller
 from .auth import refusal
-from .server import ERROR_TYPES, KnotsServer, Route, error_status
+from .errors import ERRORS, BadRequest, error_json, error_parts, send_error
+from .server import KnotsServer, Route
 
-ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions")
-MAX_BODY = 8 << 20
-USER_HEADER, ARM_HEADER, EXPERIMENT_HEADER = b"x-knots-user", b"x-knots-arm", b"x-knots-experiment"
-
-
-def openai_error(message: str, status: int, param: str | None = "model") -> bytes:
-    return json.dumps({"error": {"message": message, "type": ERROR_TYPES.get(status, "BadRequestError"),
-                                 "param": param, "code": status}}).encode()
-
-
-async def respond(send, status: int, body: bytes, headers: tuple = ()) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *headers]})
-    await send({"type": "http.response.body", "body": body})
+# generation routes of vLLM 0.32 that take a `model` (checked against its routers: tests/test_routes.py)
+INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages",
+                   "/v1/chat/completions/batch", "/cohere/v2/chat", "/invocations")
+OWN_PATHS = ("/admin/", "/v1/feedback")  # ours: FastAPI validates them (api.py)
+MAX_BODY, MAX_FORM = 8 << 20, 64 << 20  # forms carry audio uploads
+USER_HEADER = b"x-knots-user"
 
 
 class KnotsMiddleware:
@@ -37,45 +38,49 @@ class KnotsMiddleware:
 
     async def __call__(self, scope, receive, send):
         server = KnotsMiddleware.server
-        if server and scope["type"] == "http":
-            refused = refusal(scope["method"], scope["path"], dict(scope["headers"]), server.cfg.admin_key_env,
-                              server.api_keys)
-            if refused:
-                return await respond(send, refused[0], openai_error(refused[1], refused[0], None))
-        if not (server and scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in ROUTED_PATHS):
+        if not server or scope["type"] != "http":
             return await self.app(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > MAX_BODY:
-                return await respond(send, 413, openai_error(f"request body over {MAX_BODY} bytes", 413))
+        headers = dict(scope["headers"])
+        refused = refusal(scope["method"], scope["path"], headers, server.cfg.admin_key_env, server.api_keys)
+        if refused:
+            return await send_error(send, refused[0], error_json(refused[1], refused[0]))
+        if scope["method"] != "POST" or scope["path"].startswith(OWN_PATHS):
+            return await self.app(scope, receive, send)
+        form = headers.get(b"content-type", b"").startswith(b"multipart/form-data")
+        body = await _read(receive, MAX_FORM if form else MAX_BODY)
+        if body is None:  # the client went away
+            return
+        if isinstance(body, int):
+            return await send_error(send, 413, error_json(f"request body over {body} bytes", 413))
+        doc = await _form(scope, body) if form else _json(body)
+        if scope["path"] not in INFERENCE_PATHS:
+            if isinstance(doc, dict) and server.selects_merge(doc):
+                e = BadRequest(f"{scope['path']} does not serve merges, experiments or tasks: models; they are "
+                               f"served on {', '.join(INFERENCE_PATHS)}")
+                return await self._refuse(send, e)
+            return await self.app(scope, _replay(body, receive), send)
         async with server.gate.shared():  # held until the response is sent: no weight swap meanwhile
-            body = b"".join(chunks)
-            try:
-                doc = json.loads(body)
-            except (ValueError, UnicodeDecodeError, RecursionError):
-                doc = None  # not JSON: vLLM answers that itself
             route = Route(None)
             if isinstance(doc, dict):
-                headers = dict(scope["headers"])
                 try:
-                    route = await server.route(doc, _header(headers, USER_HEADER), _header(headers, ARM_HEADER))
-                except (MergeError, AdapterError) as e:
-                    status = error_status(e)
-                    metrics.ERRORS.labels(str(status)).inc()
-                    retry = getattr(e, "retry_after", None)
-                    headers = ((b"retry-after", str(retry).encode()),) if retry else ()
-                    return await respond(send, status, openai_error(str(e), status), headers)
+                    if doc.get("background") and server.selects_merge(doc):
+                        raise BadRequest("background responses cannot use merges or experiments: they outlive "
+                                         "the request that holds the merge", param="background")
+                    route = await server.route(doc, _header(headers, USER_HEADER), _header(headers, ARM_HEADER),
+                                               client=_client(scope, headers))
+                except ERRORS as e:
+                    return await self._refuse(send, e)
             try:
                 await self._serve(scope, body, doc, route, server, receive, send)
             finally:
                 if route.held is not None:
                     server.cache.release(route.held)
+
+    @staticmethod
+    async def _refuse(send, e: Exception) -> None:
+        status, body, headers = error_parts(e, "model")
+        metrics.ERRORS.labels(str(status)).inc()
+        await send_error(send, status, body, headers)
 
     async def _serve(self, scope, body, doc, route, server, receive, send):
         if route.model is not None:
@@ -84,20 +89,11 @@ class KnotsMiddleware:
             body = json.dumps(doc).encode()
         headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
         scope = dict(scope, headers=headers + [(b"content-length", str(len(body)).encode())])
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if sent:
-                return await receive()  # the client's disconnect, if any
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
         if route.experiment is None:
-            return await self.app(scope, replay, send)
+            return await self.app(scope, _replay(body, receive), send)
         labeller = ArmLabeller(server, route, send)
         try:
-            await self.app(scope, replay, labeller.send)
+            await self.app(scope, _replay(body, receive), labeller.send)
         except BaseException:
             labeller.status = 500
             raise
@@ -105,83 +101,61 @@ class KnotsMiddleware:
             labeller.done()
 
 
+async def _read(receive, limit: int) -> bytes | int | None:
+    """The whole body; None if the client disconnected, the limit (an int) if the body is larger."""
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        more = message.get("more_body", False)
+        if size > limit:
+            return limit
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    """A `receive` that gives the buffered body once, then the client's own messages (its disconnect)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+def _json(body: bytes):
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None  # not JSON: vLLM answers that itself
+
+
+async def _form(scope, body: bytes) -> dict | None:
+    """A multipart form's text fields (to see its `model`); None if it does not parse (vLLM answers)."""
+    try:
+        form = await Request(scope, _replay(body, None)).form()
+    except (MultiPartException, ValueError, KeyError):
+        return None
+    return {k: v for k, v in form.items() if isinstance(v, str)}
+
+
 def _header(headers: dict, name: bytes) -> str | None:
     value = headers.get(name)
     return value.decode("latin-1") if value is not None else None
 
 
-class ArmLabeller:
-    """Wraps `send` for an experiment response: adds the arm header, adds {"knots": {experiment, arm}} to
-    the JSON body (or to every streamed chunk), and records latency, TTFT, tokens and errors per arm."""
-
-    def __init__(self, server: KnotsServer, route: Route, send):
-        self.server, self.route, self._send = server, route, send
-        self.t0, self.first = time.perf_counter(), None
-        self.status, self.stream, self.start, self.held = 200, False, None, b""
-        self.response_id, self.tokens, self.usage = None, 0, None
-        self.label = {"experiment": route.experiment, "arm": route.arm}
-        self.labels = (route.experiment, route.arm)
-
-    async def send(self, message):
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
-            headers = [(k, v) for k, v in message.get("headers", []) if k != b"content-length"]
-            headers += [(EXPERIMENT_HEADER, self.route.experiment.encode()), (ARM_HEADER, self.route.arm.encode())]
-            self.stream = any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
-            self.start = dict(message, headers=headers)
-            if self.stream:  # a stream has no content-length; a JSON body gets a new one once rewritten
-                await self._send(self.start)
-            return
-        if message["type"] != "http.response.body":
-            return await self._send(message)
-        if self.first is None:
-            self.first = time.perf_counter()
-        self.held += message.get("body", b"")
-        more = message.get("more_body", False)
-        if self.stream:
-            events, sep, self.held = self.held.rpartition(b"\n\n")
-            out = b"".join(self._event(e) + b"\n\n" for e in events.split(b"\n\n")) if sep else b""
-            if not more:
-                out, self.held = out + self.held, b""
-            return await self._send({"type": "http.response.body", "body": out, "more_body": more})
-        if more:
-            return
-        body = self._json(self.held)
-        self.start["headers"].append((b"content-length", str(len(body)).encode()))
-        await self._send(self.start)
-        await self._send({"type": "http.response.body", "body": body, "more_body": False})
-
-    def _json(self, raw: bytes) -> bytes:
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            return raw
-        if isinstance(doc, dict):
-            self._observe(doc)
-            doc["knots"] = self.label
-            return json.dumps(doc).encode()
-        return raw
-
-    def _event(self, event: bytes) -> bytes:
-        if not event.startswith(b"data: ") or event == b"data: [DONE]":
-            return event
-        return b"data: " + self._json(event[len(b"data: "):])
-
-    def _observe(self, doc: dict) -> None:
-        self.response_id = self.response_id or doc.get("id")
-        usage = doc.get("usage")
-        if isinstance(usage, dict) and "completion_tokens" in usage:
-            self.usage = usage["completion_tokens"]
-        elif self.stream and any(c.get("text") or (c.get("delta") or {}).get("content") for c in doc.get("choices", [])):
-            self.tokens += 1  # vLLM streams one token per chunk
-
-    def done(self) -> None:
-        total = time.perf_counter() - self.t0
-        metrics.AB_REQUESTS.labels(*self.labels).inc()
-        if self.status >= 400:
-            metrics.AB_ERRORS.labels(*self.labels).inc()
-            return
-        metrics.AB_TOKENS.labels(*self.labels).inc(self.usage if self.usage is not None else self.tokens)
-        metrics.AB_TTFT.labels(*self.labels).observe((self.first or time.perf_counter()) - self.t0)
-        metrics.AB_LATENCY.labels(*self.labels).observe(total)
-        self.server.outcomes.served(self.response_id, *self.labels, total)
+def _client(scope, headers: dict) -> str:
+    """Who is asking, for the per-client rate of new merges: the API key's digest when one is sent,
+    else the peer address."""
+    auth = headers.get(b"authorization")
+    if auth:
+        return "key:" + hashlib.sha256(auth).hexdigest()[:16]
+    peer = scope.get("client")
+    return f"addr:{peer[0]}" if peer else "addr:?"

@@ -110,8 +110,8 @@ def parse_model(model: str, default_method: str) -> Selection:
         elif key in PARAMS:
             params[key] = _number(key, value)
         elif key == "seed":
-            if not value.isdigit():
-                raise MergeError(f"seed must be a non-negative integer, got {value!r}")
+            if not re.fullmatch(r"[0-9]{1,19}", value):  # ASCII digits: str.isdigit() also takes '²'
+                raise MergeError(f"parameter seed={value!r}: expected a non-negative integer below 2**63")
             seed = int(value)
         elif key == "trim_scope":
             trim_scope = value

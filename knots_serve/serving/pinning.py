@@ -98,6 +98,13 @@ def keep_cpu_weights() -> None:
     method.process_weights_after_loading = process_weights_after_loading
 
 
+def save_factors(lora: dict[str, tuple[torch.Tensor, torch.Tensor]], path) -> None:
+    """A merge's factors {module: (B, A)} as the file `PinWorker.knots_prepare("factors", path)` reads."""
+    from safetensors.torch import save_file
+
+    save_file({f"{m}.{k}": t.contiguous() for m, (B, A) in lora.items() for k, t in (("B", B), ("A", A))}, str(path))
+
+
 class PinWorker:
     """Worker extension methods (names prefixed, to stay clear of the worker's own)."""
 
@@ -116,28 +123,47 @@ class PinWorker:
         return placement(module, shape, sizes, replicas, get_tensor_model_parallel_world_size(),
                          get_tensor_model_parallel_rank())
 
-    def knots_pin(self, basis_path: str, spec_json: str) -> dict:
-        """Write W0 + ΔW(merge) into the live weights; returns what was done and how long it took."""
+    def knots_prepare(self, kind: str, path: str, spec_json: str = "") -> dict:
+        """Get a pin ready without touching the weights: kind "factors" loads a merge's exact LoRA factors,
+        composed elsewhere (`path`: a safetensors file of {module}.B / {module}.A, see save_factors); kind
+        "basis" composes the merge here from its basis (`path`), dense for a dense-space merge (full-rank:
+        too large to send). `knots_pin` then writes it."""
+        from safetensors.torch import load_file
+
         from ..basis import Basis
         from ..compose import MergeSpec, merge_dense, merge_lora
+
+        t0 = time.perf_counter()
+        dense = False
+        if kind == "basis":
+            cache = getattr(self, "_knots_bases", {})
+            if path not in cache:  # resident on the weights' device (composed there): one basis at a time
+                device = next(self.model_runner.get_model().parameters()).device
+                cache = self._knots_bases = {path: Basis.load(path).to(device)}
+            basis = cache[path]
+            spec = MergeSpec(**{k: tuple(v) if k == "tasks" else v for k, v in json.loads(spec_json).items()})
+            # a dense-space merge (TIES trims entries of ΔW) is full-rank: add ΔW itself rather than factor it
+            dense = basis.space == "full"
+            merged = merge_dense(basis, spec) if dense else merge_lora(basis, spec, max_rank=None)
+            shapes = {m: basis.modules[m].shape for m in merged}
+        else:
+            tensors = load_file(path)
+            merged = {m[:-2]: (B, tensors[m[:-2] + ".A"]) for m, B in tensors.items() if m.endswith(".B")}
+            shapes = {m: (B.shape[0], A.shape[1]) for m, (B, A) in merged.items()}
+        updates: dict[str, list] = {}
+        for module, m in merged.items():
+            p = self._knots_placement(module, shapes[module])
+            part = m[p.src_rows, p.src_cols] if dense else (m[0][p.src_rows], m[1][:, p.src_cols])
+            updates.setdefault(p.param, []).append((p, part))
+        self._knots_staged = (dense, updates)
+        return {"modules": len(merged), "params": len(updates), "prepare_s": time.perf_counter() - t0}
+
+    def knots_pin(self) -> dict:
+        """Write W0 + ΔW of the prepared merge into the live weights (under the server's drain)."""
         from ..kernels import lowrank_update
 
         t0 = time.perf_counter()
-        cache = getattr(self, "_knots_bases", {})
-        if basis_path not in cache:  # resident on the weights' device (composed there): one basis at a time
-            device = next(self.model_runner.get_model().parameters()).device
-            cache = self._knots_bases = {basis_path: Basis.load(basis_path).to(device)}
-        basis = cache[basis_path]
-        spec = MergeSpec(**{k: tuple(v) if k == "tasks" else v for k, v in json.loads(spec_json).items()})
-        # a dense-space merge (TIES trims entries of ΔW) is full-rank: add ΔW itself rather than factor it
-        dense = basis.space == "full"
-        merged = merge_dense(basis, spec) if dense else merge_lora(basis, spec, max_rank=None)
-        t1 = time.perf_counter()
-        updates: dict[str, list] = {}
-        for module, m in merged.items():
-            p = self._knots_placement(module, basis.modules[module].shape)
-            part = m[p.src_rows, p.src_cols] if dense else (m[0][p.src_rows], m[1][:, p.src_cols])
-            updates.setdefault(p.param, []).append((p, part))
+        dense, updates = self.__dict__.pop("_knots_staged")
         self._knots_restore()  # always from W0: A -> B never accumulates
         for param, parts in updates.items():
             layer = self._knots_layer(param)
@@ -149,8 +175,7 @@ class PinWorker:
                 else:
                     lowrank_update(W0[p.rows], part[0].to(W.device), part[1].to(W.device), 1.0, out=W[p.rows])
             self._knots_set(layer, W)
-        return {"modules": len(merged), "params": len(updates), "compose_s": t1 - t0,
-                "write_s": time.perf_counter() - t1}
+        return {"params": len(updates), "write_s": time.perf_counter() - t0}
 
     def _knots_w0(self, param: str) -> torch.Tensor:
         """The base weight of a parameter: kept by keep_cpu_weights (CPU) or saved at the first pin."""

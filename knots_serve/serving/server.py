@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,12 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..adapters import AdapterError, load_adapter
-from ..compose import MergeError
+from ..atomic import atomic_write_file
+from ..methods import resolve
 from . import metrics
-from .adapter_cache import AdapterCache, CacheUnavailable, Composed, ComposeBusy
+from .adapter_cache import AdapterCache, Composed
 from .basis_store import BasisStore, UnknownTask, compose_device
 from .config import ServeConfig
+from .errors import BadRequest, Conflict, NotFound, Unavailable
+from .limits import RateLimit
 from .experiments import Experiment, Outcomes, assign, check_experiment
+from .pinning import save_factors
 from .names import PREFIX, TASK_NAME, Selection, check_task_name, parse_field, parse_model
 from .registry import experiment_table, task_table
 
@@ -58,11 +63,20 @@ class Gate:
                 self._cond.notify_all()
 
     @contextlib.asynccontextmanager
-    async def exclusive(self):
+    async def exclusive(self, timeout: float):
+        """Raises Unavailable, reopened and with nothing changed, if the requests inside are not done in
+        `timeout` s (a client that never reads its stream must not hold a swap, and the door, forever)."""
         async with self._cond:
             await self._cond.wait_for(lambda: not self._closed)
             self._closed = True
-            await self._cond.wait_for(lambda: self._inside == 0)
+            try:
+                await asyncio.wait_for(self._cond.wait_for(lambda: self._inside == 0), timeout)
+            except asyncio.TimeoutError:
+                self._closed = False
+                self._cond.notify_all()
+                raise Unavailable(f"{self._inside} request(s) still in flight after the drain timeout "
+                                  f"({timeout:g} s, drain_timeout_s); nothing changed, try again", retry_after=1,
+                                  param=None) from None
         try:
             yield
         finally:
@@ -86,7 +100,7 @@ class KnotsServer:
 
             cpu.warm_up()  # compile the CPU compose kernels now (or load them from disk), not on a request
         self.cache = AdapterCache(self.bases, cfg.cache_dir, cfg.cache_bytes, cfg.max_lora_rank,
-                                  cfg.compose_workers, cfg.compose_pending)
+                                  cfg.compose_workers, cfg.compose_pending, cfg.compose_memory_bytes)
         # composes run here, never in the event loop's default executor: a queue of composes must not
         # hold up cache hits or anything else the server runs in threads
         self.compose_pool = ThreadPoolExecutor(cfg.compose_workers + cfg.compose_pending, "knots-compose")
@@ -98,6 +112,8 @@ class KnotsServer:
         for name, exp in self.experiments.items():
             check_experiment(name, exp, self.check_model)
         self.outcomes = Outcomes(cfg.state_dir / "feedback.json")
+        self.new_merges = RateLimit(cfg.new_merge_rate, cfg.new_merge_burst)
+        self._pins = itertools.count()
 
     # --- request routing (called by the middleware for every completion request) ------------------------
     def selection(self, body: dict) -> Selection | None:
@@ -113,14 +129,22 @@ class KnotsServer:
             return parse_model(model, self.cfg.default_method)
         return None
 
-    async def route(self, body: dict, user: str | None = None, forced_arm: str | None = None) -> Route:
-        """Where vLLM should serve the request (composing a merge first if needed).
-        Raises MergeError (400) / UnknownTask (404)."""
+    def selects_merge(self, body: dict) -> bool:
+        """Does a request body name something only the merge routing serves (a merge, an experiment, a task
+        as tasks:NAME, a `knots` field)? Such bodies never reach vLLM unrouted (middleware.py)."""
+        model = body.get("model")
+        return "knots" in body or (isinstance(model, str) and (
+            model.startswith(PREFIX) or model in self.cfg.merges or model in self.experiments))
+
+    async def route(self, body: dict, user: str | None = None, forced_arm: str | None = None,
+                    client: str = "") -> Route:
+        """Where vLLM should serve the request (composing a merge first if needed; `client` is who
+        asks, for the rate of new merges). Raises a ServeError (errors.py)."""
         model, experiment, arm, held = body.get("model"), None, None, None
         if "knots" not in body and isinstance(model, str) and model in self.experiments:
             experiment, exp = model, self.experiments[model]
             if forced_arm is not None and forced_arm not in exp.arms:
-                raise MergeError(f"experiment {experiment!r} has no arm {forced_arm!r}: {', '.join(sorted(exp.arms))}")
+                raise BadRequest(f"experiment {experiment!r} has no arm {forced_arm!r}: {', '.join(sorted(exp.arms))}")
             user = body.get("user") if isinstance(body.get("user"), str) else user
             arm = forced_arm or assign(experiment, exp, user)
             model = exp.arms[arm].model
@@ -138,22 +162,27 @@ class KnotsServer:
         elif self.pinned and sel.canonical == self.pinned["model"]:
             name = self.cfg.base_name  # the merge is in the base weights: no LoRA
         else:
-            held = await self._hold(sel)
+            held = await self._hold(sel, client)
             name = held.name
             known = self.models.lora_requests.get(name)
             if known is not None and known.lora_path != str(held.path):  # an older compose of this merge:
                 del self.models.lora_requests[name]  # vLLM asks the resolver, which gives this request's files
-        label = experiment or (model if model in self.cfg.merges else name)
+        # a bounded label set: per-request merges by method and subset size, never by their parameters
+        label = experiment or (model if model in self.cfg.merges else
+                               f"merge/{len(sel.tasks)}/{sel.spec.method}" if held else name)
         if label:
             metrics.REQUESTS.labels(label).inc()
         return Route(name, experiment, arm, held)
 
-    async def _hold(self, sel: Selection):
-        """cache.get(sel, hold=True): a cached merge at once, a new one in the compose pool; if this request
-        is cancelled meanwhile, the hold taken by the pool's thread is released when it ends (never leaked)."""
+    async def _hold(self, sel: Selection, client: str):
+        """cache.get(sel, hold=True): a cached merge at once, a new one in the compose pool (within the
+        client's rate of new merges); if this request is cancelled meanwhile, the hold taken by the pool's
+        thread is released when it ends (never leaked)."""
         cached = self.cache.hold_cached(sel)
         if cached is not None:
             return cached
+        if not self.cache.composing(sel):  # joining a compose under way costs nothing new
+            self.new_merges.take(client)
         job = asyncio.ensure_future(self.loop.run_in_executor(self.compose_pool, self.cache.get, sel, True))
         try:
             return await asyncio.shield(job)
@@ -197,34 +226,49 @@ class KnotsServer:
 
     # --- pinning (admin API) ----------------------------------------------------------------------------
     async def pin(self, model: str) -> dict:
-        """Write the merge into the engine's weights (every worker), draining requests around the swap."""
+        """Write the merge into the engine's weights (every worker). The merge is composed first, while
+        requests are served (in the compose pool, as for a request; a dense-space merge in the workers);
+        only the weight write drains requests."""
+        if not self.cfg.pinning:
+            raise Conflict("pinning is disabled in this server's config (pinning: false)", param=None)
         sel = self.selection({"model": model})
         if sel is None or sel.spec is None:
-            raise MergeError(f"{model!r} is not a merge: pin a tasks:A+B[@METHOD] string or a named merge")
-        unknown = [t for t in sel.tasks if t not in self.bases.adapters]
-        if unknown:
-            raise UnknownTask(f"unknown task(s): {', '.join(unknown)}")
-        basis = await asyncio.to_thread(self.bases.basis_file_for, sel, self.cfg.cache_dir)
-        spec = json.dumps(dataclasses.asdict(sel.spec))
+            raise BadRequest(f"{model!r} is not a merge: pin a tasks:A+B[@METHOD] string or a named merge")
+        self.bases.check(sel.tasks)
         t0 = time.perf_counter()
-        async with self.gate.exclusive():
+        if resolve(sel.spec.method)[0] == "full":  # full-rank: composed where the weights are
+            basis = await asyncio.to_thread(self.bases.basis_file_for, sel, self.cache.cache_dir)
+            args = ("basis", str(basis), json.dumps(dataclasses.asdict(sel.spec)))
+        else:
+            path = self.cache.cache_dir / f"pin-{next(self._pins)}.safetensors"
+            lora = await self.loop.run_in_executor(self.compose_pool, self.bases.merge, sel)
+            await asyncio.to_thread(atomic_write_file, path, lambda tmp: save_factors(lora, tmp))
+            args = ("factors", str(path))
+        try:
+            prepared = await self.engine.collective_rpc("knots_prepare", args=args)
             t1 = time.perf_counter()
-            try:
-                results = await self.engine.collective_rpc("knots_pin", args=(str(basis), spec))
-            except Exception as e:  # back to the base weights on every worker: never half a merge
-                await self.engine.collective_rpc("knots_unpin")
-                self.pinned = None
-                raise MergeError(f"pinning {model!r} failed, base weights restored: {e}") from None
-            finally:
-                await self.engine.reset_prefix_cache()  # cached KV blocks were computed with the old weights
-            self.pinned = {"model": sel.canonical, "requested": model}
-        self.pinned |= {"drain_s": t1 - t0, "swap_s": time.perf_counter() - t1, "workers": results}
+            async with self.gate.exclusive(self.cfg.drain_timeout_s):
+                t2 = time.perf_counter()
+                try:
+                    written = await self.engine.collective_rpc("knots_pin")
+                except Exception as e:  # back to the base weights on every worker: never half a merge
+                    await self.engine.collective_rpc("knots_unpin")
+                    self.pinned = None
+                    raise Unavailable(f"pinning {model!r} failed, base weights restored: {e}", param=None) from None
+                finally:
+                    await self.engine.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+                self.pinned = {"model": sel.canonical, "requested": model}
+        finally:
+            if args[0] == "factors":
+                Path(args[1]).unlink(missing_ok=True)
+        self.pinned |= {"prepare_s": t1 - t0, "drain_s": t2 - t1, "swap_s": time.perf_counter() - t2,
+                        "workers": [p | w for p, w in zip(prepared, written)]}
         return self.pinned
 
     async def unpin(self) -> dict:
         if self.pinned is None:
-            raise UnknownTask("no merge is pinned")
-        async with self.gate.exclusive():
+            raise NotFound("no merge is pinned")
+        async with self.gate.exclusive(self.cfg.drain_timeout_s):
             t0 = time.perf_counter()
             results = await self.engine.collective_rpc("knots_unpin")
             await self.engine.reset_prefix_cache()
@@ -234,22 +278,22 @@ class KnotsServer:
     # --- experiments (admin API) ------------------------------------------------------------------------
     def put_experiment(self, name: str, exp: Experiment) -> None:
         if not TASK_NAME.match(name):
-            raise MergeError(f"invalid experiment name {name!r}: use letters, digits, '_', '.', '-' (at most 64)")
+            raise BadRequest(f"invalid experiment name {name!r}: use letters, digits, '_', '.', '-' (at most 64)")
         taken = name == self.cfg.base_name or name.startswith(PREFIX) or name in self.bases.adapters \
             or name in self.cfg.merges
         if taken:
-            raise MergeError(f"experiment name {name!r} clashes with the base model, a task or a merge")
+            raise Conflict(f"experiment name {name!r} clashes with the base model, a task or a merge")
         check_experiment(name, exp, self.check_model)
         self.experiment_store.put(name, exp.model_dump())
         self.experiments = self.experiments | {name: exp}  # swap, never mutate: requests in flight keep theirs
 
     def set_weights(self, name: str, weights: dict[str, float]) -> Experiment:
         if name not in self.experiments:
-            raise UnknownTask(f"unknown experiment {name!r}")
+            raise NotFound(f"unknown experiment {name!r}")
         exp = self.experiments[name]
         unknown = set(weights) - set(exp.arms)
         if unknown:
-            raise MergeError(f"experiment {name!r} has no arm(s) {', '.join(sorted(unknown))}")
+            raise BadRequest(f"experiment {name!r} has no arm(s) {', '.join(sorted(unknown))}")
         arms = {a: arm.model_copy(update={"weight": weights.get(a, arm.weight)}) for a, arm in exp.arms.items()}
         new = Experiment.model_validate({"arms": {a: arm.model_dump() for a, arm in arms.items()}})
         self.put_experiment(name, new)
@@ -257,13 +301,14 @@ class KnotsServer:
 
     def delete_experiment(self, name: str) -> None:
         if name not in self.experiments:
-            raise UnknownTask(f"unknown experiment {name!r}")
+            raise NotFound(f"unknown experiment {name!r}")
         self.experiment_store.delete(name)
         self.experiments = {n: e for n, e in self.experiments.items() if n != name}
 
     def resolve(self, name: str) -> Path | None:
-        """For the vLLM resolver: where a routed merge's adapter is."""
-        composed = self.cache.lookup(name)
+        """For the vLLM resolver: where a routed merge's adapter is — only while a request holds it, so
+        vLLM never loads a merge the middleware has not routed (and held) for that request."""
+        composed = self.cache.held(name)
         return composed.path if composed else None
 
     # --- task registry (admin API) ----------------------------------------------------------------------
@@ -272,18 +317,18 @@ class KnotsServer:
         try:
             resolved = Path(path).expanduser().resolve()
         except (ValueError, OSError, RuntimeError) as e:  # a NUL byte, a symlink loop
-            raise MergeError(f"invalid adapter path {path!r}: {e}") from None
+            raise BadRequest(f"invalid adapter path {path!r}: {e}") from None
         if not any(resolved.is_relative_to(d) for d in self.cfg.adapter_dirs):
-            raise MergeError(f"adapter path {path!r} is outside the configured adapter_dirs")
+            raise BadRequest(f"adapter path {path!r} is outside the configured adapter_dirs")
         async with self._registry_lock:
             if name in self.bases.adapters:
-                raise MergeError(f"task {name!r} is already registered; unregister it first")
+                raise Conflict(f"task {name!r} is already registered; unregister it first")
             stamp = _stamp(resolved / "adapter_model.safetensors")
             adapter = await asyncio.to_thread(load_adapter, resolved, name)
-            pool = self.bases.adapters | {name: adapter}
-            async with self.gate.exclusive():  # drained, like a pin: see docs/RELIABILITY.md
-                await asyncio.to_thread(self.set_pool, pool)  # checks compatibility, rebuilds the basis
+            prepared = await asyncio.to_thread(self.bases.prepare, self.bases.adapters | {name: adapter})
+            async with self.gate.exclusive(self.cfg.drain_timeout_s):  # drained, like a pin: docs/RELIABILITY.md
                 await self._load_plain(name, resolved)
+                self._install(prepared)
             self.tasks.put(name, str(resolved))
             self._stamps[name] = stamp
         return self.describe(name)
@@ -293,13 +338,14 @@ class KnotsServer:
             if name not in self.bases.adapters:
                 raise UnknownTask(f"unknown task {name!r}")
             pool = {n: a for n, a in self.bases.adapters.items() if n != name}
-            async with self.gate.exclusive():
-                await asyncio.to_thread(self.set_pool, pool)
+            prepared = await asyncio.to_thread(self.bases.prepare, pool)
+            async with self.gate.exclusive(self.cfg.drain_timeout_s):
+                self._install(prepared)
                 self.models.lora_requests.pop(name, None)
             self.tasks.delete(name)
 
-    def set_pool(self, pool) -> None:
-        self.bases.set_pool(pool)
+    def _install(self, prepared: dict) -> None:
+        self.bases.install(prepared)
         self.cache.clear()  # in a new shared basis every non-TA merge changes
 
     async def _load_plain(self, name: str, path: Path) -> None:
@@ -321,7 +367,7 @@ class KnotsServer:
 
 def check_model(model: str, cfg: ServeConfig, tasks) -> None:
     """Can a server with this config and these tasks serve `model`? (For experiment arms; composes
-    nothing.) Raises MergeError / UnknownTask."""
+    nothing.) Raises BadRequest / NotFound."""
     if model == cfg.base_name or model in tasks or model in cfg.merges:
         return
     if not model.startswith(PREFIX):
@@ -331,7 +377,7 @@ def check_model(model: str, cfg: ServeConfig, tasks) -> None:
         raise UnknownTask(f"unknown task(s): {', '.join(unknown)}")
 
 
-class FilesChanged(MergeError):
+class FilesChanged(Unavailable):
     """A task's adapter files changed on disk after they were loaded (HTTP 503)."""
 
 
@@ -341,13 +387,3 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_size, st.st_mtime_ns
-
-
-def error_status(e: Exception) -> int:
-    if isinstance(e, UnknownTask):
-        return 404
-    return 503 if isinstance(e, (CacheUnavailable, FilesChanged, ComposeBusy)) else 400
-
-
-ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
-               413: "RequestTooLarge", 503: "ServiceUnavailableError"}
