@@ -98,7 +98,7 @@ def main():
                 t_server, t_ta = t_shared, t_ta_shared
             print(f"| {P} | {n} | {build:.2f} | {t_shared:.3f} | {t_subset:.3f} | {t_server:.3f} | "
                   f"{t_server * scale:.2f} | {t_ta:.3f} | {t_ta_shared:.3f} |", flush=True)
-        del pool, shared, store
+        pool = shared = store = None  # free this pool before the next one is built
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ async def run(url: str, args) -> None:
     print(f"| {len(burst)} at once (wall of the burst) | {len(burst)} | {wall_first:.2f} | {wall_again:.2f} | "
           f"**{wall_first / wall_again:.2f}** | {(c2[0] - c1[0]) / max(c2[1] - c1[1], 1):.3f} |")
     print(f"| {len(burst)} at once (median latency) | {len(burst)} | {lat_f:.2f} | {lat_a:.2f} | {lat_f / lat_a:.2f} | |")
-    print(f"\nper pair, single client (first, cached): "
+    print("\nper pair, single client (first, cached): "
           + ", ".join(f"{m.removeprefix('tasks:')} {f:.2f}/{a:.2f}" for m, f, a in zip(single, first, again)))
 
 

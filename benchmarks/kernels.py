@@ -12,10 +12,10 @@ import argparse
 import time
 
 import torch
-
 from knots_serve.kernels import abs_thresholds, cpu
 from knots_serve.kernels.lowrank_update import lowrank_update_torch, lowrank_update_triton, triton
 from knots_serve.kernels.ties import ties_merge_torch, ties_merge_triton
+
 from knots_serve.methods import kth_smallest, trim_thresholds
 
 

@@ -91,7 +91,7 @@ class Soak:
             t0 = time.perf_counter()
             try:
                 text, served = await self.ask(model, prompt, stream=rng.random() < 0.3)
-            except Exception as e:  # noqa: BLE001 — every failure is a finding
+            except Exception as e:  # every failure is a finding
                 self.failures.append(f"{model}: {type(e).__name__}: {e}")
                 continue
             self.latencies.append(time.perf_counter() - t0)
@@ -115,7 +115,7 @@ class Soak:
                         self.failures.append(f"registered {task[0]}: {text!r} differs from {check}")
                     await self.admin_call("DELETE", f"/admin/tasks/{task[0]}")
                     self.side["registrations"] += 1
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 self.failures.append(f"side loop: {type(e).__name__}: {e}")
             await asyncio.sleep(1)
 
@@ -126,7 +126,7 @@ class Soak:
                 self.peak_rss = max(self.peak_rss, sum(p.memory_info().rss for p in procs if p.is_running()))
             try:
                 self.peak_cache = max(self.peak_cache, (await self.admin_call("GET", "/admin/merges"))["cache_bytes"])
-            except Exception:  # noqa: BLE001 — no admin key: no cache gauge
+            except Exception:  # no admin key: no cache gauge
                 pass
             await asyncio.sleep(0.5)
 

@@ -20,8 +20,8 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from server_process import start_server  # noqa: E402
-from tiny import make_peft_lora, make_tiny_llama  # noqa: E402
+from server_process import start_server
+from tiny import make_peft_lora, make_tiny_llama
 
 KEY = "bench-key"
 
@@ -54,7 +54,8 @@ def bench(root: Path, base: Path, label: str, dtype: str):
             pins.append((wall, info["pinned"]["swap_s"], w["compose_s"], w["write_s"]))
             info, wall = call(srv.url, "DELETE", "/admin/pin")
             unpins.append((wall, info["swap_s"]))
-    med = lambda rows, i: statistics.median(r[i] for r in rows)  # noqa: E731
+    def med(rows, i):
+        return statistics.median(r[i] for r in rows)
     print(f"| {label} | {params(base) / 1e6:.1f} M | {dtype} | {med(pins, 0):.3f} | {med(pins, 2):.3f} | "
           f"{med(pins, 3):.3f} | {med(unpins, 0):.3f} |", flush=True)
 

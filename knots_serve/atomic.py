@@ -14,8 +14,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 FILE_MODE, DIR_MODE = 0o644, 0o755  # mkstemp/mkdtemp make private entries; the results are ordinary ones
 

@@ -111,7 +111,8 @@ class ModuleSpace:
 
     def __post_init__(self):
         # one memory layout whether built (LAPACK returns column-major) or loaded, so results are bitwise equal
-        c = lambda t: None if t is None else t.contiguous()  # noqa: E731
+        def c(t):
+            return None if t is None else t.contiguous()
         self.left, self.right = c(self.left), c(self.right)
         self.coef, self.basis_q = [c(t) for t in self.coef], [c(t) for t in self.basis_q]
 
@@ -148,7 +149,8 @@ class ModuleSpace:
         return torch.stack([self.task_tensor(n, dtype) for n in names])
 
     def to(self, device: torch.device | str) -> ModuleSpace:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        def move(t):
+            return None if t is None else t.to(device)
         return ModuleSpace(self.space, self.shape, self.tasks, move(self.left), move(self.right),
                            [move(t) for t in self.coef], [move(t) for t in self.basis_q])
 
@@ -209,7 +211,8 @@ class Basis:
             keys = set(f.keys())
             # clone: a tensor read from the file may sit at an unaligned offset, which sends BLAS down
             # another path; cloned, a loaded basis merges bitwise like the one that was saved.
-            get = lambda k: f.get_tensor(k).clone() if k in keys else None  # noqa: E731
+            def get(k):
+                return f.get_tensor(k).clone() if k in keys else None
             modules = {}
             for m, info in meta["modules"].items():
                 n = len(info["tasks"])

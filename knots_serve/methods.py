@@ -8,8 +8,8 @@ what X is (see basis.py). Method ids are `<method>` in the dense space and `<spa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -5,7 +5,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/ helpers: tiny.py, reference.py
 
-from tiny import make_peft_lora, make_tiny_llama  # noqa: E402
+from tiny import make_peft_lora, make_tiny_llama
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +50,9 @@ def server(tiny_base, tiny_adapters, tmp_path_factory):
         "cache_dir": str(root / "cache"), "cache_bytes": 4 << 20,  # a tmp dir: no tmpfs left behind
         "state_dir": str(root / "state"), "adapter_dirs": [str(root / "extra")],
         "admin_key_env": "KNOTS_TEST_ADMIN_KEY",
+        # every test talks from one address with one key, and together they compose hundreds of merges: the
+        # per-client rate of new merges is tested on its own (test_edge.py), not here
+        "new_merge_burst": 100_000,
         "vllm_args": ["--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "16",
                       "--kv-cache-memory-bytes", str(256 << 20)],
     }

@@ -7,11 +7,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from conftest import ADMIN_KEY
-from knots_serve.serving.experiments import Experiment, assign
 from server_process import CLI
 from test_serving import PROMPTS, complete, http, metric
+
+from knots_serve.serving.experiments import Experiment, assign
 
 WEIGHTS = {"merge": 1, "base": 1, "adapter": 2, "off": 0}
 
@@ -71,7 +71,7 @@ def test_live_reweighting_drops_no_request(server):
         while not stop.is_set():
             try:
                 ask(c, user=f"load-{i}", max_tokens=1)
-            except Exception as e:  # noqa: BLE001 — any failure is the finding
+            except Exception as e:  # any failure is the finding
                 errors.append(e)
             i += 1
 
@@ -101,6 +101,11 @@ def test_per_arm_metrics_feedback_and_report(server):
             status, body = http(server, "POST", "/v1/feedback", {"id": rid, "score": score + 0.1 * j})
             assert status == 200 and body["arm"] == arm
     assert http(server, "POST", "/v1/feedback", {"id": "nope", "score": 1})[0] == 404
+    # one score per response: the same score again is a retry, another one a conflict (nothing counted twice)
+    again = http(server, "POST", "/v1/feedback", {"id": ids["merge"][0], "score": 1.0})
+    assert again == (200, {"id": ids["merge"][0], "experiment": "exp", "arm": "merge", "recorded": False})
+    status, body = http(server, "POST", "/v1/feedback", {"id": ids["merge"][0], "score": 0.5})
+    assert status == 409 and body["error"]["type"] == "ConflictError" and "one score per response" in body["error"]["message"]
     assert http(server, "POST", "/v1/feedback", {"id": ids["merge"][0], "score": "x"})[0] == 400  # vLLM maps 422
     for name in ("knots_ab_requests_total", "knots_ab_tokens_total", "knots_ab_ttft_seconds_count",
                  "knots_ab_latency_seconds_count"):
@@ -133,7 +138,8 @@ def test_per_arm_metrics_feedback_and_report(server):
 def test_bad_definitions_are_refused_and_the_running_config_stays(server, method, path, body, message):
     before = http(server, "GET", "/admin/experiments", key=ADMIN_KEY)[1]
     status, resp = http(server, method, path, body, key=ADMIN_KEY)
-    assert status in (400, 404, 422) and message in json.dumps(resp), resp
+    assert status in (400, 404, 409, 422) and message in json.dumps(resp), resp
+    assert status == 409 or message not in ("already exists", "clashes")  # conflicts are 409s
     assert http(server, "GET", "/admin/experiments", key=ADMIN_KEY)[1] == before
     assert ask(server.client(), user="still-there", max_tokens=1)[0] in WEIGHTS
 

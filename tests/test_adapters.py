@@ -8,8 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from knots_serve.adapters import (VLLM_RANKS, AdapterError, check_compatible, load_adapter, save_adapter,
-                                  save_merged_model)
+from knots_serve.adapters import (
+    VLLM_RANKS,
+    AdapterError,
+    check_compatible,
+    load_adapter,
+    save_adapter,
+    save_merged_model,
+)
 from knots_serve.basis import build_basis
 from knots_serve.compose import MergeSpec, merge_dense, merge_lora
 

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import random_adapter
 
 from knots_serve.adapters import load_adapter
 from knots_serve.compose import MergeError
 from knots_serve.serving import metrics
-from knots_serve.serving.adapter_cache import AdapterCache, ComposeBusy
+from knots_serve.serving.adapter_cache import AdapterCache
 from knots_serve.serving.basis_store import BasisStore, UnknownTask
 from knots_serve.serving.names import parse_field, parse_model
-from tiny import random_adapter
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (32, 32), "model.layers.0.self_attn.v_proj": (16, 32)}
 

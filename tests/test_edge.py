@@ -8,8 +8,8 @@ import shutil
 import threading
 
 import pytest
-
 from asgi_edge import Engine, call, make_server
+
 from knots_serve.serving import metrics
 from knots_serve.serving.basis_store import BasisStore
 from knots_serve.serving.errors import TooManyRequests, Unavailable

@@ -12,12 +12,13 @@ import time
 from unittest import mock
 
 import pytest
+from test_composer import new_cache, pool, repool, sel
 
 from knots_serve import atomic
 from knots_serve.atomic import atomic_write_json
 from knots_serve.serving.adapter_cache import CacheUnavailable
 from knots_serve.serving.registry import Overlay
-from test_composer import new_cache, pool, repool, sel
+
 
 def writer(path):
     """Fork a process that rewrites the state file forever; return its pid once one version is on disk."""

@@ -10,7 +10,6 @@ import urllib.request
 import httpx
 import openai
 import pytest
-
 from conftest import ADMIN_KEY
 from test_pinning import MERGE, pin, unpin
 from test_serving import PROMPTS, complete, http

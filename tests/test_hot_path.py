@@ -7,20 +7,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-
 import reference as ref
+import torch
+from knots_serve.kernels import cpu
+from knots_serve.kernels.ties import ties_merge_torch
+from test_merge_math import factors, pool, rel
+
 from knots_serve.adapters import load_adapter
 from knots_serve.basis import build_basis
 from knots_serve.compose import MergeSpec, adapter_factors, linear_merge, merge_dense, merge_lora, to_host
-from knots_serve.kernels import cpu
-from knots_serve.kernels.ties import ties_merge_torch
 from knots_serve.methods import method_ids, resolve
 from knots_serve.serving.adapter_cache import AdapterCache, ComposeBusy
 from knots_serve.serving.basis_store import BasisStore
-from knots_serve.serving.names import parse_model
 from knots_serve.serving.errors import status_of
-from test_merge_math import factors, pool, rel
+from knots_serve.serving.names import parse_model
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,6 +220,7 @@ def test_the_middleware_answers_a_merge_past_the_bound_with_503_and_retry_after(
     import asyncio
 
     from asgi_edge import Engine, call, make_server
+
     from knots_serve.serving.middleware import KnotsMiddleware
 
     async def run():

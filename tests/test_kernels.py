@@ -20,6 +20,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 else:
     from knots_serve.kernels.lowrank_update import lowrank_update_torch, lowrank_update_triton
     from knots_serve.kernels.ties import ties_merge_torch, ties_merge_triton
+
     from knots_serve.methods import dare, trim_thresholds
 
     @pytest.mark.parametrize("n, d, top_k, seed", [(3, 1000, 0.2, 0), (8, 4097, 0.5, 1), (1, 37, 1.0, 2),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 lora_ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
-from knots_serve.serving import lora_fix  # noqa: E402
+from knots_serve.serving import lora_fix
 
 # vLLM's functions as installed (the plugin replaces them only in engine processes, not in pytest's)
 ORIGINAL = {n: getattr(lora_ops, n) for n in lora_fix.REPLACEMENTS}
@@ -20,7 +20,8 @@ def test_installed_op_maps_no_lora_to_the_last_slot():
 
 
 def test_a_vllm_whose_op_gives_slot_minus_one_no_lora_keeps_its_ops(monkeypatch):
-    correct = lambda *args: lora_fix.bgmv_shrink(*args)  # noqa: E731 - a correct op that is not ours
+    def correct(*args):
+        return lora_fix.bgmv_shrink(*args)
     monkeypatch.setattr(lora_ops, "bgmv_shrink", correct)
     assert lora_fix.apply() == "vLLM's torch LoRA ops give slot -1 no LoRA: kept"
     assert lora_ops.bgmv_shrink is correct and lora_ops.bgmv_expand is ORIGINAL["bgmv_expand"]
@@ -40,7 +41,8 @@ def test_grouped_ops_equal_vllms_ops_on_lora_rows_and_give_zero_without_lora(see
     # vLLM's ops in float32 (the replacements compute in float32 and round once to the output dtype),
     # compared on the LoRA rows only (vLLM's -1 rows are the bug)
     tol = {} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 5e-2}
-    close = lambda got, ref: torch.testing.assert_close(got.float(), ref, **tol)  # noqa: E731
+    def close(got, ref):
+        return torch.testing.assert_close(got.float(), ref, **tol)
     h_ref = torch.zeros(T, r)
     ORIGINAL["bgmv_shrink"](x, A.float(), h_ref, idx.clamp(min=0), 0.5)
     h = torch.full((T, r), 7.0, dtype=dtype)

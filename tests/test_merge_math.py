@@ -2,13 +2,13 @@
 
 import numpy as np
 import pytest
-import torch
-
 import reference as ref
+import torch
+from tiny import random_adapter
+
 from knots_serve.basis import Basis, build_basis, compact, joint_svd
 from knots_serve.compose import MergeSpec, merge_dense, merge_lora
 from knots_serve.methods import METHODS, dare, method_ids, resolve
-from tiny import random_adapter
 
 # (O, I) per module; ranks differ per task and per module; Σr > O in "narrow" (the basis is then O-wide).
 SHAPES = {"m.layers.0.q_proj": (24, 40), "m.layers.0.o_proj": (40, 24), "m.layers.1.v_proj": (8, 30)}
@@ -124,8 +124,9 @@ def test_dare_methods_match_reference_with_the_same_mask(name):
 def test_dare_merge_is_seeded(space):
     adapters = pool(5)
     basis = build_basis(adapters, space)
-    merge = lambda seed: merge_dense(basis, MergeSpec(("t0", "t1"), f"{space}-dare-ties".removeprefix("full-"),
-                                                      seed=seed))  # noqa: E731
+    def merge(seed):
+        return merge_dense(basis, MergeSpec(("t0", "t1"), f"{space}-dare-ties".removeprefix("full-"), seed=seed))
+
     a, b, c = merge(1), merge(1), merge(2)
     assert all(torch.equal(a[m], b[m]) for m in a)
     assert any(not torch.equal(a[m], c[m]) for m in a)

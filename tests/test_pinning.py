@@ -6,11 +6,11 @@ import threading
 
 import pytest
 import torch
-
 from conftest import ADMIN_KEY
-from knots_serve.serving.pinning import placement
 from server_process import CLI, start_server
 from test_serving import PROMPTS, complete, http
+
+from knots_serve.serving.pinning import placement
 
 
 def vllm_shard(W, kind, tp, rank, heads=None):
@@ -146,7 +146,7 @@ def test_requests_across_swaps_all_succeed_on_one_weight_set(server, full_model_
             p = PROMPTS[i % len(PROMPTS)]
             try:
                 results.append((p, complete(c, "tiny", p)))
-            except Exception as e:  # noqa: BLE001 — any failure is the finding
+            except Exception as e:  # any failure is the finding
                 errors.append(e)
 
     threads = [threading.Thread(target=load, args=(i,)) for i in range(6)]

@@ -7,10 +7,10 @@ import urllib.request
 import httpx
 import psutil
 import pytest
-
 from conftest import ADMIN_KEY, API_KEY
-from knots_serve.serving.auth import admin_refusal
 from test_serving import PROMPTS, complete, metric
+
+from knots_serve.serving.auth import admin_refusal
 
 MUTATING = ("post", "put", "patch", "delete")
 

@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-
 from conftest import ADMIN_KEY
 from server_process import CLI
 
@@ -42,6 +41,19 @@ def test_models_lists_base_adapters_tasks_and_named_merges(server):
     ids = [m.id for m in server.client().models.list().data]
     assert ids[0] == "tiny"
     assert {"alpha", "beta", "gamma", "tasks:alpha", "tasks:beta", "tasks:gamma", "ab-ta"} <= set(ids)
+
+
+def test_the_responses_api_serves_merges_as_chat_does(server):
+    """POST /v1/responses goes through the merge routing: a never-seen merge is composed and answers what
+    chat answers; elsewhere (here /tokenize) a merge is refused with the route named."""
+    c = server.client()
+    for model in ("tasks:beta+gamma@knots-ties?top_k=0.3", "tiny"):
+        resp = c.responses.create(model=model, input="hello world", max_output_tokens=6, temperature=0)
+        chat = c.chat.completions.create(model=model, messages=[{"role": "user", "content": "hello world"}],
+                                         max_tokens=6, temperature=0)
+        assert resp.output_text == chat.choices[0].message.content and resp.output_text
+    status, body = http(server, "POST", "/tokenize", {"model": "tasks:beta+gamma", "prompt": "hello"})
+    assert status == 400 and "/tokenize does not serve merges" in body["error"]["message"]
 
 
 def test_base_adapter_and_merges_answer_chat_and_completions(server):
@@ -136,7 +148,7 @@ def test_base_and_merged_requests_batched_together_equal_each_alone(server):
     ("tasks:alpha+beta@knots-ties?w.zeta=1", 400, "weight given for 'zeta'"),
     ("tasks:alpha+beta@knots-ties?top_k=0.1&top_k=0.2", 400, "given twice"),
     ("tasks:alpha+beta@knots-ties?top_k", 400, "malformed parameters"),
-    ("tasks:alpha+beta@knots-dare-ties?seed=99999999999999999999", 400, "seed must be an integer"),
+    ("tasks:alpha+beta@knots-dare-ties?seed=99999999999999999999", 400, "seed='99999999999999999999': expected a non-negative integer"),
     ("tasks:a/../../etc", 400, "invalid task name"),
     ("tasks:alpha+beta+gamma@ties", 400, "above this server's max_lora_rank 64"),
     ("no-such-model", 404, "does not exist"),
@@ -170,11 +182,13 @@ def test_concurrent_requests_for_one_new_merge_compose_it_once(server):
     c = server.client()
     misses = metric(server, 'knots_compose_cache_total{result="miss"}')
     model = "tasks:alpha+gamma@knots-magnitude?top_k=0.35"
+    label = 'knots_requests_total{model="merge/2/knots-magnitude"}'  # by method and size, not parameters
+    requests = metric(server, label)
     with ThreadPoolExecutor(8) as pool:
         outs = list(pool.map(lambda _: complete(c, model, PROMPTS[0]), range(8)))
     assert len(set(outs)) == 1
     assert metric(server, 'knots_compose_cache_total{result="miss"}') == misses + 1
-    assert metric(server, f'knots_requests_total{{model="{model}"}}') == 8
+    assert metric(server, label) == requests + 8
     assert metric(server, "knots_compose_seconds_count") >= 1
     text = urllib.request.urlopen(f"{server.url}/metrics").read().decode()  # the compose pool settled back
     assert "\nknots_compose_running 0.0\n" in text and "\nknots_compose_queue_depth 0.0\n" in text
@@ -192,8 +206,8 @@ def test_admin_registers_and_unregisters_tasks_at_runtime(server, tiny_adapters)
     assert status == 400 and "outside the configured adapter_dirs" in body["error"]["message"]
     status, body = http(server, "POST", "/admin/tasks", {"name": "delta", "path": str(extra / "delta")}, key=ADMIN_KEY)
     assert status == 201 and body["model"] == "tasks:delta"
-    assert http(server, "POST", "/admin/tasks", {"name": "delta", "path": str(extra / "delta")},
-                key=ADMIN_KEY)[0] == 400
+    status, body = http(server, "POST", "/admin/tasks", {"name": "delta", "path": str(extra / "delta")}, key=ADMIN_KEY)
+    assert status == 409 and body["error"]["type"] == "ConflictError" and "already registered" in body["error"]["message"]
     state = json.loads((server.root / "state" / "tasks.json").read_text())
     assert set(state["added"]) == {"delta"}
     c = server.client()

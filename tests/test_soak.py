@@ -10,7 +10,7 @@ import sys
 from conftest import ADMIN_KEY
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-from soak import Soak, merge_models  # noqa: E402
+from soak import Soak, merge_models
 
 SOAK_SECONDS = float(os.environ.get("KNOTS_SOAK_SECONDS", 30))
 

@@ -35,15 +35,15 @@ from pathlib import Path
 # Set before torch loads; an explicit setting in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from evaluate import Evaluator, Merge  # noqa: E402
+from evaluate import Evaluator, Merge
 
-from knots_serve.adapters import load_adapter  # noqa: E402
-from knots_serve.base_model import prepare_base  # noqa: E402
-from knots_serve.basis import build_basis  # noqa: E402
-from knots_serve.compose import MergeSpec  # noqa: E402
-from knots_serve.demo_tasks import TASKS  # noqa: E402
-from knots_serve.methods import resolve  # noqa: E402
-from knots_serve.serving.basis_store import auto_basis, lora_ranks  # noqa: E402
+from knots_serve.adapters import load_adapter
+from knots_serve.base_model import prepare_base
+from knots_serve.basis import build_basis
+from knots_serve.compose import MergeSpec
+from knots_serve.demo_tasks import TASKS
+from knots_serve.methods import resolve
+from knots_serve.serving.basis_store import auto_basis, lora_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = ("ta", "ties", "dare-ties", "knots-ties", "knots-dare-ties", "core-ties")

@@ -66,7 +66,8 @@ class Evaluator:
     def correct(self, merge: Merge | None, tasks, split: str, n: int) -> dict[str, list[int]]:
         """Per task, 0/1 exact match of the first n examples of the split (the base model when merge is None)."""
         label = merge.label if merge else "base"
-        key = lambda t: f"{label}|{split}|{t}"  # noqa: E731
+        def key(t):
+            return f"{label}|{split}|{t}"
         todo = [t for t in tasks if len(self.cache.get(key(t), [])) < n]
         if todo:
             self._pin(merge)

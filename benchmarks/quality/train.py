@@ -49,7 +49,10 @@ def encode(tok, prompt: str, answer: str) -> tuple[list[int], list[int]]:
 
 def collate(tok, pairs: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
     n = max(len(ids) for ids, _ in pairs)
-    pad = lambda xs, v: xs + [v] * (n - len(xs))
+
+    def pad(xs, v):
+        return xs + [v] * (n - len(xs))
+
     return {
         "input_ids": torch.tensor([pad(ids, tok.pad_token_id) for ids, _ in pairs]),
         "attention_mask": torch.tensor([pad([1] * len(ids), 0) for ids, _ in pairs]),

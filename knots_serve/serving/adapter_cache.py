@@ -31,10 +31,10 @@ import time
 import uuid
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from safetensors import SafetensorError
 
@@ -44,7 +44,6 @@ from . import metrics
 from .basis_store import BasisStore, UnknownTask
 from .errors import BadRequest, Unavailable
 from .names import Selection
-
 
 # cache_dir holds one directory per AdapterCache (per server), named so, holding a flock-ed LOCK file for the
 # instance's life: two servers on one host never delete each other's merges, a dead one's are removed.

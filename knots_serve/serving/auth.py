@@ -45,7 +45,8 @@ def admin_refusal(key_env: str, authorization: str | None, x_admin_key: str | No
 def refusal(method: str, path: str, headers: dict[bytes, bytes], key_env: str,
             api_keys: list[bytes]) -> tuple[int, str] | None:
     """Why a request may not pass (status, message), or None. `api_keys`: digests of the API keys."""
-    header = lambda name: headers[name].decode("latin-1") if name in headers else None  # noqa: E731
+    def header(name):
+        return headers[name].decode("latin-1") if name in headers else None
     if path in ADMIN_PATHS or path.startswith(ADMIN_PREFIXES):
         return admin_refusal(key_env, header(b"authorization"), header(b"x-admin-key"))
     if not api_keys or method == "OPTIONS" or path in PUBLIC or path.startswith("/docs"):

@@ -120,7 +120,8 @@ def load_config(path: str | os.PathLike) -> ServeConfig:
         msgs = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
         raise MergeError(f"invalid config {path}: {msgs}") from None
     root = path.parent
-    absolute = lambda p: p if p is None else (root / p.expanduser()).resolve()  # noqa: E731
+    def absolute(p):
+        return p if p is None else (root / p.expanduser()).resolve()
     return cfg.model_copy(update=dict(
         model=builtin_model(str(cfg.model)) if str(cfg.model).startswith(BUILTIN) else absolute(cfg.model), tasks={n: absolute(p) for n, p in cfg.tasks.items()},
         cache_dir=absolute(cfg.cache_dir), state_dir=absolute(cfg.state_dir), basis_file=absolute(cfg.basis_file),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+
 def op_is_buggy(bgmv_shrink) -> bool:
     """Does slot -1 pick up a LoRA? (weights: one slot of ones; a correct op returns zeros.)"""
     out = torch.zeros(1, 3)

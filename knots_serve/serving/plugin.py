@@ -54,12 +54,11 @@ class KnotsEndpoint:
         app.add_middleware(KnotsMiddleware)
 
     async def init_state(self, engine_client, state, args) -> None:
-        from .config import CONFIG_ENV, load_config
-        from .server import KnotsServer
-
         from vllm import envs
 
         from .auth import digest
+        from .config import CONFIG_ENV, load_config
+        from .server import KnotsServer
 
         server = KnotsServer(load_config(os.environ[CONFIG_ENV]), state.openai_serving_models, engine_client)
         # the API keys vLLM checks on /v1/* (its --api-key wins over VLLM_API_KEY); auth.py checks them everywhere

@@ -22,12 +22,11 @@ from .adapter_cache import AdapterCache, Composed
 from .basis_store import BasisStore, UnknownTask, compose_device
 from .config import ServeConfig
 from .errors import BadRequest, Conflict, NotFound, Unavailable
-from .limits import RateLimit
 from .experiments import Experiment, Outcomes, assign, check_experiment
-from .pinning import save_factors
+from .limits import RateLimit
 from .names import PREFIX, TASK_NAME, Selection, check_task_name, parse_field, parse_model
+from .pinning import save_factors
 from .registry import experiment_table, task_table
-
 
 
 @dataclass(frozen=True)
