@@ -222,3 +222,20 @@ def test_inference_never_waits_for_a_basis_build(edge, tiny_adapters, tmp_path):
         assert (await call(mw, "tasks:alpha+delta@knots-ta"))[0] == 200
 
     edge(test)
+
+
+def test_the_rank_bound_holds_for_modules_wider_than_any_vllm_rank(tmp_path):
+    """A dense trim of a 600×600 module can reach rank 600, above vLLM's 512: the same refusal, before
+    any work; in the KnOTS basis the same merge has rank ≤ 8 and is planned as such."""
+    from knots_serve.serving.adapter_cache import AdapterCache
+    from knots_serve.serving.errors import BadRequest
+    from knots_serve.serving.names import parse_model
+    from tiny import random_adapter
+
+    pool = {n: random_adapter(n, {"model.layers.0.mlp.up_proj": (600, 600)}, 4, seed=i) for i, n in enumerate("ab")}
+    cache = AdapterCache(BasisStore(pool), tmp_path / "cache", 1 << 20, 512)
+    with pytest.raises(BadRequest, match="full-rank in general .up to 600 in model.layers.0.mlp.up_proj."):
+        cache.get(parse_model("tasks:a+b@ties", "knots-ties"))
+    assert cache.store.plan(parse_model("tasks:a+b@knots-ties", "knots-ties"))[0] == 8
+    assert cache.get(parse_model("tasks:a+b@knots-ties", "knots-ties")).rank == 8
+    cache.close()

@@ -1,8 +1,10 @@
-"""Hostile input against the running server: our routes fuzzed from the server's own OpenAPI schema
-(schemathesis + hypothesis), the `model` and `knots` fields of the completion routes fuzzed, and explicit
-cases: oversized bodies, huge task lists, deep JSON, invalid UTF-8, path tricks and lying safetensors
-headers on the admin register API. Never a 5xx, and the server answers right afterwards."""
+"""Hostile input against the running server: every operation of the server's own OpenAPI schema (ours and
+vLLM's) fuzzed (schemathesis + hypothesis, positive and negative cases), the `model` and `knots` fields of
+the completion routes fuzzed, and explicit cases: oversized bodies, huge task lists, deep JSON, invalid
+UTF-8, path tricks and lying safetensors headers on the admin register API. Never a 5xx, and the server
+answers right afterwards (docs/SECURITY.md, "Fuzzing")."""
 
+import collections
 import json
 import os
 import shutil
@@ -17,11 +19,31 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
 from conftest import ADMIN_KEY
+from knots_serve.serving.auth import ADMIN_PATHS, ADMIN_PREFIXES
+from knots_serve.serving.middleware import INFERENCE_PATHS
 from test_serving import PROMPTS, complete, http
 
 OURS = ("/admin/", "/v1/feedback", "/v1/models")
-FAST = settings(max_examples=int(os.environ.get("KNOTS_FUZZ_EXAMPLES", 15)), deadline=None, database=None,
-                suppress_health_check=list(HealthCheck))
+EXAMPLES = int(os.environ.get("KNOTS_FUZZ_EXAMPLES", 15))  # per operation and mode, on our routes
+VLLM_EXAMPLES = int(os.environ.get("KNOTS_FUZZ_VLLM_EXAMPLES", 4))  # on vLLM's routes (big schemas, slow)
+FAST = settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+
+# vLLM control routes (0.32: rl/online, serve/dev, serve/profile, serve/fault_tolerance, scale_out, elastic_ep,
+# the runtime LoRA routes), mounted or not depending on flags (VLLM_SERVER_DEV_MODE, --profiler-config,
+# --enable-scale-out, --tokens-only, --enable-fault-tolerance): each changes or stops the engine, or drops
+# others' requests, so each needs the admin key; the fuzzing sends them without it, never executes them
+CONTROL = [("POST", p) for p in (
+    "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/adapters", "/adapters/alpha", "/scale_elastic_ep",
+    "/pause", "/resume", "/abort_requests", "/inference/v1/abort_requests",
+    "/init_weight_transfer_engine", "/shutdown_weight_transfer_engine", "/start_weight_update",
+    "/start_draft_weight_update", "/update_weights", "/finish_weight_update", "/update_weight_version",
+    "/weight_checker", "/start_profile", "/stop_profile", "/reset_prefix_cache", "/reset_mm_cache",
+    "/reset_encoder_cache", "/release_kv_cache_memory", "/sleep", "/wake_up", "/collective_rpc",
+    "/fault_tolerance/apply")] + [("DELETE", "/adapters/alpha"), ("GET", "/server_info")]
+# generation cost bounded: at most this many tokens, 2 choices, whatever a case asks for
+TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "min_tokens", "max_new_tokens")
+CAPS = dict.fromkeys(TOKEN_FIELDS, 4) | {"n": 2, "best_of": 2, "top_logprobs": 2, "logprobs": 2,
+                                         "prompt_logprobs": 2}
 
 
 @pytest.fixture(scope="module")
@@ -34,34 +56,136 @@ def healthy(server):
     assert {"alpha", "beta", "gamma"} <= tasks
 
 
-def our_operations(server):
-    schema = schemathesis.openapi.from_dict(httpx.get(f"{server.url}/openapi.json").json())
-    ops = [r.ok() for r in schema.get_all_operations()]
-    return [op for op in ops if op.path.startswith(OURS) and not op.path.startswith("/admin/pin")]
+def admin_only(path: str) -> bool:
+    return (path in ADMIN_PATHS or path.startswith(ADMIN_PREFIXES)) and not path.startswith(OURS)
+
+
+def bounded(body, default_field: str | None):
+    """The case's body with every token budget capped (anywhere in it: batch bodies nest requests), and a
+    budget added to a generation request that sets none; invalid values (negative, not numbers) are left as
+    they are: they test validation and cost nothing."""
+    if isinstance(body, list):
+        return [bounded(b, default_field) for b in body]
+    if not isinstance(body, dict):
+        return body
+    out = {k: bounded(v, default_field) for k, v in body.items()}
+    for field, cap in CAPS.items():
+        if isinstance(out.get(field), (int, float)) and not isinstance(out[field], bool) and out[field] > cap:
+            out[field] = cap
+    if default_field and not any(f in out for f in TOKEN_FIELDS) and \
+            any(k in out for k in ("prompt", "messages", "input")):
+        out[default_field] = CAPS[default_field]
+    return out
+
+
+# positive cases mostly name a model that does not exist and leave the prompt out (the schemas make both
+# optional): half of them get a real model (the base, a task, a merge, a named merge, the experiment) and an
+# input, so the random rest of the request reaches the merge routing and the engine
+MODELS = ("tiny", "alpha", "tasks:alpha+beta", "tasks:beta+gamma@knots-ties?top_k=0.5", "ab-ta", "exp")
+INPUTS = {"prompt": "one two", "messages": [{"role": "user", "content": "one two"}], "input": "one two"}
+INPUT_OF = {"/v1/completions": "prompt", "/v1/chat/completions": "messages", "/v1/responses": "input",
+            "/v1/messages": "messages"}
+
+
+def realistic(body, path: str, model: str):
+    if not isinstance(body, dict) or path not in INPUT_OF:
+        return body
+    field = INPUT_OF[path]
+    return body | {"model": model} | ({} if body.get(field) or body.get("prompt_embeds") else {field: INPUTS[field]})
+
+
+def budget_field(path: str) -> str | None:
+    if path in INFERENCE_PATHS or path == "/v1/systemone":
+        return "max_output_tokens" if path == "/v1/responses" else "max_tokens"
+    return None
+
+
+def operations(server):
+    schema = schemathesis.openapi.from_dict(httpx.get(f"{server.url}/openapi.json", timeout=60).json())
+    return [r.ok() for r in schema.get_all_operations()]
+
+
+def kind(op) -> str:
+    """How an operation is fuzzed: `ours` with the admin key; `guarded` (the admin key's routes, and /admin/pin:
+    a random valid pin would change the weights under the other tests) without it, which must answer 401/403;
+    `vllm`: vLLM's other routes, as any client calls them, generation budgets capped."""
+    if admin_only(op.path) or op.path.startswith("/admin/pin"):
+        return "guarded"
+    return "ours" if op.path.startswith(OURS) else "vllm"
+
+
+FIXTURES = ("alpha", "beta", "gamma", "exp")  # the other tests' tasks and experiment: never deleted here
+STATS = collections.Counter()  # (kind, mode, status class) -> cases, for docs/SECURITY.md
+
+
+def fuzz(server, op, mode, examples, statuses):
+    how = kind(op)
+
+    @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(case=op.as_strategy(generation_mode=mode), model=st.sampled_from((None,) * len(MODELS) + MODELS))
+    def check(case, model):
+        if case.method == "DELETE" and (case.path_parameters or {}).get("name") in FIXTURES:
+            return
+        headers = {"authorization": f"Bearer {ADMIN_KEY}"} if how == "ours" else {}
+        if how == "guarded":  # no admin key, whatever the schema's header parameters generated
+            case.headers = {k: v for k, v in (case.headers or {}).items()
+                            if k.lower() not in ("authorization", "x-admin-key")}
+        if how == "vllm" and budget_field(op.path) is not None:
+            if mode == GenerationMode.POSITIVE and model is not None:
+                case.body = realistic(case.body, op.path, model)
+            case.body = bounded(case.body, budget_field(op.path))
+        r = case.call(base_url=server.url, headers=headers, timeout=120)
+        statuses.append(r.status_code)
+        STATS[how, mode.value, f"{r.status_code // 100}xx"] += 1
+        what = (case.method, case.formatted_path, case.query, case.body, r.status_code, r.text[:400])
+        assert r.status_code < 500, what
+        if how == "guarded":
+            assert r.status_code in (401, 403, 404), what
+
+    try:
+        check()
+    except Unsatisfiable:  # no case of this mode exists for the operation (e.g. no parameters)
+        pass
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
-def test_our_routes_fuzzed_from_the_openapi_schema_never_give_a_5xx(server, healthy, mode):
-    """Pinning is left out: a random valid pin would change the weights under the other tests."""
-    ops = our_operations(server)
-    assert len(ops) >= 8, [op.path for op in ops]
-    seen = []
+def test_every_route_fuzzed_from_the_openapi_schema_never_gives_a_5xx(server, healthy, mode):
+    """Every operation of the server's schema, ours and vLLM's: ours with the admin key, the admin key's own
+    routes without it (401/403, never executed), vLLM's others as a client (token budgets capped)."""
+    ops = operations(server)
+    kinds = collections.Counter(kind(op) for op in ops)
+    assert kinds["ours"] >= 8 and kinds["guarded"] >= 5 and kinds["vllm"] >= 15, kinds
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"} <= {op.path for op in ops}
+    seen = collections.defaultdict(list)
     for op in ops:
-        @FAST
-        @given(case=op.as_strategy(generation_mode=mode))
-        def check(case):
-            if case.method == "DELETE" and case.path_parameters and \
-                    case.path_parameters.get("name") in ("alpha", "beta", "gamma", "exp"):
-                return
-            r = case.call(base_url=server.url, headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
-            seen.append(r.status_code)
-            assert r.status_code < 500, (case.method, case.formatted_path, case.body, r.text[:300])
+        fuzz(server, op, mode, EXAMPLES if kind(op) == "ours" else VLLM_EXAMPLES, seen[kind(op)])
+    print(f"\nfuzz {mode.value}:", {k: collections.Counter(v) for k, v in seen.items()},
+          dict(sorted(STATS.items())))
+    for k in kinds:
+        assert len(seen[k]) >= kinds[k] // 2, (k, len(seen[k]), kinds[k])
+    assert any(s >= 400 for s in seen["ours"]) and set(seen["guarded"]) <= {401, 403, 404}
+    if mode == GenerationMode.POSITIVE:  # valid cases get through: the budgets cap them, not refuse them
+        assert collections.Counter(seen["vllm"])[200] >= 5, seen["vllm"]
 
-        try:
-            check()
-        except Unsatisfiable:  # no case of this mode exists for the operation (e.g. no parameters)
-            pass
-    assert len(seen) >= len(ops) // 2 and any(s >= 400 for s in seen)
+
+@pytest.mark.parametrize("method, path", CONTROL)
+def test_vllm_control_routes_need_the_admin_key(server, method, path):
+    """Mounted or not (the middleware answers before routing), with or without vLLM's API key."""
+    assert admin_only(path), path
+    for headers in ({}, {"authorization": "Bearer none"}, {"x-admin-key": "wrong"}):
+        r = httpx.request(method, f"{server.url}{path}", json={"request_ids": ["x"], "mode": "abort"},
+                          headers=headers, timeout=60)
+        assert r.status_code == 401, (path, headers, r.status_code, r.text[:200])
+
+
+def test_generation_budgets_are_capped():
+    body = {"model": "m", "max_tokens": 10**9, "n": 50, "logprobs": True, "messages": [],
+            "requests": [{"prompt": "p"}, {"prompt": "p", "max_completion_tokens": 99, "min_tokens": -3}]}
+    assert bounded(body, "max_tokens") == {
+        "model": "m", "max_tokens": 4, "n": 2, "logprobs": True, "messages": [],
+        "requests": [{"prompt": "p", "max_tokens": 4}, {"prompt": "p", "max_completion_tokens": 4, "min_tokens": -3}]}
+    assert bounded({"input": "x"}, "max_output_tokens") == {"input": "x", "max_output_tokens": 4}
+    assert bounded("not json", "max_tokens") == "not json"
 
 
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False),

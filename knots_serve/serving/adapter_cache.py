@@ -182,7 +182,7 @@ class AdapterCache:
     def _check_plan(self, sel: Selection) -> None:
         """Refuse a merge this server would refuse after composing it, before any work (rank, memory)."""
         rank, module, nbytes = self.store.plan(sel)
-        if padded_rank(rank) > self.max_lora_rank:
+        if rank > self.max_lora_rank:  # max_lora_rank is a vLLM rank: the padded rank fits iff the rank does
             dense = resolve(sel.spec.method)[0] == "full"
             why = (f"the dense-space merge {sel.spec.method!r} is full-rank in general (up to {rank} in {module})"
                    if dense else f"the merge can reach rank {rank} (in {module})")
