@@ -13,19 +13,20 @@ import struct
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
-from hypothesis.errors import Unsatisfiable
-from hypothesis import strategies as st
-from schemathesis import GenerationMode
-
 from conftest import ADMIN_KEY
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+from schemathesis.errors import UnsupportedSchema
+from test_serving import PROMPTS, complete, http
+
 from knots_serve.serving.auth import ADMIN_PATHS, ADMIN_PREFIXES
 from knots_serve.serving.middleware import INFERENCE_PATHS
-from test_serving import PROMPTS, complete, http
 
 OURS = ("/admin/", "/v1/feedback", "/v1/models")
 EXAMPLES = int(os.environ.get("KNOTS_FUZZ_EXAMPLES", 15))  # per operation and mode, on our routes
-VLLM_EXAMPLES = int(os.environ.get("KNOTS_FUZZ_VLLM_EXAMPLES", 4))  # on vLLM's routes (big schemas, slow)
+VLLM_EXAMPLES = int(os.environ.get("KNOTS_FUZZ_VLLM_EXAMPLES", 8))  # on vLLM's routes (big schemas, slow)
 FAST = settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
 # vLLM control routes (0.32: rl/online, serve/dev, serve/profile, serve/fault_tolerance, scale_out, elastic_ep,
@@ -56,6 +57,13 @@ def healthy(server):
     assert {"alpha", "beta", "gamma"} <= tasks
 
 
+# constrained decoding left out of the generated cases: the tiny model's word-level vocabulary cannot spell
+# JSON (no "{" token) nor most regexes, so vLLM's grammar masks every token, samples token 0, rejects it and
+# answers 500 (test_known_vllm_5xx_on_a_grammar_the_vocabulary_cannot_spell; reported for a middleware guard)
+GRAMMAR_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                  "guided_grammar", "output_config")
+
+
 def admin_only(path: str) -> bool:
     return (path in ADMIN_PATHS or path.startswith(ADMIN_PREFIXES)) and not path.startswith(OURS)
 
@@ -68,7 +76,11 @@ def bounded(body, default_field: str | None):
         return [bounded(b, default_field) for b in body]
     if not isinstance(body, dict):
         return body
-    out = {k: bounded(v, default_field) for k, v in body.items()}
+    out = {k: bounded(v, default_field) for k, v in body.items() if k not in GRAMMAR_FIELDS}
+    if out.get("tool_choice") not in (None, "auto", "none"):  # "required" or a named tool: a JSON grammar
+        del out["tool_choice"]
+    if isinstance(out.get("text"), dict):  # the Responses API's text.format
+        out["text"] = {k: v for k, v in out["text"].items() if k != "format"}
     for field, cap in CAPS.items():
         if isinstance(out.get(field), (int, float)) and not isinstance(out[field], bool) and out[field] > cap:
             out[field] = cap
@@ -95,7 +107,7 @@ def realistic(body, path: str, model: str):
 
 
 def budget_field(path: str) -> str | None:
-    if path in INFERENCE_PATHS or path == "/v1/systemone":
+    if path in INFERENCE_PATHS:
         return "max_output_tokens" if path == "/v1/responses" else "max_tokens"
     return None
 
@@ -114,19 +126,32 @@ def kind(op) -> str:
     return "ours" if op.path.startswith(OURS) else "vllm"
 
 
-FIXTURES = ("alpha", "beta", "gamma", "exp")  # the other tests' tasks and experiment: never deleted here
+# vLLM's own 5xx on valid input, left to a middleware guard (reported; test_known_vllm_5xx_on_systemone fails
+# when it is fixed)
+KNOWN_5XX = {("/v1/systemone", 501, "The model does not support the structured decision API")}
+
+
+def known(path: str, status: int, text: str) -> bool:
+    return any(path == p and status == s and m in text for p, s, m in KNOWN_5XX)
+
+
+FIXTURES = ("alpha", "beta", "gamma", "exp")  # the other tests' tasks and experiment: never changed here
 STATS = collections.Counter()  # (kind, mode, status class) -> cases, for docs/SECURITY.md
 
 
 def fuzz(server, op, mode, examples, statuses):
     how = kind(op)
 
-    @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    # no shrinking: the assertion names the failing case, and shrinking a 5xx on vLLM's big schemas takes minutes
+    @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck),
+              phases=[Phase.explicit, Phase.generate])
     @given(case=op.as_strategy(generation_mode=mode), model=st.sampled_from((None,) * len(MODELS) + MODELS))
     def check(case, model):
-        if case.method == "DELETE" and (case.path_parameters or {}).get("name") in FIXTURES:
+        if case.method != "GET" and (case.path_parameters or {}).get("name") in FIXTURES:
             return
-        headers = {"authorization": f"Bearer {ADMIN_KEY}"} if how == "ours" else {}
+        # ours: the key in both headers, over the schema's generated header parameters (a random X-Admin-Key
+        # would win over the Authorization header and make it a 401 before anything is validated)
+        headers = {"authorization": f"Bearer {ADMIN_KEY}", "x-admin-key": ADMIN_KEY} if how == "ours" else {}
         if how == "guarded":  # no admin key, whatever the schema's header parameters generated
             case.headers = {k: v for k, v in (case.headers or {}).items()
                             if k.lower() not in ("authorization", "x-admin-key")}
@@ -136,16 +161,30 @@ def fuzz(server, op, mode, examples, statuses):
             case.body = bounded(case.body, budget_field(op.path))
         r = case.call(base_url=server.url, headers=headers, timeout=120)
         statuses.append(r.status_code)
-        STATS[how, mode.value, f"{r.status_code // 100}xx"] += 1
         what = (case.method, case.formatted_path, case.query, case.body, r.status_code, r.text[:400])
+        if known(op.path, r.status_code, r.text):
+            STATS[how, mode.value, "known 5xx"] += 1
+            return
+        STATS[how, mode.value, f"{r.status_code // 100}xx"] += 1
         assert r.status_code < 500, what
         if how == "guarded":
             assert r.status_code in (401, 403, 404), what
+        if how == "vllm" and op.path in ("/v1/completions", "/v1/chat/completions") and \
+                isinstance(case.body, (dict, list, bytes)):
+            # /invocations (SageMaker) takes either body; its schema declares none, so it is fuzzed with these
+            body = case.body if isinstance(case.body, bytes) else json.dumps(case.body).encode()  # bytes: negative
+            r = httpx.post(f"{server.url}/invocations", content=body,
+                           headers={"content-type": "application/json"}, timeout=120)
+            statuses.append(r.status_code)
+            STATS[how, mode.value, f"{r.status_code // 100}xx"] += 1
+            assert r.status_code < 500, ("POST", "/invocations", case.body, r.status_code, r.text[:400])
 
     try:
         check()
     except Unsatisfiable:  # no case of this mode exists for the operation (e.g. no parameters)
         pass
+    except UnsupportedSchema:  # schemathesis cannot negate a part of the schema (a `not` deep in vLLM's
+        STATS[how, mode.value, "ungenerated"] += 1  # Responses schema): the cases before it were sent
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
@@ -178,6 +217,48 @@ def test_vllm_control_routes_need_the_admin_key(server, method, path):
         assert r.status_code == 401, (path, headers, r.status_code, r.text[:200])
 
 
+@pytest.mark.xfail(strict=True, reason="vLLM 0.32 answers 501 NotImplementedError on /v1/systemone for a model "
+                                        "without a structured-decision strategy (the tiny Llama): needs a guard")
+def test_known_vllm_5xx_on_systemone(server):
+    r = httpx.post(f"{server.url}/v1/systemone", json={"state": "x", "questions": {}}, timeout=60)
+    assert r.status_code < 500, (r.status_code, r.text[:300])
+
+
+# vLLM's control routers: every route that changes something needs the admin key (auth.py), whichever flag
+# mounts it; these few only read or generate (/inference/v1/generate: API key, and no merge by name, as on
+# every route outside INFERENCE_PATHS)
+CONTROL_ROUTERS = ("rl.online", "serve.dev.cache", "serve.dev.rpc", "serve.dev.server_info", "serve.dev.sleep",
+                   "serve.profile", "serve.fault_tolerance", "scale_out.token_in_token_out", "serve.elastic_ep")
+NOT_CONTROL = {"/is_paused", "/weight_info", "/get_world_size", "/is_sleeping", "/is_scaling_elastic_ep",
+               "/inference/v1/generate"}
+
+
+def test_every_route_of_vllms_control_routers_needs_the_admin_key():
+    import importlib
+
+    routes = set()
+    for name in CONTROL_ROUTERS:
+        module = importlib.import_module(f"vllm.entrypoints.{name}.api_router")
+        for router in (getattr(module, "router", None), getattr(module, "abort_router", None)):
+            routes |= {r.path for r in getattr(router, "routes", [])}
+    assert len(routes) >= 30 and {"/pause", "/update_weights", "/start_profile"} <= routes, routes
+    assert sorted(p for p in routes - NOT_CONTROL if not admin_only(p)) == []
+    lora = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/adapters", "/adapters/alpha"}  # in the schema
+    assert {path for _, path in CONTROL} - lora <= routes  # CONTROL names real routes
+
+
+@pytest.mark.xfail(strict=True, reason="vLLM 0.32: a grammar the vocabulary cannot spell (JSON on the tiny word-level "
+                                        "vocabulary) masks every token; the engine rejects token 0 and answers 500")
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "one"}], "max_tokens": 4,
+                              "response_format": {"type": "json_object"}}),
+    ("/v1/completions", {"prompt": "one", "max_tokens": 4, "structured_outputs": {"regex": "w1 w2"}}),
+    ("/v1/responses", {"input": "one", "max_output_tokens": 4, "text": {"format": {"type": "json_object"}}})])
+def test_known_vllm_5xx_on_a_grammar_the_vocabulary_cannot_spell(server, path, body):
+    r = httpx.post(f"{server.url}{path}", json={"model": "tiny"} | body, timeout=120)
+    assert r.status_code < 500, (r.status_code, r.text[:300])
+
+
 def test_generation_budgets_are_capped():
     body = {"model": "m", "max_tokens": 10**9, "n": 50, "logprobs": True, "messages": [],
             "requests": [{"prompt": "p"}, {"prompt": "p", "max_completion_tokens": 99, "min_tokens": -3}]}
@@ -185,6 +266,9 @@ def test_generation_budgets_are_capped():
         "model": "m", "max_tokens": 4, "n": 2, "logprobs": True, "messages": [],
         "requests": [{"prompt": "p", "max_tokens": 4}, {"prompt": "p", "max_completion_tokens": 4, "min_tokens": -3}]}
     assert bounded({"input": "x"}, "max_output_tokens") == {"input": "x", "max_output_tokens": 4}
+    assert bounded({"prompt": "p", "max_tokens": 1, "response_format": {}, "tool_choice": "required",
+                    "text": {"format": {}, "verbosity": "low"}}, "max_tokens") == \
+        {"prompt": "p", "max_tokens": 1, "text": {"verbosity": "low"}}
     assert bounded("not json", "max_tokens") == "not json"
 
 

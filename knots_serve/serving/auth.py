@@ -3,7 +3,9 @@
 - The admin key (the env var named by `admin_key_env`): /admin/*, and vLLM's routes that change the
   engine: the runtime LoRA routes, which knots-serve must switch on for its resolver
   (VLLM_ALLOW_RUNTIME_LORA_UPDATING) but which would let any client load an adapter from any path the
-  server can read or unload the task adapters, their SageMaker aliases, elastic scaling, and the dev routes.
+  server can read or unload the task adapters, their SageMaker aliases, elastic scaling, and the dev, RL,
+  profiler, fault-tolerance and abort routes that flags of vLLM mount (pause the engine, abort others'
+  requests, replace or reset the weights, start a profiler).
 - The API key, when one is set (VLLM_API_KEY or --api-key, vLLM's own): every other route but the public
   probes. vLLM checks it only on /v1/*, /v2/*, /inference, /cohere, which leaves /invocations (SageMaker
   inference), /tokenize, /generative_scoring, ... open; here it is deny by default.
@@ -15,9 +17,18 @@ import hashlib
 import hmac
 import os
 
-ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/scale_elastic_ep", "/reset_prefix_cache",
-               "/reset_mm_cache", "/sleep", "/wake_up", "/collective_rpc")
-ADMIN_PREFIXES = ("/admin/", "/adapters")
+ADMIN_PATHS = (
+    # runtime LoRA, elastic scaling, the dev routes (VLLM_SERVER_DEV_MODE)
+    "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/scale_elastic_ep", "/reset_prefix_cache",
+    "/reset_mm_cache", "/reset_encoder_cache", "/release_kv_cache_memory", "/sleep", "/wake_up",
+    "/collective_rpc", "/server_info",
+    # the RL routes (VLLM_SERVER_DEV_MODE): pause the engine, abort every request, replace the weights
+    "/pause", "/resume", "/abort_requests", "/init_weight_transfer_engine", "/shutdown_weight_transfer_engine",
+    "/start_weight_update", "/start_draft_weight_update", "/update_weights", "/finish_weight_update",
+    "/update_weight_version", "/weight_checker",
+    # abort anyone's requests by id (--enable-scale-out, --tokens-only); the profiler (--profiler-config)
+    "/inference/v1/abort_requests", "/start_profile", "/stop_profile")
+ADMIN_PREFIXES = ("/admin/", "/adapters", "/fault_tolerance/")  # --enable-fault-tolerance
 PUBLIC = ("/health", "/ping", "/version", "/metrics", "/openapi.json", "/docs", "/redoc")
 
 
