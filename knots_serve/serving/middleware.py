@@ -54,6 +54,9 @@ class KnotsMiddleware:
             return await send_error(send, 413, error_json(f"request body over {body} bytes", 413))
         doc = await _form(scope, body) if form else _json(body)
         if scope["path"] not in INFERENCE_PATHS:
+            if scope["path"] == "/v1/systemone" and _no_structured_decisions(scope):
+                return await send_error(send, 404, error_json(
+                    "/v1/systemone is not served for this model: vLLM has no structured-decision strategy for it", 404))
             if isinstance(doc, dict) and server.selects_merge(doc):
                 e = BadRequest(f"{scope['path']} does not serve merges, experiments or tasks: models; they are "
                                f"served on {', '.join(INFERENCE_PATHS)}")
@@ -144,6 +147,13 @@ async def _form(scope, body: bytes) -> dict | None:
     except (MultiPartException, ValueError, KeyError):
         return None
     return {k: v for k, v in form.items() if isinstance(v, str)}
+
+
+def _no_structured_decisions(scope) -> bool:
+    """vLLM 0.32 mounts /v1/systemone for every model and answers 501 (NotImplementedError) where the model
+    has no structured-decision strategy (app.state.serving_structured_decisions is None): a 404 here."""
+    app = scope.get("app")
+    return app is not None and getattr(app.state, "serving_structured_decisions", None) is None
 
 
 def _header(headers: dict, name: bytes) -> str | None:
