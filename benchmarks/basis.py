@@ -28,14 +28,29 @@ from knots_serve.methods import METHODS
 F64 = torch.float64
 # (O, I) of one decoder layer's projections, and the attention head size
 SHAPES = {
-    "llama3-8b": dict(q=(4096, 4096), k=(1024, 4096), v=(1024, 4096), o=(4096, 4096),
-                      gate=(14336, 4096), up=(14336, 4096), down=(4096, 14336)),
-    "smollm2-135m": dict(q=(576, 576), k=(192, 576), v=(192, 576), o=(576, 576),
-                         gate=(1536, 576), up=(1536, 576), down=(576, 1536)),
+    "llama3-8b": dict(
+        q=(4096, 4096),
+        k=(1024, 4096),
+        v=(1024, 4096),
+        o=(4096, 4096),
+        gate=(14336, 4096),
+        up=(14336, 4096),
+        down=(4096, 14336),
+    ),
+    "smollm2-135m": dict(
+        q=(576, 576), k=(192, 576), v=(192, 576), o=(576, 576), gate=(1536, 576), up=(1536, 576), down=(576, 1536)
+    ),
 }
 HEAD_DIM = {"llama3-8b": 128, "smollm2-135m": 64}
-NAMES = dict(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
-             gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj")
+NAMES = dict(
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    o="self_attn.o_proj",
+    gate="mlp.gate_proj",
+    up="mlp.up_proj",
+    down="mlp.down_proj",
+)
 
 
 def synthetic_pool(shapes: dict, modules: list[str], tasks: int, rank: int, layers: int = 1) -> list[LoraAdapter]:
@@ -47,7 +62,8 @@ def synthetic_pool(shapes: dict, modules: list[str], tasks: int, rank: int, laye
             for m in modules:
                 O, I = shapes[m]
                 mods[f"model.layers.{layer}.{NAMES[m]}"] = LoraModule(
-                    A=torch.randn(rank, I, generator=g) / I**0.5, B=torch.randn(O, rank, generator=g) / rank, scale=2.0)
+                    A=torch.randn(rank, I, generator=g) / I**0.5, B=torch.randn(O, rank, generator=g) / rank, scale=2.0
+                )
         pool.append(LoraAdapter(f"task{t}", mods, "synthetic"))
     return pool
 
@@ -104,8 +120,15 @@ def peft_model(shapes: str, pool: list[LoraAdapter], modules: list[str], rank: i
     from transformers import LlamaConfig, LlamaForCausalLM
 
     S, hd = SHAPES[shapes], HEAD_DIM[shapes]
-    cfg = LlamaConfig(hidden_size=S["q"][1], intermediate_size=S["gate"][0], num_hidden_layers=1, vocab_size=256,
-                      num_attention_heads=S["q"][0] // hd, num_key_value_heads=S["k"][0] // hd, head_dim=hd)
+    cfg = LlamaConfig(
+        hidden_size=S["q"][1],
+        intermediate_size=S["gate"][0],
+        num_hidden_layers=1,
+        vocab_size=256,
+        num_attention_heads=S["q"][0] // hd,
+        num_key_value_heads=S["k"][0] // hd,
+        head_dim=hd,
+    )
     lcfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=[NAMES[m].split(".")[1] for m in modules])
     model = get_peft_model(LlamaForCausalLM(cfg), lcfg, adapter_name=pool[0].name)
     for a in pool[1:]:
@@ -137,30 +160,53 @@ def main():
     dense_mods = args.dense_modules.split(",") if args.dense_modules else modules
     pool = synthetic_pool(SHAPES[args.shapes], modules, args.tasks, args.rank)
     names, n = tuple(a.name for a in pool), args.tasks
-    print(f"# {args.shapes}, one layer, {'/'.join(modules)}, {n} tasks, rank {args.rank}, top_k {args.top_k}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}", flush=True)
+    print(
+        f"# {args.shapes}, one layer, {'/'.join(modules)}, {n} tasks, rank {args.rank}, top_k {args.top_k}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}",
+        flush=True,
+    )
     rows = []  # (group, implementation, time, alternative's time or None, error text)
 
     # 1. the basis: low-rank vs the dense reference, on the module types the reference runs on
     sub = only(pool, dense_mods)
     t_low_sub, basis_sub = timed(lambda: build_basis(sub, "knots"), args.repeat)
     t_dense, ref = timed(lambda: dense_reference(sub), 1)
-    s_err = max((torch.linalg.norm(ref[m][1][: len(s)] - s) / torch.linalg.norm(ref[m][1])).item()
-                for m, ms in basis_sub.modules.items()
-                for s in [torch.linalg.svdvals(torch.cat(list(ms.stack(list(names)).double()), dim=1))])
+    s_err = max(
+        (torch.linalg.norm(ref[m][1][: len(s)] - s) / torch.linalg.norm(ref[m][1])).item()
+        for m, ms in basis_sub.modules.items()
+        for s in [torch.linalg.svdvals(torch.cat(list(ms.stack(list(names)).double()), dim=1))]
+    )
     ties_spec = MergeSpec(names, "knots-ties", {"top_k": args.top_k}, trim_scope="module")
     k_err = rel_error(merge_dense(basis_sub, ties_spec), ties_from_reference(ref, sub, args.top_k))
     del ref
     on = "/".join(dense_mods)
-    rows.append(("KnOTS basis", f"reference: dense float64 SVD of [ΔW_1…ΔW_n], {on}", t_dense, t_dense, "0 (reference)"))
-    rows.append(("KnOTS basis", f"knots-serve low-rank (QR + core SVD), {on}", t_low_sub, t_dense,
-                 f"σ {s_err:.1e}; knots-ties ΔW {k_err:.1e}"))
+    rows.append(
+        ("KnOTS basis", f"reference: dense float64 SVD of [ΔW_1…ΔW_n], {on}", t_dense, t_dense, "0 (reference)")
+    )
+    rows.append(
+        (
+            "KnOTS basis",
+            f"knots-serve low-rank (QR + core SVD), {on}",
+            t_low_sub,
+            t_dense,
+            f"σ {s_err:.1e}; knots-ties ΔW {k_err:.1e}",
+        )
+    )
     t_knots, basis = timed(lambda: build_basis(pool, "knots"), args.repeat)
     t_core, _ = timed(lambda: build_basis(pool, "core"), args.repeat)
     full = dense_mods == modules
-    rows.append(("KnOTS basis", f"knots-serve low-rank, all {len(modules)} modules", t_knots, t_dense if full else None, ""))
-    rows.append(("KnOTS basis", f"knots-serve Core Space basis, all {len(modules)} modules", t_core,
-                 t_dense if full else None, "lossless (tests: 1e-5)"))
+    rows.append(
+        ("KnOTS basis", f"knots-serve low-rank, all {len(modules)} modules", t_knots, t_dense if full else None, "")
+    )
+    rows.append(
+        (
+            "KnOTS basis",
+            f"knots-serve Core Space basis, all {len(modules)} modules",
+            t_core,
+            t_dense if full else None,
+            "lossless (tests: 1e-5)",
+        )
+    )
 
     # 2. TA over all tasks: exact reference Σ ΔW_i
     ta_ref = {m: sum(a.modules[m].delta(F64) for a in pool) for m in pool[0].modules}
@@ -181,11 +227,25 @@ def main():
     rows.append(("TA merge", "knots-serve knots-ta from the resident basis", t_ta, t_cat, f"{err_ta:.1e}"))
     rows.append(("TA merge", "knots-serve basis + knots-ta (from scratch)", t_knots + t_ta, t_cat, f"{err_ta:.1e}"))
     if not args.no_peft:
-        rows.append(("TIES merge", f"PEFT add_weighted_adapter ties_svd (svd_rank {args.rank * n})", t_svd, t_svd,
-                     f"{svd_err:.1e} vs dense TIES"))
+        rows.append(
+            (
+                "TIES merge",
+                f"PEFT add_weighted_adapter ties_svd (svd_rank {args.rank * n})",
+                t_svd,
+                t_svd,
+                f"{svd_err:.1e} vs dense TIES",
+            )
+        )
     rows.append(("TIES merge", "knots-serve ties, dense float64 (exact dense TIES)", t_ties, t_svd, "0 (reference)"))
-    rows.append(("TIES merge", "knots-serve knots-ties from the resident basis", t_kt, t_svd,
-                 "exact low-rank (KnOTS-TIES, another merge)"))
+    rows.append(
+        (
+            "TIES merge",
+            "knots-serve knots-ties from the resident basis",
+            t_kt,
+            t_svd,
+            "exact low-rank (KnOTS-TIES, another merge)",
+        )
+    )
 
     print("| step | implementation | time (s) | speedup vs alternative | rel. error vs float64 reference |")
     print("|---|---|---:|---:|---|")

@@ -63,28 +63,37 @@ def from_scratch(adapters, names, method: str):
 def timings(pool, bases, names, method: str, repeat: int) -> tuple[float, float, float]:
     """(resident pool basis, the same merge from scratch, the subset's own basis from scratch) for one merge."""
     subset = [a for a in pool if a.name in names]
-    return (median_time(repeat, merge_lora, bases[method.split("-")[0]], MergeSpec(names, method)),
-            median_time(repeat, from_scratch, pool, names, method),
-            median_time(repeat, from_scratch, subset, names, method))
+    return (
+        median_time(repeat, merge_lora, bases[method.split("-")[0]], MergeSpec(names, method)),
+        median_time(repeat, from_scratch, pool, names, method),
+        median_time(repeat, from_scratch, subset, names, method),
+    )
 
 
 def demo_table(repeat: int, methods: list[str], sizes: list[int]) -> None:
     pool = [load_adapter(ROOT / "adapters" / t, t) for t in DEMO]
     bases = {s: build_basis(pool, s) for s in ("knots", "core")}
-    print("| subset | method | resident pool basis (s) | same merge from scratch: pool basis + merge (s) | speedup | "
-          "subset's own basis + merge (s) | resident / subset basis |")
+    print(
+        "| subset | method | resident pool basis (s) | same merge from scratch: pool basis + merge (s) | speedup | "
+        "subset's own basis + merge (s) | resident / subset basis |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|")
     for names in (tuple(DEMO[:n]) for n in sizes):
         for method in methods:
             t_res, t_new, t_sub = timings(pool, bases, names, method, repeat)
-            print(f"| {len(names)} tasks | {method} | {t_res:.3f} | {t_new:.3f} | {t_new / t_res:.2f} | {t_sub:.3f} | "
-                  f"{t_res / t_sub:.2f} |", flush=True)
+            print(
+                f"| {len(names)} tasks | {method} | {t_res:.3f} | {t_new:.3f} | {t_new / t_res:.2f} | {t_sub:.3f} | "
+                f"{t_res / t_sub:.2f} |",
+                flush=True,
+            )
 
 
 def scaling_table(layers: int, ranks: list[int], counts: list[int], repeat: int) -> None:
     shapes = SHAPES["smollm2-135m"]
-    print("| rank | tasks | knots-ties, resident (s) | knots-ties, pool basis + merge (s) | speedup | "
-          "knots-ties, subset basis + merge (s) | core-ties, resident (s) | knots-ta, resident (s) |")
+    print(
+        "| rank | tasks | knots-ties, resident (s) | knots-ties, pool basis + merge (s) | speedup | "
+        "knots-ties, subset basis + merge (s) | core-ties, resident (s) | knots-ta, resident (s) |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in ranks:
         pool = synthetic_pool(shapes, ["q", "k", "v", "o"], max(counts), r, layers)
@@ -94,8 +103,11 @@ def scaling_table(layers: int, ranks: list[int], counts: list[int], repeat: int)
             t_res, t_new, t_sub = timings(pool, bases, names, "knots-ties", repeat)
             t_core = median_time(repeat, merge_lora, bases["core"], MergeSpec(names, "core-ties"))
             t_ta = median_time(repeat, merge_lora, bases["knots"], MergeSpec(names, "knots-ta"))
-            print(f"| {r} | {n} | {t_res:.3f} | {t_new:.3f} | {t_new / t_res:.2f} | {t_sub:.3f} | {t_core:.3f} | "
-                  f"{t_ta:.3f} |", flush=True)
+            print(
+                f"| {r} | {n} | {t_res:.3f} | {t_new:.3f} | {t_new / t_res:.2f} | {t_sub:.3f} | {t_core:.3f} | "
+                f"{t_ta:.3f} |",
+                flush=True,
+            )
 
 
 def main():
@@ -120,9 +132,13 @@ def main():
         demo_table(args.repeat, args.demo_methods.split(","), [int(x) for x in args.demo_sizes.split(",")])
     if args.table == "demo":
         return
-    print(f"\n## synthetic SmolLM2-135M q/k/v/o × {args.layers} layers, resident basis over {max(map(int, args.counts.split(',')))} tasks")
-    scaling_table(args.layers, [int(x) for x in args.ranks.split(",")], [int(x) for x in args.counts.split(",")],
-                  args.repeat)
+    print(
+        f"\n## synthetic SmolLM2-135M q/k/v/o × {args.layers} layers, resident basis over "
+        f"{max(map(int, args.counts.split(',')))} tasks"
+    )
+    scaling_table(
+        args.layers, [int(x) for x in args.ranks.split(",")], [int(x) for x in args.counts.split(",")], args.repeat
+    )
 
 
 if __name__ == "__main__":

@@ -65,11 +65,15 @@ def main():
     scale = LAYERS[args.shapes] / args.layers
     device = args.device
     name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine()
-    print(f"# {args.shapes}, q/k/v/o/gate/up/down × {args.layers} layer(s), rank {args.rank}; per model = × {scale:g}; "
-          f"{device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{'basis store' if BasisStore else 'no basis store (older version)'}; median of {args.repeat}")
-    print("| pool | subset | shared basis build (s) | knots-ties shared (s) | knots-ties subset (s) | "
-          "knots-ties server (s) | per model, server (s) | knots-ta server (s) | knots-ta shared (s) |")
+    print(
+        f"# {args.shapes}, q/k/v/o/gate/up/down × {args.layers} layer(s), rank {args.rank}; per model = × {scale:g}; "
+        f"{device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"{'basis store' if BasisStore else 'no basis store (older version)'}; median of {args.repeat}"
+    )
+    print(
+        "| pool | subset | shared basis build (s) | knots-ties shared (s) | knots-ties subset (s) | "
+        "knots-ties server (s) | per model, server (s) | knots-ta server (s) | knots-ta shared (s) |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     shapes = SHAPES[args.shapes]
     for P in (int(p) for p in args.pools.split(",")):
@@ -92,12 +96,18 @@ def main():
                 sel = parse_model(f"tasks:{'+'.join(names)}@knots-ties", "knots-ties")
                 store._subset.clear()
                 t_server = timed(lambda: (store._subset.clear(), store.merge(sel)), device, args.repeat)
-                t_ta = timed(lambda: store.merge(parse_model(f"tasks:{'+'.join(names)}@knots-ta", "knots-ties")),
-                             device, args.repeat)
+                t_ta = timed(
+                    lambda: store.merge(parse_model(f"tasks:{'+'.join(names)}@knots-ta", "knots-ties")),
+                    device,
+                    args.repeat,
+                )
             else:
                 t_server, t_ta = t_shared, t_ta_shared
-            print(f"| {P} | {n} | {build:.2f} | {t_shared:.3f} | {t_subset:.3f} | {t_server:.3f} | "
-                  f"{t_server * scale:.2f} | {t_ta:.3f} | {t_ta_shared:.3f} |", flush=True)
+            print(
+                f"| {P} | {n} | {build:.2f} | {t_shared:.3f} | {t_subset:.3f} | {t_server:.3f} | "
+                f"{t_server * scale:.2f} | {t_ta:.3f} | {t_ta_shared:.3f} |",
+                flush=True,
+            )
         pool = shared = store = None  # free this pool before the next one is built
 
 

@@ -43,7 +43,7 @@ async def run(url: str, args) -> None:
 
     client = AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=900)
     pairs = [f"tasks:{a}+{b}" for a, b in itertools.combinations(TASKS, 2)]
-    single, burst = pairs[:args.single], pairs[args.single:args.single + args.burst]
+    single, burst = pairs[: args.single], pairs[args.single : args.single + args.burst]
     t = args.max_tokens
     await scenario(client, ["add", "sentiment"], 2, t)  # warm: engine paths, LoRA code paths
     c0 = compose_seconds(url)
@@ -56,18 +56,28 @@ async def run(url: str, args) -> None:
     wall_again, res_again = await scenario(client, burst, len(burst), t)
     c2 = compose_seconds(url)
     med = statistics.median
-    print(f"\n# SmolLM2-135M-Instruct + 8 demo adapters, configs/default.yaml; 2-task knots-ties merges of pairs "
-          f"never asked before; {t} output tokens per request; latency at the client (s)")
+    print(
+        f"\n# SmolLM2-135M-Instruct + 8 demo adapters, configs/default.yaml; 2-task knots-ties merges of pairs "
+        f"never asked before; {t} output tokens per request; latency at the client (s)"
+    )
     print("| scenario | merges | first request (s) | cached (s) | first / cached | compose, server (s, mean) |")
     print("|---|---:|---:|---:|---:|---:|")
-    print(f"| single client, one after another (median latency) | {len(single)} | {med(first):.2f} | {med(again):.2f} | "
-          f"**{med(first) / med(again):.2f}** | {(c1[0] - c0[0]) / max(c1[1] - c0[1], 1):.3f} |")
+    print(
+        f"| single client, one after another (median latency) | {len(single)} | {med(first):.2f} | {med(again):.2f} | "
+        f"**{med(first) / med(again):.2f}** | {(c1[0] - c0[0]) / max(c1[1] - c0[1], 1):.3f} |"
+    )
     lat_f, lat_a = med(r[1] for r in res_first), med(r[1] for r in res_again)
-    print(f"| {len(burst)} at once (wall of the burst) | {len(burst)} | {wall_first:.2f} | {wall_again:.2f} | "
-          f"**{wall_first / wall_again:.2f}** | {(c2[0] - c1[0]) / max(c2[1] - c1[1], 1):.3f} |")
-    print(f"| {len(burst)} at once (median latency) | {len(burst)} | {lat_f:.2f} | {lat_a:.2f} | {lat_f / lat_a:.2f} | |")
-    print("\nper pair, single client (first, cached): "
-          + ", ".join(f"{m.removeprefix('tasks:')} {f:.2f}/{a:.2f}" for m, f, a in zip(single, first, again)))
+    print(
+        f"| {len(burst)} at once (wall of the burst) | {len(burst)} | {wall_first:.2f} | {wall_again:.2f} | "
+        f"**{wall_first / wall_again:.2f}** | {(c2[0] - c1[0]) / max(c2[1] - c1[1], 1):.3f} |"
+    )
+    print(
+        f"| {len(burst)} at once (median latency) | {len(burst)} | {lat_f:.2f} | {lat_a:.2f} | {lat_f / lat_a:.2f} | |"
+    )
+    print(
+        "\nper pair, single client (first, cached): "
+        + ", ".join(f"{m.removeprefix('tasks:')} {f:.2f}/{a:.2f}" for m, f, a in zip(single, first, again))
+    )
 
 
 def main():

@@ -3,7 +3,8 @@
 
     .venv/bin/python benchmarks/float32_trim.py
 
-Per merge (weights 1, and a 2-task merge weighted 0.7/1.3, where w·x is rounded too): entries each task's trim keeps in float64 that float32 does not, or the other way round
+Per merge (weights 1, and a 2-task merge weighted 0.7/1.3, where w·x is rounded too): entries each task's
+trim keeps in float64 that float32 does not, or the other way round
 (flips), out of all entries; and the relative Frobenius distance of the float32 merge (ΔW per module,
 summed over modules) from the float64 one.
 """
@@ -40,8 +41,15 @@ def main():
     for method in ("knots-ties", "core-ties", "ties"):
         space, _ = resolve(method)
         shared = build_basis(pool, space)
-        for names, weights in ((tuple(DEMO[:2]), {}), (tuple(DEMO[:2]), {DEMO[0]: 0.7, DEMO[1]: 1.3}), (tuple(DEMO), {})):
-            for label, basis in (("shared", shared), ("subset", build_basis([a for a in pool if a.name in names], space))):
+        for names, weights in (
+            (tuple(DEMO[:2]), {}),
+            (tuple(DEMO[:2]), {DEMO[0]: 0.7, DEMO[1]: 1.3}),
+            (tuple(DEMO), {}),
+        ):
+            for label, basis in (
+                ("shared", shared),
+                ("subset", build_basis([a for a in pool if a.name in names], space)),
+            ):
                 if label == "subset" and len(names) == len(DEMO):
                     continue  # the subset of all tasks is the shared basis
                 spec = MergeSpec(names, method, weights=weights)
@@ -50,8 +58,11 @@ def main():
                 num = sum(float(torch.linalg.norm(a[m] - b[m]) ** 2) for m in a) ** 0.5
                 den = sum(float(torch.linalg.norm(b[m]) ** 2) for m in b) ** 0.5
                 w = f", weights {'/'.join(str(weights[t]) for t in names)}" if weights else ""
-                print(f"| {method}, {len(names)} tasks{w} | {label} | {total} | {n} | {n / total:.1e} | {num / den:.1e} |",
-                      flush=True)
+                print(
+                    f"| {method}, {len(names)} tasks{w} | {label} | {total} | {n} | {n / total:.1e} | "
+                    f"{num / den:.1e} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -65,8 +65,10 @@ def main():
             impls.append(("numba", lambda: cpu.ties_merge_numba(Y, thr)))
         for impl, fn in impls:
             t = timeit(fn, dev, repeat=5 if dev == "cpu" else 20)
-            print(f"| TIES elect + disjoint mean | {n}×{d} fp32 | {impl} | {t * 1e3:.2f} | {floor * 1e3:.3f} | "
-                  f"{t / floor:.1f} |")
+            print(
+                f"| TIES elect + disjoint mean | {n}×{d} fp32 | {impl} | {t * 1e3:.2f} | {floor * 1e3:.3f} | "
+                f"{t / floor:.1f} |"
+            )
         # the trim threshold: the exact k-th smallest |x| of each row (two reads of Y at best)
         k = d - int(d * 0.2)
         impls = [("torch (sampled bracket)", lambda: kth_smallest(Y.abs(), k))]
@@ -75,10 +77,14 @@ def main():
         for impl, fn in impls:
             t = timeit(fn, dev, repeat=5 if dev == "cpu" else 20)
             floor = 2 * n * d * 4 / bw
-            print(f"| TIES trim threshold | {n}×{d} fp32 | {impl} | {t * 1e3:.2f} | {floor * 1e3:.3f} | "
-                  f"{t / floor:.1f} |")
-    for (O, I, k), dtype in (((4096, 4096, 128), torch.bfloat16), ((14336, 4096, 128), torch.bfloat16),
-                             ((4096, 4096, 128), torch.float32)):
+            print(
+                f"| TIES trim threshold | {n}×{d} fp32 | {impl} | {t * 1e3:.2f} | {floor * 1e3:.3f} | {t / floor:.1f} |"
+            )
+    for (O, I, k), dtype in (
+        ((4096, 4096, 128), torch.bfloat16),
+        ((14336, 4096, 128), torch.bfloat16),
+        ((4096, 4096, 128), torch.float32),
+    ):
         W0 = torch.randn(O, I, device=dev, generator=g).to(dtype)
         L = torch.randn(O, k, device=dev, generator=g)
         R = torch.randn(k, I, device=dev, generator=g)
@@ -89,8 +95,10 @@ def main():
             impls.append(("triton", lambda: lowrank_update_triton(W0, L, R, 1.0, out=out)))
         for impl, fn in impls:
             t = timeit(fn, dev, repeat=5 if dev == "cpu" else 20)
-            print(f"| W0 + L·R | {O}×{I}, k={k}, {str(dtype).removeprefix('torch.')} | {impl} | {t * 1e3:.2f} | "
-                  f"{floor * 1e3:.3f} | {t / floor:.1f} |")
+            print(
+                f"| W0 + L·R | {O}×{I}, k={k}, {str(dtype).removeprefix('torch.')} | {impl} | {t * 1e3:.2f} | "
+                f"{floor * 1e3:.3f} | {t / floor:.1f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -43,11 +43,15 @@ def main():
     args = ap.parse_args()
     shapes, L = SHAPES[args.shapes], LAYERS[args.shapes]
     dense = L * sum(O * I for O, I in shapes.values()) * 2  # one dense merge, bf16
-    print(f"# {args.shapes}: {L} layers × {'/'.join(MODULES)}, rank {args.rank}, float32 factors; dense merge in bf16 "
-          f"= {human(dense)}")
-    print("| tasks | pool LoRAs | KnOTS basis | Core basis | one merge, LoRA factors (rank) | one merge, dense | "
-          "every subset as LoRAs | every subset dense | every subset as LoRAs / KnOTS basis | "
-          "knots-ties compose buffer, all n (transient) |")
+    print(
+        f"# {args.shapes}: {L} layers × {'/'.join(MODULES)}, rank {args.rank}, float32 factors; dense merge in bf16 "
+        f"= {human(dense)}"
+    )
+    print(
+        "| tasks | pool LoRAs | KnOTS basis | Core basis | one merge, LoRA factors (rank) | one merge, dense | "
+        "every subset as LoRAs | every subset dense | every subset as LoRAs / KnOTS basis | "
+        "knots-ties compose buffer, all n (transient) |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in map(int, args.counts.split(",")):
         pool = synthetic_pool(shapes, MODULES, n, args.rank)
@@ -62,11 +66,17 @@ def main():
         # passes hold about two more buffers of that size at their peak
         buffer = L * n * 8 * sum(ms.left.shape[1] * ms.shape[1] for ms in knots.modules.values())
         subsets = sum(comb(n, s) for s in range(2, n + 1))
-        all_lora = L * sum(comb(n, s) * min(s * args.rank, O, I) * (O + I) * 4  # a merge's rank is ≤ s·r, O, I
-                           for s in range(2, n + 1) for O, I in shapes.values())
-        print(f"| {n} | {human(lora)} | {human(knots_b)} | {human(core_b)} | {human(merge_b)} ({rank}) | {human(dense)} | "
-              f"{human(all_lora)} ({subsets}) | {human(subsets * dense)} | {all_lora / knots_b:.3g} | {human(buffer)} |",
-              flush=True)
+        all_lora = L * sum(
+            comb(n, s) * min(s * args.rank, O, I) * (O + I) * 4  # a merge's rank is ≤ s·r, O, I
+            for s in range(2, n + 1)
+            for O, I in shapes.values()
+        )
+        print(
+            f"| {n} | {human(lora)} | {human(knots_b)} | {human(core_b)} | {human(merge_b)} ({rank}) | "
+            f"{human(dense)} | "
+            f"{human(all_lora)} ({subsets}) | {human(subsets * dense)} | {all_lora / knots_b:.3g} | {human(buffer)} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

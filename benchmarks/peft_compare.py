@@ -62,8 +62,9 @@ def add_weighted(peft, tasks: list[str], combination: str, density: float, rank:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tasks", default="add,sentiment,reverse_words,to_digits,sort_numbers,max_number,last_word,"
-                                       "pick_category")
+    ap.add_argument(
+        "--tasks", default="add,sentiment,reverse_words,to_digits,sort_numbers,max_number,last_word,pick_category"
+    )
     ap.add_argument("--top-k", type=float, default=0.2, help="TIES keep fraction (PEFT: density)")
     args = ap.parse_args()
     tasks = args.tasks.split(",")
@@ -77,8 +78,10 @@ def main():
     ties_ref = merge_dense(full, MergeSpec(names, "ties", {"top_k": args.top_k}, trim_scope="module"))
     t_ties_dense = time.perf_counter() - t0
     rank = 16 * len(tasks)
-    print(f"# {len(tasks)} demo adapters on SmolLM2-135M-Instruct; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"# {len(tasks)} demo adapters on SmolLM2-135M-Instruct; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
     print("| merge | implementation | time (s) | rank | rel. error vs exact |")
     print("|---|---|---:|---:|---:|")
     t0 = time.perf_counter()
@@ -86,20 +89,27 @@ def main():
     lora = merge_lora(knots, MergeSpec(names, "knots-ta"))
     t = time.perf_counter() - t0
     got = {m: B.double() @ A.double() for m, (B, A) in lora.items()}
-    print(f"| TA | knots-serve knots-ta (basis + merge) | {t:.2f} | {max(B.shape[1] for B, _ in lora.values())} | "
-          f"{rel_error(got, ta_ref):.1e} |")
+    print(
+        f"| TA | knots-serve knots-ta (basis + merge) | {t:.2f} | {max(B.shape[1] for B, _ in lora.values())} | "
+        f"{rel_error(got, ta_ref):.1e} |"
+    )
     t, got = peft_merge(base, tasks, "cat", args.top_k, rank)
     print(f"| TA | PEFT add_weighted_adapter cat | {t:.2f} | {rank} | {rel_error(got, ta_ref):.1e} |")
-    print(f"| TIES (dense, per-module trim) | knots-serve ties, float64 (the reference) | {t_ties_dense:.2f} | "
-          "full | 0 |")
+    print(
+        f"| TIES (dense, per-module trim) | knots-serve ties, float64 (the reference) | {t_ties_dense:.2f} | full | 0 |"
+    )
     t, got = peft_merge(base, tasks, "ties_svd", args.top_k, rank)
-    print(f"| TIES (dense, per-module trim) | PEFT add_weighted_adapter ties_svd, svd_rank {rank} | {t:.2f} | {rank} | "
-          f"{rel_error(got, ties_ref):.1e} |")
+    print(
+        f"| TIES (dense, per-module trim) | PEFT add_weighted_adapter ties_svd, svd_rank {rank} | {t:.2f} | {rank} | "
+        f"{rel_error(got, ties_ref):.1e} |"
+    )
     t0 = time.perf_counter()
     lora = merge_lora(knots, MergeSpec(names, "knots-ties", {"top_k": args.top_k}))
     t = time.perf_counter() - t0
-    print(f"| KnOTS-TIES | knots-serve, from the resident basis | {t:.2f} | "
-          f"{max(B.shape[1] for B, _ in lora.values())} | exact (low-rank by construction) |")
+    print(
+        f"| KnOTS-TIES | knots-serve, from the resident basis | {t:.2f} | "
+        f"{max(B.shape[1] for B, _ in lora.values())} | exact (low-rank by construction) |"
+    )
 
 
 if __name__ == "__main__":

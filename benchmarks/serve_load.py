@@ -46,8 +46,12 @@ def server_config(cache: Path, state: Path) -> dict:
 
 
 def admin(url: str, method: str, path: str, body: dict | None = None) -> dict:
-    req = urllib.request.Request(f"{url}{path}", method=method, data=None if body is None else json.dumps(body).encode(),
-                                 headers={"content-type": "application/json", "authorization": f"Bearer {KEY}"})
+    req = urllib.request.Request(
+        f"{url}{path}",
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"content-type": "application/json", "authorization": f"Bearer {KEY}"},
+    )
     with urllib.request.urlopen(req, timeout=600) as r:
         return json.loads(r.read())
 
@@ -57,8 +61,14 @@ async def one(client, model: str, i: int, max_tokens: int) -> tuple[float, float
     t0 = time.perf_counter()
     ttft, tokens = None, 0
     stream = await client.chat.completions.create(
-        model=model, temperature=0, max_tokens=max_tokens, stream=True, stream_options={"include_usage": True},
-        messages=[{"role": "user", "content": PROMPT.format(a=10 + i, b=47 + 3 * i)}], extra_body={"ignore_eos": True})
+        model=model,
+        temperature=0,
+        max_tokens=max_tokens,
+        stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": PROMPT.format(a=10 + i, b=47 + 3 * i)}],
+        extra_body={"ignore_eos": True},
+    )
     async for chunk in stream:
         if ttft is None and chunk.choices and chunk.choices[0].delta.content:
             ttft = time.perf_counter() - t0
@@ -87,21 +97,36 @@ def summary(runs: list) -> dict:
     res = [r for _, rs in runs for r in rs]
     ttfts = sorted(r[0] for r in res)
     decode = statistics.median((r[2] - 1) / (r[1] - r[0]) for r in res)
-    return {"requests": len(res), "tok_s": sum(r[2] for r in res) / wall, "ttft_p50": statistics.median(ttfts),
-            "ttft_max": ttfts[-1], "decode": decode}
+    return {
+        "requests": len(res),
+        "tok_s": sum(r[2] for r in res) / wall,
+        "ttft_p50": statistics.median(ttfts),
+        "ttft_max": ttfts[-1],
+        "decode": decode,
+    }
 
 
 def row(label: str, r: dict, ref: dict) -> str:
-    return (f"| {label} | {r['requests']} | {r['tok_s']:.2f} | {r['tok_s'] / ref['tok_s']:.2f} | "
-            f"{r['ttft_p50']:.2f} | {r['ttft_p50'] / ref['ttft_p50']:.2f} | {r['ttft_max']:.2f} | {r['decode']:.2f} |")
+    return (
+        f"| {label} | {r['requests']} | {r['tok_s']:.2f} | {r['tok_s'] / ref['tok_s']:.2f} | "
+        f"{r['ttft_p50']:.2f} | {r['ttft_p50'] / ref['ttft_p50']:.2f} | {r['ttft_max']:.2f} | {r['decode']:.2f} |"
+    )
 
 
 async def run(url: str, base: str, args) -> None:
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=900)
-    tasks = ["add", "sentiment", "reverse_words", "to_digits", "sort_numbers", "max_number", "last_word",
-             "pick_category"]
+    tasks = [
+        "add",
+        "sentiment",
+        "reverse_words",
+        "to_digits",
+        "sort_numbers",
+        "max_number",
+        "last_word",
+        "pick_category",
+    ]
     merge, pinned = "tasks:add+sentiment", "tasks:add+max_number@knots-ties"
     pairs = [f"tasks:{a}+{b}" for a, b in itertools.combinations(tasks, 2)]
     n, c, t = args.requests, args.concurrency, args.max_tokens
@@ -114,9 +139,12 @@ async def run(url: str, base: str, args) -> None:
         runs["lora"].append(await scenario(client, ["add"] * n, c, t))
         runs["cached"].append(await scenario(client, [merge] * n, c, t))
         # never seen: a distinct top_k per request makes every request a new merge (compose + write + load)
-        runs["cold"].append(await scenario(
-            client, [f"{merge}@knots-ties?top_k={0.1 + 0.01 * (rnd * n + i):.2f}" for i in range(n)], c, t))
-        runs["subsets"].append(await scenario(client, pairs[rnd * n:(rnd + 1) * n], c, t))
+        runs["cold"].append(
+            await scenario(
+                client, [f"{merge}@knots-ties?top_k={0.1 + 0.01 * (rnd * n + i):.2f}" for i in range(n)], c, t
+            )
+        )
+        runs["subsets"].append(await scenario(client, pairs[rnd * n : (rnd + 1) * n], c, t))
         t0 = time.perf_counter()
         admin(url, "POST", "/admin/pin", {"model": pinned})
         pin_s.append(time.perf_counter() - t0)
@@ -125,14 +153,23 @@ async def run(url: str, base: str, args) -> None:
         admin(url, "DELETE", "/admin/pin")
     res = {k: summary(v) for k, v in runs.items()}
     ref = res["lora"]
-    print(f"\n# {args.rounds} rounds × {n} requests a scenario, {c} in flight, {t} output tokens each (ignore_eos), "
-          f"streaming; max_loras {args.max_loras}; pin (POST /admin/pin, wall) {statistics.median(pin_s):.2f} s median")
-    print("| scenario | requests | output tok/s | vs one LoRA | TTFT p50 (s) | vs one LoRA | TTFT max (s) | "
-          "decode tok/s per request (p50) |")
+    print(
+        f"\n# {args.rounds} rounds × {n} requests a scenario, {c} in flight, {t} output tokens each (ignore_eos), "
+        f"streaming; max_loras {args.max_loras}; pin (POST /admin/pin, wall) {statistics.median(pin_s):.2f} s median"
+    )
+    print(
+        "| scenario | requests | output tok/s | vs one LoRA | TTFT p50 (s) | vs one LoRA | TTFT max (s) | "
+        "decode tok/s per request (p50) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    labels = {"base": "base model", "lora": "one original LoRA (`add`)", "cached": f"cached merge `{merge}`",
-              "cold": "never-seen merge per request (compose + load)", "pinned": f"pinned merge `{pinned}`",
-              "subsets": f"a different subset per request, {args.max_loras} LoRA slots"}
+    labels = {
+        "base": "base model",
+        "lora": "one original LoRA (`add`)",
+        "cached": f"cached merge `{merge}`",
+        "cold": "never-seen merge per request (compose + load)",
+        "pinned": f"pinned merge `{pinned}`",
+        "subsets": f"a different subset per request, {args.max_loras} LoRA slots",
+    }
     for key in ("base", "lora", "cached", "cold", "pinned", "subsets"):
         print(row(labels[key], res[key], ref))
 

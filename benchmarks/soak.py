@@ -26,14 +26,20 @@ import httpx
 import psutil
 from openai import AsyncOpenAI
 
-METHODS = ("knots-ta", "knots-ties?top_k=0.2", "knots-ties?top_k=0.5", "knots-ties?top_k=0.8", "core-ties",
-           "knots-dare-ties?density=0.7&seed=1")
+METHODS = (
+    "knots-ta",
+    "knots-ties?top_k=0.2",
+    "knots-ties?top_k=0.5",
+    "knots-ties?top_k=0.8",
+    "core-ties",
+    "knots-dare-ties?density=0.7&seed=1",
+)
 
 
 def merge_models(tasks: list[str], limit: int = 40) -> list[str]:
     """Merges of 2 and 3 tasks, each in its own subset basis, so that a task registered or unregistered
     meanwhile (which changes the shared basis) changes none of them."""
-    subsets = [(a, b) for i, a in enumerate(tasks) for b in tasks[i + 1:]] + [tuple(tasks[:3])]
+    subsets = [(a, b) for i, a in enumerate(tasks) for b in tasks[i + 1 :]] + [tuple(tasks[:3])]
     models = []
     for method in METHODS:
         for s in subsets:
@@ -43,12 +49,21 @@ def merge_models(tasks: list[str], limit: int = 40) -> list[str]:
 
 
 class Soak:
-    def __init__(self, url: str, models: list[str], prompts: list[str], api_key: str = "none",
-                 admin_key: str | None = None, pid: int | None = None, max_tokens: int = 8):
+    def __init__(
+        self,
+        url: str,
+        models: list[str],
+        prompts: list[str],
+        api_key: str = "none",
+        admin_key: str | None = None,
+        pid: int | None = None,
+        max_tokens: int = 8,
+    ):
         self.url, self.models, self.prompts, self.max_tokens = url, models, prompts, max_tokens
         self.client = AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=300)
-        self.admin = httpx.AsyncClient(base_url=url, timeout=300,
-                                       headers={"x-admin-key": admin_key or "", "authorization": f"Bearer {api_key}"})
+        self.admin = httpx.AsyncClient(
+            base_url=url, timeout=300, headers={"x-admin-key": admin_key or "", "authorization": f"Bearer {api_key}"}
+        )
         self.pid = pid
         self.expected: dict[tuple[str, str], set[str]] = {}
         self.latencies: list[float] = []
@@ -130,22 +145,33 @@ class Soak:
                 pass
             await asyncio.sleep(0.5)
 
-    async def run(self, seconds: float, clients: int, pin: str | None = None, task=None, check: str = "",
-                  seed: int = 0) -> dict:
+    async def run(
+        self, seconds: float, clients: int, pin: str | None = None, task=None, check: str = "", seed: int = 0
+    ) -> dict:
         await self.references(pin)
         until = time.monotonic() + seconds
         rngs = [random.Random(seed * 1000 + i) for i in range(clients)]
         t0 = time.perf_counter()
-        await asyncio.gather(self.sample(until), self.side_loop(until, pin, task, check),
-                             *(self.client_loop(r, until) for r in rngs))
+        await asyncio.gather(
+            self.sample(until), self.side_loop(until, pin, task, check), *(self.client_loop(r, until) for r in rngs)
+        )
         wall = time.perf_counter() - t0
         lat = sorted(self.latencies) or [float("nan")]
-        return {"seconds": round(wall, 1), "clients": clients, "requests": len(self.latencies) + len(self.failures),
-                "failures": len(self.failures), "req_per_s": round(len(self.latencies) / wall, 2),
-                "p50_s": round(lat[len(lat) // 2], 3), "p99_s": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 3),
-                "peak_rss_mib": self.peak_rss >> 20, "peak_cache_kib": self.peak_cache >> 10,
-                "distinct_models": len(self.served), "pins": self.side["pins"],
-                "registrations": self.side["registrations"], "first_failures": self.failures[:5]}
+        return {
+            "seconds": round(wall, 1),
+            "clients": clients,
+            "requests": len(self.latencies) + len(self.failures),
+            "failures": len(self.failures),
+            "req_per_s": round(len(self.latencies) / wall, 2),
+            "p50_s": round(lat[len(lat) // 2], 3),
+            "p99_s": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 3),
+            "peak_rss_mib": self.peak_rss >> 20,
+            "peak_cache_kib": self.peak_cache >> 10,
+            "distinct_models": len(self.served),
+            "pins": self.side["pins"],
+            "registrations": self.side["registrations"],
+            "first_failures": self.failures[:5],
+        }
 
 
 def table(stats: dict) -> str:
@@ -162,8 +188,11 @@ def main() -> None:
     ap.add_argument("--tasks", help="comma-separated task names to merge (default: the first 4 the server lists)")
     ap.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY", "none"))
     ap.add_argument("--admin-key-env", default="KNOTS_ADMIN_KEY")
-    ap.add_argument("--register", help="NAME=DIR: a copy of the first task's adapter, inside adapter_dirs, to "
-                    "register and unregister during the soak (its answers must equal the first task's)")
+    ap.add_argument(
+        "--register",
+        help="NAME=DIR: a copy of the first task's adapter, inside adapter_dirs, to "
+        "register and unregister during the soak (its answers must equal the first task's)",
+    )
     ap.add_argument("--no-pin", action="store_true")
     args = ap.parse_args()
     server = None
@@ -206,8 +235,14 @@ async def _soak(args) -> dict:
     if args.register:
         name, path = args.register.split("=", 1)
         task = (name, Path(path))
-    soak = Soak(args.url, models, ["Add the two numbers and give only the sum.\n10 + 99", "one two three"],
-                args.api_key, admin_key, args.pid)
+    soak = Soak(
+        args.url,
+        models,
+        ["Add the two numbers and give only the sum.\n10 + 99", "one two three"],
+        args.api_key,
+        admin_key,
+        args.pid,
+    )
     pin = None if args.no_pin or not admin_key else models[0]
     return await soak.run(args.minutes * 60, args.clients, pin, task, tasks[0])
 

@@ -33,8 +33,9 @@ def abs_thresholds(X: torch.Tensor, k: int) -> torch.Tensor | None:
     return torch.stack([cpu.kth_abs_smallest(row, k) for row in X])
 
 
-def lowrank_update(W0: torch.Tensor, L: torch.Tensor, R: torch.Tensor, alpha: float,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+def lowrank_update(
+    W0: torch.Tensor, L: torch.Tensor, R: torch.Tensor, alpha: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """out = W0 + alpha·L·R without materializing L·R (Triton) — out may be a strided slice of a weight."""
     if _triton_for(W0):
         return lowrank_update_triton(W0, L, R, alpha, out)

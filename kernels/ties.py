@@ -24,20 +24,20 @@ def ties_merge_torch(Y: torch.Tensor, thresholds: torch.Tensor, chunk: int = 1 <
     for c in range(0, d, chunk):  # pass 1: the elected sign of each column
         total = torch.zeros(min(chunk, d - c), dtype=Y.dtype, device=Y.device)
         for i in range(n):
-            y = Y[i, c:c + chunk]
+            y = Y[i, c : c + chunk]
             total += torch.where(y.abs() >= thr[i], y, zero)
-        torch.sign(total, out=gamma[c:c + chunk])
+        torch.sign(total, out=gamma[c : c + chunk])
     majority = gamma.sum().sign()  # columns whose trimmed sum is exactly 0 take the majority sign
     gamma.masked_fill_(gamma == 0, majority)
     for c in range(0, d, chunk):  # pass 2: the mean of the kept entries that agree with it
-        g = gamma[c:c + chunk]
+        g = gamma[c : c + chunk]
         total, count = torch.zeros_like(g), torch.zeros_like(g)
         for i in range(n):
-            y = Y[i, c:c + chunk]
+            y = Y[i, c : c + chunk]
             keep = (y.abs() >= thr[i]) & (y * g > 0)  # nonzero, kept by the trim, of the elected sign
             total += torch.where(keep, y, zero)
             count += keep
-        torch.div(total, count.clamp_(min=1), out=out[c:c + chunk])
+        torch.div(total, count.clamp_(min=1), out=out[c : c + chunk])
     return out
 
 

@@ -134,8 +134,9 @@ def load_adapter(path: str | os.PathLike, name: str | None = None) -> LoraAdapte
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         # copies: load_file's tensors can share the file's memory map, and a file rewritten in place later
         # (truncated) would then kill the process with SIGBUS when they are read
-        modules[module] = LoraModule(A=A.to(torch.float32, copy=True), B=B.to(torch.float32, copy=True),
-                                     scale=float(scale))
+        modules[module] = LoraModule(
+            A=A.to(torch.float32, copy=True), B=B.to(torch.float32, copy=True), scale=float(scale)
+        )
     return LoraAdapter(name, modules, config.get("base_model_name_or_path"), str(path), config)
 
 

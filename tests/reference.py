@@ -54,7 +54,7 @@ def space_tensors(space, factors):
         U, sig, Vh = np.linalg.svd(np.hstack(deltas), full_matrices=False)
         keep = sig > 1e-9 * sig[0]
         U, sig, Vh = U[:, keep], sig[keep], Vh[keep]
-        xs, back = [sig[:, None] * Vh[:, i * I:(i + 1) * I] for i in range(len(deltas))], lambda X: U @ X
+        xs, back = [sig[:, None] * Vh[:, i * I : (i + 1) * I] for i in range(len(deltas))], lambda X: U @ X
     elif space == "core":
         Ub, Va = _range(np.hstack([B for B, _, _ in present])), _range(np.vstack([A for _, A, _ in present]).T)
         xs, back = [Ub.T @ d @ Va for d in deltas], lambda X: Ub @ X @ Va.T
@@ -73,7 +73,7 @@ def merge(space, method, modules, w, scope="global", **kw):
         out, start = {}, 0
         for m, (xs, back) in spaces.items():
             size = xs[0].size
-            out[m] = back(merged[start:start + size].reshape(xs[0].shape))
+            out[m] = back(merged[start : start + size].reshape(xs[0].shape))
             start += size
         return out
     return {

@@ -46,8 +46,13 @@ def start_server(root: Path, config: dict, env: dict, timeout: float = 300):
     config = dict(config, port=free_port(), host="127.0.0.1")
     (root / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
     log = root / "server.log"
-    proc = subprocess.Popen([CLI, "serve", "--config", str(root / "config.yaml")], stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, env=os.environ | env, start_new_session=True)
+    proc = subprocess.Popen(
+        [CLI, "serve", "--config", str(root / "config.yaml")],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        env=os.environ | env,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{config['port']}"
     try:
         deadline = time.time() + timeout

@@ -19,7 +19,8 @@ WEIGHTS = {"merge": 1, "base": 1, "adapter": 2, "off": 0}
 def ask(client, user=None, arm=None, model="exp", max_tokens=2, **kw):
     headers = {"x-knots-arm": arm} if arm else {}
     raw = client.completions.with_raw_response.create(
-        model=model, prompt=PROMPTS[0], max_tokens=max_tokens, temperature=0, user=user, extra_headers=headers, **kw)
+        model=model, prompt=PROMPTS[0], max_tokens=max_tokens, temperature=0, user=user, extra_headers=headers, **kw
+    )
     r = raw.parse()
     return raw.headers["x-knots-arm"], r
 
@@ -43,8 +44,9 @@ def test_users_are_sticky_and_the_header_works_as_the_user_field(server):
     for i in range(5):
         first = ask(c, user=f"sticky-{i}")[0]
         assert all(ask(c, user=f"sticky-{i}")[0] == first for _ in range(3))
-        raw = c.completions.with_raw_response.create(model="exp", prompt="one", max_tokens=1,
-                                                      extra_headers={"x-knots-user": f"sticky-{i}"})
+        raw = c.completions.with_raw_response.create(
+            model="exp", prompt="one", max_tokens=1, extra_headers={"x-knots-user": f"sticky-{i}"}
+        )
         assert raw.headers["x-knots-arm"] == first
 
 
@@ -54,8 +56,13 @@ def test_each_arm_serves_exactly_its_model_and_says_so(server):
         got_arm, r = ask(c, user="whoever", arm=arm, max_tokens=8)
         assert got_arm == arm and r.model_extra["knots"] == {"experiment": "exp", "arm": arm}
         assert r.choices[0].text == complete(c, spec["model"], PROMPTS[0])
-    stream = c.chat.completions.create(model="exp", messages=[{"role": "user", "content": "hello"}], max_tokens=4,
-                                       stream=True, extra_headers={"x-knots-arm": "merge"})
+    stream = c.chat.completions.create(
+        model="exp",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=4,
+        stream=True,
+        extra_headers={"x-knots-arm": "merge"},
+    )
     chunks = list(stream)
     assert chunks and all(ch.model_extra["knots"]["arm"] == "merge" for ch in chunks)
     with pytest.raises(Exception, match="has no arm 'nope'"):
@@ -79,8 +86,9 @@ def test_live_reweighting_drops_no_request(server):
     for t in threads:
         t.start()
     try:
-        status, body = http(server, "PATCH", "/admin/experiments/exp/weights",
-                            {"merge": 0, "base": 0, "adapter": 1}, key=ADMIN_KEY)
+        status, body = http(
+            server, "PATCH", "/admin/experiments/exp/weights", {"merge": 0, "base": 0, "adapter": 1}, key=ADMIN_KEY
+        )
         assert status == 200, body
         assert all(ask(c, user=f"after-{i}", max_tokens=1)[0] == "adapter" for i in range(20))
     finally:
@@ -105,10 +113,18 @@ def test_per_arm_metrics_feedback_and_report(server):
     again = http(server, "POST", "/v1/feedback", {"id": ids["merge"][0], "score": 1.0})
     assert again == (200, {"id": ids["merge"][0], "experiment": "exp", "arm": "merge", "recorded": False})
     status, body = http(server, "POST", "/v1/feedback", {"id": ids["merge"][0], "score": 0.5})
-    assert status == 409 and body["error"]["type"] == "ConflictError" and "one score per response" in body["error"]["message"]
+    assert (
+        status == 409
+        and body["error"]["type"] == "ConflictError"
+        and "one score per response" in body["error"]["message"]
+    )
     assert http(server, "POST", "/v1/feedback", {"id": ids["merge"][0], "score": "x"})[0] == 400  # vLLM maps 422
-    for name in ("knots_ab_requests_total", "knots_ab_tokens_total", "knots_ab_ttft_seconds_count",
-                 "knots_ab_latency_seconds_count"):
+    for name in (
+        "knots_ab_requests_total",
+        "knots_ab_tokens_total",
+        "knots_ab_ttft_seconds_count",
+        "knots_ab_latency_seconds_count",
+    ):
         assert metric(server, f'{name}{{arm="merge",experiment="exp"}}') >= 4, name
     status, rep = http(server, "GET", "/admin/experiments/exp/report", key=ADMIN_KEY)
     assert status == 200
@@ -117,24 +133,45 @@ def test_per_arm_metrics_feedback_and_report(server):
     lo, hi = merge["feedback"]["ci95"]
     assert lo < 1.15 < hi and merge["served"] >= 4 and merge["latency_s"]["p50"] > 0
     assert json.loads((server.root / "state" / "feedback.json").read_text())["exp"]["merge"][0] == 4
-    r = subprocess.run([CLI, "ab", "report", "exp", "--url", server.url], capture_output=True, text=True,
-                       env={"KNOTS_ADMIN_KEY": ADMIN_KEY, "PATH": "/usr/bin:/bin", "COLUMNS": "200"}, timeout=120)
+    r = subprocess.run(
+        [CLI, "ab", "report", "exp", "--url", server.url],
+        capture_output=True,
+        text=True,
+        env={"KNOTS_ADMIN_KEY": ADMIN_KEY, "PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+        timeout=120,
+    )
     assert r.returncode == 0 and "merge" in r.stdout and "1.150" in r.stdout, r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("method, path, body, message", [
-    ("PUT", "/admin/experiments/exp2", {"arms": {"a": {"model": "tiny", "weight": 0}}}, "sum to a positive"),
-    ("PUT", "/admin/experiments/exp2", {"arms": {"a": {"model": "tasks:alpha+zeta", "weight": 1}}},
-     "unknown task(s): zeta"),
-    ("PUT", "/admin/experiments/exp2", {"arms": {"a": {"model": "tasks:alpha@nope", "weight": 1}}},
-     "unknown merge method"),
-    ("PUT", "/admin/experiments/exp2", {"arms": {"a": {"model": "tiny", "weight": -1}}}, "greater than or equal"),
-    ("PUT", "/admin/experiments/exp2", {"arms": {}}, "at least 1 item"),
-    ("POST", "/admin/experiments", {"name": "exp", "arms": {"a": {"model": "tiny", "weight": 1}}}, "already exists"),
-    ("PUT", "/admin/experiments/alpha", {"arms": {"a": {"model": "tiny", "weight": 1}}}, "clashes"),
-    ("PATCH", "/admin/experiments/exp/weights", {"merge": 0, "base": 0, "adapter": 0}, "sum to a positive"),
-    ("PATCH", "/admin/experiments/exp/weights", {"ghost": 1}, "no arm(s) ghost"),
-])
+@pytest.mark.parametrize(
+    "method, path, body, message",
+    [
+        ("PUT", "/admin/experiments/exp2", {"arms": {"a": {"model": "tiny", "weight": 0}}}, "sum to a positive"),
+        (
+            "PUT",
+            "/admin/experiments/exp2",
+            {"arms": {"a": {"model": "tasks:alpha+zeta", "weight": 1}}},
+            "unknown task(s): zeta",
+        ),
+        (
+            "PUT",
+            "/admin/experiments/exp2",
+            {"arms": {"a": {"model": "tasks:alpha@nope", "weight": 1}}},
+            "unknown merge method",
+        ),
+        ("PUT", "/admin/experiments/exp2", {"arms": {"a": {"model": "tiny", "weight": -1}}}, "greater than or equal"),
+        ("PUT", "/admin/experiments/exp2", {"arms": {}}, "at least 1 item"),
+        (
+            "POST",
+            "/admin/experiments",
+            {"name": "exp", "arms": {"a": {"model": "tiny", "weight": 1}}},
+            "already exists",
+        ),
+        ("PUT", "/admin/experiments/alpha", {"arms": {"a": {"model": "tiny", "weight": 1}}}, "clashes"),
+        ("PATCH", "/admin/experiments/exp/weights", {"merge": 0, "base": 0, "adapter": 0}, "sum to a positive"),
+        ("PATCH", "/admin/experiments/exp/weights", {"ghost": 1}, "no arm(s) ghost"),
+    ],
+)
 def test_bad_definitions_are_refused_and_the_running_config_stays(server, method, path, body, message):
     before = http(server, "GET", "/admin/experiments", key=ADMIN_KEY)[1]
     status, resp = http(server, method, path, body, key=ADMIN_KEY)
@@ -148,8 +185,12 @@ def test_duplicate_arm_names_in_a_definition_are_refused(server):
     import urllib.request
 
     raw = b'{"name": "dup", "arms": {"a": {"model": "tiny", "weight": 1}, "a": {"model": "alpha", "weight": 1}}}'
-    req = urllib.request.Request(f"{server.url}/admin/experiments", data=raw, method="POST",
-                                 headers={"content-type": "application/json", "authorization": f"Bearer {ADMIN_KEY}"})
+    req = urllib.request.Request(
+        f"{server.url}/admin/experiments",
+        data=raw,
+        method="POST",
+        headers={"content-type": "application/json", "authorization": f"Bearer {ADMIN_KEY}"},
+    )
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req)
     assert e.value.code == 400 and b"duplicate name(s) in the definition: a" in e.value.read()

@@ -27,8 +27,11 @@ def peft_deltas(base, adapter_dir):
 
     base_sd = LlamaForCausalLM.from_pretrained(base).state_dict()
     merged = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), adapter_dir).merge_and_unload()
-    return {k.removesuffix(".weight"): v.double() - base_sd[k].double()
-            for k, v in merged.state_dict().items() if not torch.equal(v, base_sd[k])}
+    return {
+        k.removesuffix(".weight"): v.double() - base_sd[k].double()
+        for k, v in merged.state_dict().items()
+        if not torch.equal(v, base_sd[k])
+    }
 
 
 def test_scales_match_peft_for_rslora_rank_and_alpha_patterns(tiny_base, tiny_adapters):
@@ -85,8 +88,9 @@ def test_save_adapter_pads_to_a_vllm_rank_and_replaces_atomically(tmp_path):
     assert lora.rank == 16 and lora.scale == 1.0
     assert torch.allclose(lora.delta(), (B @ A).double(), atol=1e-5)
     save_adapter({"model.layers.0.self_attn.q_proj": (2 * B, A)}, out)  # overwrite in place
-    assert torch.allclose(load_adapter(out).modules["model.layers.0.self_attn.q_proj"].delta(),
-                          (2 * B @ A).double(), atol=1e-4)
+    assert torch.allclose(
+        load_adapter(out).modules["model.layers.0.self_attn.q_proj"].delta(), (2 * B @ A).double(), atol=1e-4
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temporary left behind
     with pytest.raises(AdapterError, match="exceeds the largest rank"):
         save_adapter({"m.q_proj": (torch.zeros(600, 513), torch.zeros(513, 600))}, tmp_path / "b")
@@ -123,8 +127,10 @@ BAD = {
     "config says r=": dict(config={"r": 16}),
     "but not both lora_A and lora_B": dict(tensors=lambda sd: sd.pop(_first(sd, "lora_B.weight"))),
     "unsupported DoRA magnitude tensor": dict(
-        tensors=lambda sd: sd.__setitem__("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector",
-                                          torch.ones(64))),
+        tensors=lambda sd: sd.__setitem__(
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", torch.ones(64)
+        )
+    ),
     "unreadable adapter_config.json": dict(config=None),
 }
 
@@ -155,6 +161,7 @@ def test_incompatible_sets_are_refused(tiny_adapters, tmp_path):
     def widen(sd):
         k = _first(sd, "q_proj.lora_A.weight")
         sd[k] = torch.zeros(sd[k].shape[0], 80)
+
     wide = load_adapter(broken(tiny_adapters["alpha"], tmp_path / "wide", tensors=widen), "wide")
     with pytest.raises(AdapterError, match="different layer shapes"):
         check_compatible([a, wide])

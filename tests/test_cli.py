@@ -19,8 +19,24 @@ def run(*args, cwd=None):
 
 def test_merge_writes_an_adapter_and_a_full_model(tiny_base, tiny_adapters, tmp_path):
     adapters = [f"--adapter={n}={p}" for n, p in tiny_adapters.items()]
-    r = run("merge", *adapters, "--method", "knots-dare-ties", "--top-k", "0.3", "--density", "0.8",
-            "--alpha", "1.2", "--weight", "alpha=0.5", "--seed", "3", "--out", tmp_path / "m")
+    r = run(
+        "merge",
+        *adapters,
+        "--method",
+        "knots-dare-ties",
+        "--top-k",
+        "0.3",
+        "--density",
+        "0.8",
+        "--alpha",
+        "1.2",
+        "--weight",
+        "alpha=0.5",
+        "--seed",
+        "3",
+        "--out",
+        tmp_path / "m",
+    )
     assert r.returncode == 0, r.stderr
     merged = load_adapter(tmp_path / "m")
     assert merged.modules and all(lora.scale == 1.0 for lora in merged.modules.values())
@@ -28,34 +44,63 @@ def test_merge_writes_an_adapter_and_a_full_model(tiny_base, tiny_adapters, tmp_
     # the same merge from a saved basis gives the same adapter
     r = run("basis", *adapters, "--space", "knots", "--out", tmp_path / "pool.safetensors")
     assert r.returncode == 0, r.stderr
-    r = run("merge", *adapters, "--method", "knots-dare-ties", "--top-k", "0.3", "--density", "0.8",
-            "--alpha", "1.2", "--weight", "alpha=0.5", "--seed", "3", "--basis", tmp_path / "pool.safetensors",
-            "--out", tmp_path / "m2")
+    r = run(
+        "merge",
+        *adapters,
+        "--method",
+        "knots-dare-ties",
+        "--top-k",
+        "0.3",
+        "--density",
+        "0.8",
+        "--alpha",
+        "1.2",
+        "--weight",
+        "alpha=0.5",
+        "--seed",
+        "3",
+        "--basis",
+        tmp_path / "pool.safetensors",
+        "--out",
+        tmp_path / "m2",
+    )
     assert r.returncode == 0, r.stderr
     again = load_adapter(tmp_path / "m2")
     assert all(torch.equal(again.modules[m].A, merged.modules[m].A) for m in merged.modules)
 
-    r = run("merge", *adapters[:2], "--method", "ties", "--format", "full", "--base", tiny_base,
-            "--out", tmp_path / "full")
+    r = run(
+        "merge", *adapters[:2], "--method", "ties", "--format", "full", "--base", tiny_base, "--out", tmp_path / "full"
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "full" / "config.json").read_text())["model_type"] == "llama"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--method", "knots-nope"], "unknown merge method 'knots-nope'"),
-    (["--top-k", "1.5"], "top_k=1.5 is out of range"),
-    (["--method", "ta", "--top-k", "0.5"], "takes no parameter 'top_k'"),
-    (["--density", "0"], "density=0.0 is out of range"),
-    (["--weight", "zeta=1"], "weight given for 'zeta'"),
-    (["--weight", "alpha=x"], "not a number"),
-    (["--format", "full"], "--format full needs --base"),
-    (["--adapter", "alpha=/nonexistent"], "adapter 'alpha' given twice"),
-    (["--adapter", "broken"], "must look like NAME=VALUE"),
-    (["--trim-scope", "layer"], "trim_scope must be"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "knots-nope"], "unknown merge method 'knots-nope'"),
+        (["--top-k", "1.5"], "top_k=1.5 is out of range"),
+        (["--method", "ta", "--top-k", "0.5"], "takes no parameter 'top_k'"),
+        (["--density", "0"], "density=0.0 is out of range"),
+        (["--weight", "zeta=1"], "weight given for 'zeta'"),
+        (["--weight", "alpha=x"], "not a number"),
+        (["--format", "full"], "--format full needs --base"),
+        (["--adapter", "alpha=/nonexistent"], "adapter 'alpha' given twice"),
+        (["--adapter", "broken"], "must look like NAME=VALUE"),
+        (["--trim-scope", "layer"], "trim_scope must be"),
+    ],
+)
 def test_merge_errors_exit_2_with_one_line_and_no_traceback(args, message, tiny_adapters, tmp_path):
-    r = run("merge", f"--adapter=alpha={tiny_adapters['alpha']}", f"--adapter=beta={tiny_adapters['beta']}",
-            "--method", "knots-dare-ties", *args, "--out", tmp_path / "m")
+    r = run(
+        "merge",
+        f"--adapter=alpha={tiny_adapters['alpha']}",
+        f"--adapter=beta={tiny_adapters['beta']}",
+        "--method",
+        "knots-dare-ties",
+        *args,
+        "--out",
+        tmp_path / "m",
+    )
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "m").exists()

@@ -47,8 +47,10 @@ def test_equal_merges_share_one_canonical_name():
     a = sel("tasks:t1+t0@knots-ties?alpha=1&top_k=0.2&w.t0=1")
     b = parse_field({"tasks": ["t0", "t1"], "method": "knots-ties", "params": {"top_k": 0.2}}, "knots-ties")
     assert a.canonical == b.canonical == sel("tasks:t0+t1").canonical == "tasks:t0+t1@knots-ties"
-    assert sel("tasks:t0+t1@knots-dare-ties?seed=2&basis=subset").canonical == \
-        "tasks:t0+t1@knots-dare-ties?seed=2&basis=subset"
+    assert (
+        sel("tasks:t0+t1@knots-dare-ties?seed=2&basis=subset").canonical
+        == "tasks:t0+t1@knots-dare-ties?seed=2&basis=subset"
+    )
     assert sel("tasks:t0").spec is None  # one task, no method: the adapter itself
 
 
@@ -162,10 +164,12 @@ def test_servers_sharing_a_cache_dir_remove_only_dead_servers_files(tmp_path):
 
 def test_a_killed_servers_cache_dir_is_removed_by_the_next_start(tmp_path):
     root = tmp_path / "cache"
-    code = (f"import os, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-            f"from test_composer import new_cache, pool, sel; from pathlib import Path; "
-            f"c = new_cache(pool(), Path({str(root)!r}), 1 << 20, 64); c.get(sel('tasks:t0+t1')); "
-            "print(c.cache_dir, flush=True); os.kill(os.getpid(), 9)")
+    code = (
+        f"import os, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        f"from test_composer import new_cache, pool, sel; from pathlib import Path; "
+        f"c = new_cache(pool(), Path({str(root)!r}), 1 << 20, 64); c.get(sel('tasks:t0+t1')); "
+        "print(c.cache_dir, flush=True); os.kill(os.getpid(), 9)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     killed = Path(out.stdout.strip())
     assert killed.parent == root and any(killed.iterdir()), out.stderr

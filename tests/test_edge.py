@@ -51,9 +51,11 @@ def test_the_responses_api_and_every_generation_route_select_merges_like_chat(ed
 
 def test_a_merge_on_a_route_that_does_not_serve_merges_is_refused_naming_the_route(edge):
     async def test(server, mw, engine):
-        for path, body in (("/tokenize", {"model": "tasks:alpha+beta", "prompt": "one"}),
-                           ("/v1/embeddings", {"model": "exp", "input": "one"}),
-                           ("/pooling", {"model": "tiny", "input": "one", "knots": {"tasks": ["alpha", "beta"]}})):
+        for path, body in (
+            ("/tokenize", {"model": "tasks:alpha+beta", "prompt": "one"}),
+            ("/v1/embeddings", {"model": "exp", "input": "one"}),
+            ("/pooling", {"model": "tiny", "input": "one", "knots": {"tasks": ["alpha", "beta"]}}),
+        ):
             status, _, error = await call(mw, path=path, body=body)
             assert status == 400 and f"{path} does not serve merges" in error["error"]["message"], (path, error)
         assert engine.seen == []  # nothing reached vLLM
@@ -65,9 +67,11 @@ def test_a_merge_on_a_route_that_does_not_serve_merges_is_refused_naming_the_rou
 def test_a_merge_named_in_a_multipart_form_is_refused(edge):
     async def test(server, mw, engine):
         boundary = "b0undary"
-        form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ntasks:alpha+beta\r\n"
-                f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF\r\n"
-                f"--{boundary}--\r\n").encode()
+        form = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\ntasks:alpha+beta\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF\r\n'
+            f"--{boundary}--\r\n"
+        ).encode()
         headers = [(b"content-type", f"multipart/form-data; boundary={boundary}".encode())]
         status, _, error = await call(mw, path="/v1/audio/transcriptions", body=form, headers=headers)
         assert status == 400 and "does not serve merges" in error["error"]["message"]
@@ -78,8 +82,9 @@ def test_a_merge_named_in_a_multipart_form_is_refused(edge):
 
 def test_background_responses_cannot_use_merges(edge):
     async def test(server, mw, engine):
-        status, _, error = await call(mw, path="/v1/responses", body={
-            "model": "tasks:alpha+beta", "input": "one", "background": True})
+        status, _, error = await call(
+            mw, path="/v1/responses", body={"model": "tasks:alpha+beta", "input": "one", "background": True}
+        )
         assert status == 400 and error["error"]["param"] == "background"
 
     edge(test)
@@ -88,6 +93,7 @@ def test_background_responses_cannot_use_merges(edge):
 def test_the_resolver_serves_a_merge_only_while_a_request_holds_it(edge):
     """vLLM asks the resolver for unknown names; a merge cached but not held by a routed request is not
     served (a request that slipped past the routing would get vLLM's 404, never a merge)."""
+
     async def test(server, mw, engine):
         engine.release.clear()
         inflight = asyncio.ensure_future(call(mw, "tasks:alpha+gamma@knots-ta"))
@@ -142,6 +148,7 @@ def test_request_metrics_have_one_series_per_method_and_subset_size_not_per_para
 def test_a_dense_space_trimming_merge_is_refused_before_any_compose(edge):
     """Dense TIES is full-rank in general: past max_lora_rank it is refused at once (and the message says
     what is served instead), not after seconds of compose."""
+
     async def test(server, mw, engine):
         misses = metrics.CACHE.labels("miss")._value.get()
         status, _, error = await call(mw, "tasks:alpha+beta@ties")
@@ -164,9 +171,14 @@ def test_a_compose_past_the_memory_bound_is_refused_before_any_work(edge):
     edge(test, compose_memory_bytes=4096)
 
 
-@pytest.mark.parametrize("model, param", [("tasks:alpha+beta@knots-dare-ties?seed=²", "seed"),
-                                          ("tasks:alpha+beta?top_k=lots", "top_k"),
-                                          ("tasks:alpha+beta?w.alpha=1e999", "alpha")])
+@pytest.mark.parametrize(
+    "model, param",
+    [
+        ("tasks:alpha+beta@knots-dare-ties?seed=²", "seed"),
+        ("tasks:alpha+beta?top_k=lots", "top_k"),
+        ("tasks:alpha+beta?w.alpha=1e999", "alpha"),
+    ],
+)
 def test_a_bad_parameter_is_named_in_the_message(edge, model, param):
     async def test(server, mw, engine):
         status, _, error = await call(mw, model)
@@ -227,10 +239,11 @@ def test_inference_never_waits_for_a_basis_build(edge, tiny_adapters, tmp_path):
 def test_the_rank_bound_holds_for_modules_wider_than_any_vllm_rank(tmp_path):
     """A dense trim of a 600×600 module can reach rank 600, above vLLM's 512: the same refusal, before
     any work; in the KnOTS basis the same merge has rank ≤ 8 and is planned as such."""
+    from tiny import random_adapter
+
     from knots_serve.serving.adapter_cache import AdapterCache
     from knots_serve.serving.errors import BadRequest
     from knots_serve.serving.names import parse_model
-    from tiny import random_adapter
 
     pool = {n: random_adapter(n, {"model.layers.0.mlp.up_proj": (600, 600)}, 4, seed=i) for i, n in enumerate("ab")}
     cache = AdapterCache(BasisStore(pool), tmp_path / "cache", 1 << 20, 512)

@@ -150,10 +150,12 @@ def test_an_adapter_file_truncated_after_loading_does_not_crash_the_process(tiny
     """safetensors maps the file: tensors that still shared the map read past its end once the file was
     truncated in place, and the process died of SIGBUS (seen: the whole API server gone)."""
     shutil.copytree(tiny_adapters["gamma"], tmp_path / "gamma")
-    code = (f"from knots_serve.adapters import load_adapter\n"
-            f"a = load_adapter({str(tmp_path / 'gamma')!r})\n"
-            f"open({str(tmp_path / 'gamma' / 'adapter_model.safetensors')!r}, 'r+b').truncate(100)\n"
-            f"print(sum(float(m.delta().abs().sum()) for m in a.modules.values()))\n")
+    code = (
+        f"from knots_serve.adapters import load_adapter\n"
+        f"a = load_adapter({str(tmp_path / 'gamma')!r})\n"
+        f"open({str(tmp_path / 'gamma' / 'adapter_model.safetensors')!r}, 'r+b').truncate(100)\n"
+        f"print(sum(float(m.delta().abs().sum()) for m in a.modules.values()))\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     assert float(r.stdout) > 0

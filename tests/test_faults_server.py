@@ -39,8 +39,9 @@ def vllm_metric(server, name) -> float:
 
 
 @pytest.mark.parametrize("fault", ["deleted", "corrupted"])
-def test_adapter_files_lost_after_registration_refuse_the_task_alone_and_merges_keep_working(server, tiny_adapters,
-                                                                                              fault):
+def test_adapter_files_lost_after_registration_refuse_the_task_alone_and_merges_keep_working(
+    server, tiny_adapters, fault
+):
     c = server.client()
     copy = server.root / "extra" / f"lost-{fault}"
     shutil.copytree(tiny_adapters["gamma"], copy)
@@ -59,8 +60,9 @@ def test_adapter_files_lost_after_registration_refuse_the_task_alone_and_merges_
                 complete(c, model, PROMPTS[0])
             assert e.value.status_code == 503 and "'lost'" in e.value.message and "on disk" in e.value.message
         # merges come from the weights in memory: exact, and equal to the same merge with gamma
-        assert complete(c, "tasks:alpha+lost@knots-ta?basis=subset", PROMPTS[0]) == \
-            complete(c, "tasks:alpha+gamma@knots-ta?basis=subset", PROMPTS[0])
+        assert complete(c, "tasks:alpha+lost@knots-ta?basis=subset", PROMPTS[0]) == complete(
+            c, "tasks:alpha+gamma@knots-ta?basis=subset", PROMPTS[0]
+        )
         assert complete(c, "tasks:alpha+beta", PROMPTS[1])  # the rest keeps serving
     finally:
         assert http(server, "DELETE", "/admin/tasks/lost", key=ADMIN_KEY)[0] == 200
@@ -73,8 +75,14 @@ def test_a_client_that_disconnects_mid_stream_is_aborted_and_leaks_nothing(serve
     c = server.client()
     before = complete(c, "tasks:alpha+gamma", PROMPTS[0])
     finished, tokens = settled_counters(server)
-    body = {"model": "tasks:alpha+gamma", "prompt": PROMPTS[0], "max_tokens": 240, "stream": True,
-            "ignore_eos": True, "temperature": 0}
+    body = {
+        "model": "tasks:alpha+gamma",
+        "prompt": PROMPTS[0],
+        "max_tokens": 240,
+        "stream": True,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
     for _ in range(3):
         with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
             assert r.status_code == 200
@@ -100,15 +108,24 @@ def test_a_client_that_disconnects_mid_stream_is_aborted_and_leaks_nothing(serve
 
 def sse_text(lines) -> str:
     """The text of a streamed completion's SSE lines."""
-    return "".join(json.loads(line[6:])["choices"][0]["text"] for line in lines
-                   if line.startswith("data: ") and line != "data: [DONE]")
+    return "".join(
+        json.loads(line[6:])["choices"][0]["text"]
+        for line in lines
+        if line.startswith("data: ") and line != "data: [DONE]"
+    )
 
 
 def test_a_pin_waits_for_a_stream_in_flight_then_swaps(server):
     """The known limit (docs/RELIABILITY.md): a pin drains, so it waits for a stream in flight, and the
     whole stream comes from one weight set (the base) even though the pin was asked for mid-stream."""
-    body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 200, "stream": True, "ignore_eos": True,
-            "temperature": 0}
+    body = {
+        "model": "tiny",
+        "prompt": PROMPTS[0],
+        "max_tokens": 200,
+        "stream": True,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
         alone = sse_text(r.iter_lines())
     done = {}

@@ -33,18 +33,41 @@ FAST = settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_he
 # the runtime LoRA routes), mounted or not depending on flags (VLLM_SERVER_DEV_MODE, --profiler-config,
 # --enable-scale-out, --tokens-only, --enable-fault-tolerance): each changes or stops the engine, or drops
 # others' requests, so each needs the admin key; the fuzzing sends them without it, never executes them
-CONTROL = [("POST", p) for p in (
-    "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/adapters", "/adapters/alpha", "/scale_elastic_ep",
-    "/pause", "/resume", "/abort_requests", "/inference/v1/abort_requests",
-    "/init_weight_transfer_engine", "/shutdown_weight_transfer_engine", "/start_weight_update",
-    "/start_draft_weight_update", "/update_weights", "/finish_weight_update", "/update_weight_version",
-    "/weight_checker", "/start_profile", "/stop_profile", "/reset_prefix_cache", "/reset_mm_cache",
-    "/reset_encoder_cache", "/release_kv_cache_memory", "/sleep", "/wake_up", "/collective_rpc",
-    "/fault_tolerance/apply")] + [("DELETE", "/adapters/alpha"), ("GET", "/server_info")]
+CONTROL = [
+    ("POST", p)
+    for p in (
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
+        "/adapters",
+        "/adapters/alpha",
+        "/scale_elastic_ep",
+        "/pause",
+        "/resume",
+        "/abort_requests",
+        "/inference/v1/abort_requests",
+        "/init_weight_transfer_engine",
+        "/shutdown_weight_transfer_engine",
+        "/start_weight_update",
+        "/start_draft_weight_update",
+        "/update_weights",
+        "/finish_weight_update",
+        "/update_weight_version",
+        "/weight_checker",
+        "/start_profile",
+        "/stop_profile",
+        "/reset_prefix_cache",
+        "/reset_mm_cache",
+        "/reset_encoder_cache",
+        "/release_kv_cache_memory",
+        "/sleep",
+        "/wake_up",
+        "/collective_rpc",
+        "/fault_tolerance/apply",
+    )
+] + [("DELETE", "/adapters/alpha"), ("GET", "/server_info")]
 # generation cost bounded: at most this many tokens, 2 choices, whatever a case asks for
 TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "min_tokens", "max_new_tokens")
-CAPS = dict.fromkeys(TOKEN_FIELDS, 4) | {"n": 2, "best_of": 2, "top_logprobs": 2, "logprobs": 2,
-                                         "prompt_logprobs": 2}
+CAPS = dict.fromkeys(TOKEN_FIELDS, 4) | {"n": 2, "best_of": 2, "top_logprobs": 2, "logprobs": 2, "prompt_logprobs": 2}
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +82,17 @@ def healthy(server):
 
 # constrained decoding left out of the generated cases: the tiny model's word-level vocabulary cannot spell
 # JSON (no "{" token) nor most regexes, so vLLM's grammar masks every token, samples token 0, rejects it and
-# answers 500 (test_known_vllm_5xx_on_a_grammar_the_vocabulary_cannot_spell; a vLLM bug pinned there; real, byte-level vocabularies spell any grammar)
-GRAMMAR_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
-                  "guided_grammar", "output_config")
+# answers 500 (test_known_vllm_5xx_on_a_grammar_the_vocabulary_cannot_spell: a vLLM bug pinned there; real,
+# byte-level vocabularies spell any grammar)
+GRAMMAR_FIELDS = (
+    "response_format",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "output_config",
+)
 
 
 def admin_only(path: str) -> bool:
@@ -84,8 +115,11 @@ def bounded(body, default_field: str | None):
     for field, cap in CAPS.items():
         if isinstance(out.get(field), (int, float)) and not isinstance(out[field], bool) and out[field] > cap:
             out[field] = cap
-    if default_field and not any(f in out for f in TOKEN_FIELDS) and \
-            any(k in out for k in ("prompt", "messages", "input")):
+    if (
+        default_field
+        and not any(f in out for f in TOKEN_FIELDS)
+        and any(k in out for k in ("prompt", "messages", "input"))
+    ):
         out[default_field] = CAPS[default_field]
     return out
 
@@ -95,8 +129,12 @@ def bounded(body, default_field: str | None):
 # input, so the random rest of the request reaches the merge routing and the engine
 MODELS = ("tiny", "alpha", "tasks:alpha+beta", "tasks:beta+gamma@knots-ties?top_k=0.5", "ab-ta", "exp")
 INPUTS = {"prompt": "one two", "messages": [{"role": "user", "content": "one two"}], "input": "one two"}
-INPUT_OF = {"/v1/completions": "prompt", "/v1/chat/completions": "messages", "/v1/responses": "input",
-            "/v1/messages": "messages"}
+INPUT_OF = {
+    "/v1/completions": "prompt",
+    "/v1/chat/completions": "messages",
+    "/v1/responses": "input",
+    "/v1/messages": "messages",
+}
 
 
 def realistic(body, path: str, model: str):
@@ -126,7 +164,6 @@ def kind(op) -> str:
     return "ours" if op.path.startswith(OURS) else "vllm"
 
 
-
 FIXTURES = ("alpha", "beta", "gamma", "exp")  # the other tests' tasks and experiment: never changed here
 STATS = collections.Counter()  # (kind, mode, status class) -> cases, for docs/SECURITY.md
 
@@ -135,8 +172,13 @@ def fuzz(server, op, mode, examples, statuses):
     how = kind(op)
 
     # no shrinking: the assertion names the failing case, and shrinking a 5xx on vLLM's big schemas takes minutes
-    @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck),
-              phases=[Phase.explicit, Phase.generate])
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.generate],
+    )
     @given(case=op.as_strategy(generation_mode=mode), model=st.sampled_from((None,) * len(MODELS) + MODELS))
     def check(case, model):
         if case.method != "GET" and (case.path_parameters or {}).get("name") in FIXTURES:
@@ -145,8 +187,9 @@ def fuzz(server, op, mode, examples, statuses):
         # would win over the Authorization header and make it a 401 before anything is validated)
         headers = {"authorization": f"Bearer {ADMIN_KEY}", "x-admin-key": ADMIN_KEY} if how == "ours" else {}
         if how == "guarded":  # no admin key, whatever the schema's header parameters generated
-            case.headers = {k: v for k, v in (case.headers or {}).items()
-                            if k.lower() not in ("authorization", "x-admin-key")}
+            case.headers = {
+                k: v for k, v in (case.headers or {}).items() if k.lower() not in ("authorization", "x-admin-key")
+            }
         if how == "vllm" and budget_field(op.path) is not None:
             if mode == GenerationMode.POSITIVE and model is not None:
                 case.body = realistic(case.body, op.path, model)
@@ -158,12 +201,16 @@ def fuzz(server, op, mode, examples, statuses):
         assert r.status_code < 500, what
         if how == "guarded":
             assert r.status_code in (401, 403, 404), what
-        if how == "vllm" and op.path in ("/v1/completions", "/v1/chat/completions") and \
-                isinstance(case.body, (dict, list, bytes)):
+        if (
+            how == "vllm"
+            and op.path in ("/v1/completions", "/v1/chat/completions")
+            and isinstance(case.body, (dict, list, bytes))
+        ):
             # /invocations (SageMaker) takes either body; its schema declares none, so it is fuzzed with these
             body = case.body if isinstance(case.body, bytes) else json.dumps(case.body).encode()  # bytes: negative
-            r = httpx.post(f"{server.url}/invocations", content=body,
-                           headers={"content-type": "application/json"}, timeout=120)
+            r = httpx.post(
+                f"{server.url}/invocations", content=body, headers={"content-type": "application/json"}, timeout=120
+            )
             statuses.append(r.status_code)
             STATS[how, mode.value, f"{r.status_code // 100}xx"] += 1
             assert r.status_code < 500, ("POST", "/invocations", case.body, r.status_code, r.text[:400])
@@ -187,8 +234,7 @@ def test_every_route_fuzzed_from_the_openapi_schema_never_gives_a_5xx(server, he
     seen = collections.defaultdict(list)
     for op in ops:
         fuzz(server, op, mode, EXAMPLES if kind(op) == "ours" else VLLM_EXAMPLES, seen[kind(op)])
-    print(f"\nfuzz {mode.value}:", {k: collections.Counter(v) for k, v in seen.items()},
-          dict(sorted(STATS.items())))
+    print(f"\nfuzz {mode.value}:", {k: collections.Counter(v) for k, v in seen.items()}, dict(sorted(STATS.items())))
     for k in kinds:
         assert len(seen[k]) >= kinds[k] // 2, (k, len(seen[k]), kinds[k])
     assert any(s >= 400 for s in seen["ours"]) and set(seen["guarded"]) <= {401, 403, 404}
@@ -201,8 +247,9 @@ def test_vllm_control_routes_need_the_admin_key(server, method, path):
     """Mounted or not (the middleware answers before routing), with or without vLLM's API key."""
     assert admin_only(path), path
     for headers in ({}, {"authorization": "Bearer none"}, {"x-admin-key": "wrong"}):
-        r = httpx.request(method, f"{server.url}{path}", json={"request_ids": ["x"], "mode": "abort"},
-                          headers=headers, timeout=60)
+        r = httpx.request(
+            method, f"{server.url}{path}", json={"request_ids": ["x"], "mode": "abort"}, headers=headers, timeout=60
+        )
         assert r.status_code == 401, (path, headers, r.status_code, r.text[:200])
 
 
@@ -216,10 +263,25 @@ def test_systemone_for_a_model_without_structured_decisions_is_a_404_not_vllms_5
 # vLLM's control routers: every route that changes something needs the admin key (auth.py), whichever flag
 # mounts it; these few only read or generate (/inference/v1/generate: API key, and no merge by name, as on
 # every route outside INFERENCE_PATHS)
-CONTROL_ROUTERS = ("rl.online", "serve.dev.cache", "serve.dev.rpc", "serve.dev.server_info", "serve.dev.sleep",
-                   "serve.profile", "serve.fault_tolerance", "scale_out.token_in_token_out", "serve.elastic_ep")
-NOT_CONTROL = {"/is_paused", "/weight_info", "/get_world_size", "/is_sleeping", "/is_scaling_elastic_ep",
-               "/inference/v1/generate"}
+CONTROL_ROUTERS = (
+    "rl.online",
+    "serve.dev.cache",
+    "serve.dev.rpc",
+    "serve.dev.server_info",
+    "serve.dev.sleep",
+    "serve.profile",
+    "serve.fault_tolerance",
+    "scale_out.token_in_token_out",
+    "serve.elastic_ep",
+)
+NOT_CONTROL = {
+    "/is_paused",
+    "/weight_info",
+    "/get_world_size",
+    "/is_sleeping",
+    "/is_scaling_elastic_ep",
+    "/inference/v1/generate",
+}
 
 
 def test_every_route_of_vllms_control_routers_needs_the_admin_key():
@@ -236,46 +298,112 @@ def test_every_route_of_vllms_control_routers_needs_the_admin_key():
     assert {path for _, path in CONTROL} - lora <= routes  # CONTROL names real routes
 
 
-@pytest.mark.xfail(strict=True, reason="vLLM 0.32: a grammar the vocabulary cannot spell (JSON on the tiny word-level "
-                                        "vocabulary) masks every token; the engine rejects token 0 and answers 500")
-@pytest.mark.parametrize("path, body", [
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "one"}], "max_tokens": 4,
-                              "response_format": {"type": "json_object"}}),
-    ("/v1/completions", {"prompt": "one", "max_tokens": 4, "structured_outputs": {"regex": "w1 w2"}}),
-    ("/v1/responses", {"input": "one", "max_output_tokens": 4, "text": {"format": {"type": "json_object"}}})])
+@pytest.mark.xfail(
+    strict=True,
+    reason="vLLM 0.32: a grammar the vocabulary cannot spell (JSON on the tiny word-level "
+    "vocabulary) masks every token; the engine rejects token 0 and answers 500",
+)
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "one"}],
+                "max_tokens": 4,
+                "response_format": {"type": "json_object"},
+            },
+        ),
+        ("/v1/completions", {"prompt": "one", "max_tokens": 4, "structured_outputs": {"regex": "w1 w2"}}),
+        ("/v1/responses", {"input": "one", "max_output_tokens": 4, "text": {"format": {"type": "json_object"}}}),
+    ],
+)
 def test_known_vllm_5xx_on_a_grammar_the_vocabulary_cannot_spell(server, path, body):
     r = httpx.post(f"{server.url}{path}", json={"model": "tiny"} | body, timeout=120)
     assert r.status_code < 500, (r.status_code, r.text[:300])
 
 
 def test_generation_budgets_are_capped():
-    body = {"model": "m", "max_tokens": 10**9, "n": 50, "logprobs": True, "messages": [],
-            "requests": [{"prompt": "p"}, {"prompt": "p", "max_completion_tokens": 99, "min_tokens": -3}]}
+    body = {
+        "model": "m",
+        "max_tokens": 10**9,
+        "n": 50,
+        "logprobs": True,
+        "messages": [],
+        "requests": [{"prompt": "p"}, {"prompt": "p", "max_completion_tokens": 99, "min_tokens": -3}],
+    }
     assert bounded(body, "max_tokens") == {
-        "model": "m", "max_tokens": 4, "n": 2, "logprobs": True, "messages": [],
-        "requests": [{"prompt": "p", "max_tokens": 4}, {"prompt": "p", "max_completion_tokens": 4, "min_tokens": -3}]}
+        "model": "m",
+        "max_tokens": 4,
+        "n": 2,
+        "logprobs": True,
+        "messages": [],
+        "requests": [{"prompt": "p", "max_tokens": 4}, {"prompt": "p", "max_completion_tokens": 4, "min_tokens": -3}],
+    }
     assert bounded({"input": "x"}, "max_output_tokens") == {"input": "x", "max_output_tokens": 4}
-    assert bounded({"prompt": "p", "max_tokens": 1, "response_format": {}, "tool_choice": "required",
-                    "text": {"format": {}, "verbosity": "low"}}, "max_tokens") == \
-        {"prompt": "p", "max_tokens": 1, "text": {"verbosity": "low"}}
+    assert bounded(
+        {
+            "prompt": "p",
+            "max_tokens": 1,
+            "response_format": {},
+            "tool_choice": "required",
+            "text": {"format": {}, "verbosity": "low"},
+        },
+        "max_tokens",
+    ) == {"prompt": "p", "max_tokens": 1, "text": {"verbosity": "low"}}
     assert bounded("not json", "max_tokens") == "not json"
 
 
-json_leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False),
-                      st.text(max_size=20))
-json_value = st.recursive(json_leaf, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(
-    st.text(max_size=8), kids, max_size=4), max_leaves=20)
-fragments = st.sampled_from(["tasks:", "alpha", "beta", "gamma", "+", "@", "?", "&", "=", "knots-ties", "core-ta",
-                             "top_k", "0.5", "w.alpha", "seed", "basis", "subset", "..", "/", "%00", "é", ""])
+json_leaf = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20)
+)
+json_value = st.recursive(
+    json_leaf,
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+    max_leaves=20,
+)
+fragments = st.sampled_from(
+    [
+        "tasks:",
+        "alpha",
+        "beta",
+        "gamma",
+        "+",
+        "@",
+        "?",
+        "&",
+        "=",
+        "knots-ties",
+        "core-ta",
+        "top_k",
+        "0.5",
+        "w.alpha",
+        "seed",
+        "basis",
+        "subset",
+        "..",
+        "/",
+        "%00",
+        "é",
+        "",
+    ]
+)
 model_strings = st.one_of(st.text(max_size=60), st.lists(fragments, max_size=12).map("".join))
 
 
 @FAST
-@given(model=model_strings, knots=st.one_of(st.just(None), json_value,
-                                           st.fixed_dictionaries({"tasks": st.lists(fragments, max_size=5)},
-                                                                 optional={"method": fragments, "params": json_value,
-                                                                           "weights": json_value, "seed": json_value})),
-       chat=st.booleans())
+@given(
+    model=model_strings,
+    knots=st.one_of(
+        st.just(None),
+        json_value,
+        st.fixed_dictionaries(
+            {"tasks": st.lists(fragments, max_size=5)},
+            optional={"method": fragments, "params": json_value, "weights": json_value, "seed": json_value},
+        ),
+    ),
+    chat=st.booleans(),
+)
 def test_model_and_knots_fields_fuzzed_never_give_a_5xx(server, healthy, model, knots, chat):
     body = {"model": model, "max_tokens": 1}
     body |= {"messages": [{"role": "user", "content": "one"}]} if chat else {"prompt": "one"}
@@ -290,20 +418,34 @@ def raw(server, body: bytes, path="/v1/completions"):
     return httpx.post(f"{server.url}{path}", content=body, headers={"content-type": "application/json"}, timeout=120)
 
 
-@pytest.mark.parametrize("body, status, message", [
-    (b"x" * (9 << 20), 413, "request body over"),
-    (json.dumps({"model": "tasks:" + "+".join(f"t{i}" for i in range(10_000)), "prompt": "one"}).encode(), 400,
-     "at most 4096"),
-    (json.dumps({"model": "tasks:" + "+".join(f"t{i}" for i in range(500)), "prompt": "one"}).encode(), 400,
-     "at most 256"),
-    (json.dumps({"model": "tiny", "prompt": "one", "knots": {"tasks": [f"t{i}" for i in range(10_000)]}}).encode(),
-     400, "at most 256"),
-    (b'{"model": "tiny", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, ""),
-    (b'{"model": "tasks:alpha+\xff\xfe", "prompt": "one"}', 400, ""),
-    (b'{"model": "tasks:alpha+beta", "prompt": "\xc3\x28"}', 400, ""),
-    (b'{"model": "tasks:alpha+beta", "prompt": "one", "model": "tasks:zeta"}', 404, "zeta"),
-    (b"", 400, ""),
-])
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        (b"x" * (9 << 20), 413, "request body over"),
+        (
+            json.dumps({"model": "tasks:" + "+".join(f"t{i}" for i in range(10_000)), "prompt": "one"}).encode(),
+            400,
+            "at most 4096",
+        ),
+        (
+            json.dumps({"model": "tasks:" + "+".join(f"t{i}" for i in range(500)), "prompt": "one"}).encode(),
+            400,
+            "at most 256",
+        ),
+        (
+            json.dumps(
+                {"model": "tiny", "prompt": "one", "knots": {"tasks": [f"t{i}" for i in range(10_000)]}}
+            ).encode(),
+            400,
+            "at most 256",
+        ),
+        (b'{"model": "tiny", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, ""),
+        (b'{"model": "tasks:alpha+\xff\xfe", "prompt": "one"}', 400, ""),
+        (b'{"model": "tasks:alpha+beta", "prompt": "\xc3\x28"}', 400, ""),
+        (b'{"model": "tasks:alpha+beta", "prompt": "one", "model": "tasks:zeta"}', 404, "zeta"),
+        (b"", 400, ""),
+    ],
+)
 def test_hostile_bodies_get_a_4xx(server, healthy, body, status, message):
     r = raw(server, body)
     assert r.status_code == status, r.text[:300]
@@ -315,19 +457,33 @@ def safetensors_bytes(header: dict, data: bytes) -> bytes:
     return struct.pack("<Q", len(h)) + h + data
 
 
-A, B = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", \
-    "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+A, B = (
+    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+    "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+)
 LYING = {
     "header longer than the file": struct.pack("<Q", 1 << 40) + b"{}",
-    "offsets past the end": safetensors_bytes({A: {"dtype": "F32", "shape": [4, 64], "data_offsets": [0, 1024]},
-                                               B: {"dtype": "F32", "shape": [64, 4], "data_offsets": [1024, 2048]}},
-                                              b"\0" * 16),
-    "shape and size disagree": safetensors_bytes({A: {"dtype": "F32", "shape": [4000, 64], "data_offsets": [0, 1024]},
-                                                  B: {"dtype": "F32", "shape": [64, 4], "data_offsets": [1024, 2048]}},
-                                                 b"\0" * 2048),
-    "unknown dtype": safetensors_bytes({A: {"dtype": "Q9", "shape": [4, 64], "data_offsets": [0, 1024]},
-                                        B: {"dtype": "F32", "shape": [64, 4], "data_offsets": [1024, 2048]}},
-                                       b"\0" * 2048),
+    "offsets past the end": safetensors_bytes(
+        {
+            A: {"dtype": "F32", "shape": [4, 64], "data_offsets": [0, 1024]},
+            B: {"dtype": "F32", "shape": [64, 4], "data_offsets": [1024, 2048]},
+        },
+        b"\0" * 16,
+    ),
+    "shape and size disagree": safetensors_bytes(
+        {
+            A: {"dtype": "F32", "shape": [4000, 64], "data_offsets": [0, 1024]},
+            B: {"dtype": "F32", "shape": [64, 4], "data_offsets": [1024, 2048]},
+        },
+        b"\0" * 2048,
+    ),
+    "unknown dtype": safetensors_bytes(
+        {
+            A: {"dtype": "Q9", "shape": [4, 64], "data_offsets": [0, 1024]},
+            B: {"dtype": "F32", "shape": [64, 4], "data_offsets": [1024, 2048]},
+        },
+        b"\0" * 2048,
+    ),
     "header not JSON": struct.pack("<Q", 8) + b"\xff" * 8 + b"\0" * 64,
     "empty file": b"",
 }
@@ -349,8 +505,17 @@ def test_adapter_paths_outside_adapter_dirs_are_refused(server, healthy, tiny_ad
     shutil.copytree(tiny_adapters["alpha"], outside)
     (extra / "link").unlink(missing_ok=True)
     (extra / "link").symlink_to(outside)
-    for path in (str(extra / ".." / ".." / "state"), str(extra / "link"), str(outside), "/etc", "/",
-                 "~/", "../" * 20 + "etc/passwd", str(extra) + "/../extra-evil", "extra/../../"):
+    for path in (
+        str(extra / ".." / ".." / "state"),
+        str(extra / "link"),
+        str(outside),
+        "/etc",
+        "/",
+        "~/",
+        "../" * 20 + "etc/passwd",
+        str(extra) + "/../extra-evil",
+        "extra/../../",
+    ):
         status, body = http(server, "POST", "/admin/tasks", {"name": "sneaky", "path": path}, key=ADMIN_KEY)
         assert status == 400 and "outside the configured adapter_dirs" in body["error"]["message"], (path, body)
     status, body = http(server, "POST", "/admin/tasks", {"name": "sneaky", "path": "a\0b"}, key=ADMIN_KEY)

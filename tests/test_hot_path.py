@@ -40,9 +40,14 @@ def test_float32_compose_is_within_1e_4_of_the_float64_reference(method_id, scop
     space, method = resolve(method_id)
     for seed in np.random.SeedSequence().generate_state(2):
         adapters = pool(int(seed) % 10_000, drop=1)
-        spec = MergeSpec(tuple(a.name for a in adapters), method_id, {"alpha": 0.8} | (
-            {"top_k": 0.3} if "top_k" in method.params else {}), weights={"t0": 1.0, "t1": 0.5, "t2": -0.7},
-            trim_scope=scope, seed=int(seed) % 1000)
+        spec = MergeSpec(
+            tuple(a.name for a in adapters),
+            method_id,
+            {"alpha": 0.8} | ({"top_k": 0.3} if "top_k" in method.params else {}),
+            weights={"t0": 1.0, "t1": 0.5, "t2": -0.7},
+            trim_scope=scope,
+            seed=int(seed) % 1000,
+        )
         basis = build_basis(adapters, space).to(device)
         got = lora_dense(to_host(merge_lora(basis, spec, max_rank=None)))
         if method.random:
@@ -50,8 +55,9 @@ def test_float32_compose_is_within_1e_4_of_the_float64_reference(method_id, scop
             if want is None:  # CUDA draws another mask: the merge is checked on the CPU
                 continue
         else:
-            want = ref.merge(space, method.name, factors(adapters), np.array([1.0, 0.5, -0.7]), scope=scope,
-                             **spec.resolved_params())
+            want = ref.merge(
+                space, method.name, factors(adapters), np.array([1.0, 0.5, -0.7]), scope=scope, **spec.resolved_params()
+            )
         for m in want:
             assert rel(got[m], want[m]) < 1e-4, (method_id, scope, m, int(seed))
 
@@ -82,7 +88,9 @@ def test_ta_from_the_factors_needs_no_basis_and_equals_the_reference():
     assert all(rel(got[m], want[m]) < 1e-5 for m in want)
     # the merge_lora path in a KnOTS or Core basis takes the same route, through the basis's factors
     for space in ("knots", "core"):
-        via = lora_dense(merge_lora(build_basis(adapters, space), MergeSpec(spec.tasks, f"{space}-ta", {"alpha": 0.7}, w)))
+        via = lora_dense(
+            merge_lora(build_basis(adapters, space), MergeSpec(spec.tasks, f"{space}-ta", {"alpha": 0.7}, w))
+        )
         assert all(rel(via[m], want[m]) < 1e-5 for m in want)
 
 
@@ -132,7 +140,9 @@ def test_auto_basis_is_the_subset_for_small_subsets_and_the_shared_basis_for_lar
     assert store.choose("auto", ("t0", "t1")) == "subset"
     assert store.choose("auto", ("t0", "t1", "t2", "t3")) == "subset"  # exactly half of the pool's rank
     assert store.choose("auto", ("t0", "t1", "t2", "t3", "t4")) == "shared"
-    assert store.choose("shared", ("t0", "t1")) == "shared" and store.choose("subset", tuple(store.adapters)) == "subset"
+    assert (
+        store.choose("shared", ("t0", "t1")) == "shared" and store.choose("subset", tuple(store.adapters)) == "subset"
+    )
     # what auto serves is the merge in the chosen basis
     for s, mode in (("tasks:t0+t1@knots-ties", "subset"), ("tasks:t0+t1+t2+t3+t4@knots-ties", "shared")):
         sel = parse_model(s, "knots-ties")
@@ -145,8 +155,10 @@ def test_every_ta_id_is_served_from_the_factors_alike():
     """ta, knots-ta and core-ta are one merge: the store composes each from the factors, never a basis
     (plain `ta` would otherwise build the pool's dense basis and factor a dense sum)."""
     store = BasisStore(store_pool(4))
-    got = [store.merge(parse_model(f"tasks:t0+t2@{m}?alpha=0.7&w.t2=-1.5", "knots-ties"))
-           for m in ("ta", "knots-ta", "core-ta")]
+    got = [
+        store.merge(parse_model(f"tasks:t0+t2@{m}?alpha=0.7&w.t2=-1.5", "knots-ties"))
+        for m in ("ta", "knots-ta", "core-ta")
+    ]
     for other in got[1:]:
         assert all(torch.equal(got[0][m][0], other[m][0]) and torch.equal(got[0][m][1], other[m][1]) for m in got[0])
     assert "full" not in store._bases and not store._subset  # no basis was built for them

@@ -12,8 +12,13 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
     def test_triton_kernels_match_torch_under_the_interpreter():
         pytest.importorskip("triton")
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                           env=os.environ | {"TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900)
+        r = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+            env=os.environ | {"TRITON_INTERPRET": "1"},
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
         assert " passed" in r.stdout and "skipped" not in r.stdout
 
@@ -23,8 +28,9 @@ else:
 
     from knots_serve.methods import dare, trim_thresholds
 
-    @pytest.mark.parametrize("n, d, top_k, seed", [(3, 1000, 0.2, 0), (8, 4097, 0.5, 1), (1, 37, 1.0, 2),
-                                                   (5, 2500, 0.05, 3)])
+    @pytest.mark.parametrize(
+        "n, d, top_k, seed", [(3, 1000, 0.2, 0), (8, 4097, 0.5, 1), (1, 37, 1.0, 2), (5, 2500, 0.05, 3)]
+    )
     def test_ties_merge(n, d, top_k, seed):
         g = torch.Generator().manual_seed(seed)
         Y = torch.randn(n, d, generator=g) * torch.rand(n, 1, generator=g)

@@ -22,6 +22,7 @@ def test_installed_op_maps_no_lora_to_the_last_slot():
 def test_a_vllm_whose_op_gives_slot_minus_one_no_lora_keeps_its_ops(monkeypatch):
     def correct(*args):
         return lora_fix.bgmv_shrink(*args)
+
     monkeypatch.setattr(lora_ops, "bgmv_shrink", correct)
     assert lora_fix.apply() == "vLLM's torch LoRA ops give slot -1 no LoRA: kept"
     assert lora_ops.bgmv_shrink is correct and lora_ops.bgmv_expand is ORIGINAL["bgmv_expand"]
@@ -41,8 +42,10 @@ def test_grouped_ops_equal_vllms_ops_on_lora_rows_and_give_zero_without_lora(see
     # vLLM's ops in float32 (the replacements compute in float32 and round once to the output dtype),
     # compared on the LoRA rows only (vLLM's -1 rows are the bug)
     tol = {} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 5e-2}
+
     def close(got, ref):
         return torch.testing.assert_close(got.float(), ref, **tol)
+
     h_ref = torch.zeros(T, r)
     ORIGINAL["bgmv_shrink"](x, A.float(), h_ref, idx.clamp(min=0), 0.5)
     h = torch.full((T, r), 7.0, dtype=dtype)
@@ -92,11 +95,13 @@ def test_vllm_cpu_worker_start_breaks_once_numba_is_loaded_so_the_plugin_never_i
     import subprocess
     import sys
 
-    probe = ("import sys; from vllm.triton_utils.dispatcher import _rebind_kernels; "
-             "import knots_serve.serving.plugin, knots_serve.serving.middleware; "
-             "assert 'numba' not in sys.modules, 'the plugin imported numba'; _rebind_kernels([]); "
-             "from knots_serve.kernels import cpu; cpu.warm_up(); "
-             "exec('try:\\n _rebind_kernels([])\\nexcept AttributeError as e:\\n print(\"BUG\", e)')")
+    probe = (
+        "import sys; from vllm.triton_utils.dispatcher import _rebind_kernels; "
+        "import knots_serve.serving.plugin, knots_serve.serving.middleware; "
+        "assert 'numba' not in sys.modules, 'the plugin imported numba'; _rebind_kernels([]); "
+        "from knots_serve.kernels import cpu; cpu.warm_up(); "
+        "exec('try:\\n _rebind_kernels([])\\nexcept AttributeError as e:\\n print(\"BUG\", e)')"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "BUG '_lib_fn_wrapper' object has no attribute 'get'" in out.stdout  # upstream still broken

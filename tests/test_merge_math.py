@@ -27,8 +27,15 @@ def pool(seed, n=3, rslora=(False, True, False), drop=None):
 def factors(adapters):
     """{module: per-task (B, A, s) float64 numpy or None} for the reference."""
     mods = sorted({m for a in adapters for m in a.modules})
-    return {m: [(a.modules[m].B.double().numpy(), a.modules[m].A.double().numpy(), a.modules[m].scale)
-                if m in a.modules else None for a in adapters] for m in mods}
+    return {
+        m: [
+            (a.modules[m].B.double().numpy(), a.modules[m].A.double().numpy(), a.modules[m].scale)
+            if m in a.modules
+            else None
+            for a in adapters
+        ]
+        for m in mods
+    }
 
 
 def rel(a, b):
@@ -47,8 +54,14 @@ def test_knots_basis_matches_dense_svd_and_reconstructs(seed):
         U, sig, _ = np.linalg.svd(dense, full_matrices=False)
         k = ms.left.shape[1]
         assert k == min(dense.shape[0], sum(B.shape[1] for B, _, _ in per_task))
-        assert np.allclose(np.linalg.svd(ms.left.double().numpy() @ np.hstack(
-            [ms.task_tensor(a.name).double().numpy() for a in adapters]), compute_uv=False)[:k], sig[:k], rtol=1e-5)
+        assert np.allclose(
+            np.linalg.svd(
+                ms.left.double().numpy() @ np.hstack([ms.task_tensor(a.name).double().numpy() for a in adapters]),
+                compute_uv=False,
+            )[:k],
+            sig[:k],
+            rtol=1e-5,
+        )
         for a, (B, A, s) in zip(adapters, per_task):
             assert rel(ms.to_dense(ms.task_tensor(a.name)), s * B @ A) < 1e-6
 
@@ -70,8 +83,11 @@ def test_rank_padding_changes_nothing():
     for ad in a:
         mods = {}
         for m, l in ad.modules.items():  # append zero rank-directions, as a padded adapter would have
-            mods[m] = type(l)(A=torch.cat([l.A, torch.zeros(3, l.A.shape[1])]),
-                              B=torch.cat([l.B, torch.zeros(l.B.shape[0], 3)], dim=1), scale=l.scale)
+            mods[m] = type(l)(
+                A=torch.cat([l.A, torch.zeros(3, l.A.shape[1])]),
+                B=torch.cat([l.B, torch.zeros(l.B.shape[0], 3)], dim=1),
+                scale=l.scale,
+            )
         padded.append(type(ad)(ad.name, mods, ad.base_model))
     for method in ("knots-ties", "core-ties", "ties"):
         spec = MergeSpec(("t0", "t1", "t2"), method)
@@ -90,9 +106,13 @@ def test_every_method_in_every_space_matches_reference(method_id, scope):
     for seed in (11, 12):
         adapters = pool(seed, drop=1)
         w = np.array([1.0, 0.5, -0.7])
-        spec = MergeSpec(tuple(a.name for a in adapters), method_id, {"alpha": 0.8} | (
-            {"top_k": 0.3} if "top_k" in method.params else {}),
-            weights={"t0": 1.0, "t1": 0.5, "t2": -0.7}, trim_scope=scope)
+        spec = MergeSpec(
+            tuple(a.name for a in adapters),
+            method_id,
+            {"alpha": 0.8} | ({"top_k": 0.3} if "top_k" in method.params else {}),
+            weights={"t0": 1.0, "t1": 0.5, "t2": -0.7},
+            trim_scope=scope,
+        )
         got = merge_dense(build_basis(adapters, space), spec)
         want = ref.merge(space, method.name, factors(adapters), w, scope=scope, **spec.resolved_params())
         assert set(got) == set(want)
@@ -124,6 +144,7 @@ def test_dare_methods_match_reference_with_the_same_mask(name):
 def test_dare_merge_is_seeded(space):
     adapters = pool(5)
     basis = build_basis(adapters, space)
+
     def merge(seed):
         return merge_dense(basis, MergeSpec(("t0", "t1"), f"{space}-dare-ties".removeprefix("full-"), seed=seed))
 
@@ -137,8 +158,10 @@ def test_knots_ta_equals_ta_and_core_ta(seed):
     adapters = pool(seed)
     names = tuple(a.name for a in adapters)
     w = {"t0": 0.3, "t1": 1.0, "t2": 2.0}
-    outs = [merge_dense(build_basis(adapters, s), MergeSpec(names, f"{s}-ta".removeprefix("full-"), {"alpha": 0.7}, w))
-            for s in ("full", "knots", "core")]
+    outs = [
+        merge_dense(build_basis(adapters, s), MergeSpec(names, f"{s}-ta".removeprefix("full-"), {"alpha": 0.7}, w))
+        for s in ("full", "knots", "core")
+    ]
     for m in outs[0]:
         assert rel(outs[1][m], outs[0][m]) < 1e-6 and rel(outs[2][m], outs[0][m]) < 1e-6
 

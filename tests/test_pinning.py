@@ -28,20 +28,39 @@ def vllm_shard(W, kind, tp, rank, heads=None):
 def test_shard_math_writes_each_workers_slice(tp, kv_heads):
     g = torch.Generator().manual_seed(tp * 10 + kv_heads)
     hd, heads, hidden, inter = 4, 8, 32, 48
-    full = {"q": (heads * hd, hidden), "k": (kv_heads * hd, hidden), "v": (kv_heads * hd, hidden),
-            "o": (hidden, heads * hd), "gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+    full = {
+        "q": (heads * hd, hidden),
+        "k": (kv_heads * hd, hidden),
+        "v": (kv_heads * hd, hidden),
+        "o": (hidden, heads * hd),
+        "gate": (inter, hidden),
+        "up": (inter, hidden),
+        "down": (hidden, inter),
+    }
     W = {n: torch.randn(s, generator=g) for n, s in full.items()}
     D = {n: torch.randn(s, generator=g) for n, s in full.items()}
-    names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+    names = {
+        "q": "self_attn.q_proj",
+        "k": "self_attn.k_proj",
+        "v": "self_attn.v_proj",
+        "o": "self_attn.o_proj",
+        "gate": "mlp.gate_proj",
+        "up": "mlp.up_proj",
+        "down": "mlp.down_proj",
+    }
     reps = max(1, tp // kv_heads)
     for rank in range(tp):
         local = {  # the packed local parameters as vLLM lays them out
             "model.layers.0.self_attn.qkv_proj.weight": torch.cat(
-                [vllm_shard(W["q"], "col", tp, rank), vllm_shard(W["k"], "col", tp, rank, kv_heads),
-                 vllm_shard(W["v"], "col", tp, rank, kv_heads)]),
+                [
+                    vllm_shard(W["q"], "col", tp, rank),
+                    vllm_shard(W["k"], "col", tp, rank, kv_heads),
+                    vllm_shard(W["v"], "col", tp, rank, kv_heads),
+                ]
+            ),
             "model.layers.0.mlp.gate_up_proj.weight": torch.cat(
-                [vllm_shard(W["gate"], "col", tp, rank), vllm_shard(W["up"], "col", tp, rank)]),
+                [vllm_shard(W["gate"], "col", tp, rank), vllm_shard(W["up"], "col", tp, rank)]
+            ),
             "model.layers.0.self_attn.o_proj.weight": vllm_shard(W["o"], "row", tp, rank).clone(),
             "model.layers.0.mlp.down_proj.weight": vllm_shard(W["down"], "row", tp, rank).clone(),
         }
@@ -51,8 +70,9 @@ def test_shard_math_writes_each_workers_slice(tp, kv_heads):
         for n, module in names.items():
             p = placement(f"model.layers.0.{module}", full[n], *packed.get(n, (None, None)), tp, rank)
             local[p.param][p.rows] += D[n][p.src_rows, p.src_cols]
-        want_qkv = torch.cat([vllm_shard(W[n] + D[n], "col", tp, rank, None if n == "q" else kv_heads)
-                              for n in ("q", "k", "v")])
+        want_qkv = torch.cat(
+            [vllm_shard(W[n] + D[n], "col", tp, rank, None if n == "q" else kv_heads) for n in ("q", "k", "v")]
+        )
         assert torch.equal(local["model.layers.0.self_attn.qkv_proj.weight"], want_qkv)
         want_gu = torch.cat([vllm_shard(W[n] + D[n], "col", tp, rank) for n in ("gate", "up")])
         assert torch.equal(local["model.layers.0.mlp.gate_up_proj.weight"], want_gu)
@@ -79,14 +99,32 @@ def unpin(server):
 def full_model_outputs(server, tiny_base, tiny_adapters, tmp_path_factory):
     """Greedy outputs of vLLM started on the merged full model written by `knots-serve merge --format full`."""
     root = tmp_path_factory.mktemp("full")
-    r = subprocess.run([CLI, "merge", f"--adapter=alpha={tiny_adapters['alpha']}",
-                        f"--adapter=beta={tiny_adapters['beta']}", "--method", "knots-ties", "--format", "full",
-                        "--base", str(tiny_base), "--out", str(root / "model")], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            CLI,
+            "merge",
+            f"--adapter=alpha={tiny_adapters['alpha']}",
+            f"--adapter=beta={tiny_adapters['beta']}",
+            "--method",
+            "knots-ties",
+            "--format",
+            "full",
+            "--base",
+            str(tiny_base),
+            "--out",
+            str(root / "model"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     config = {k: v for k, v in server.config.items() if k not in ("tasks", "merges", "experiments", "port")}
-    config |= {"model": str(root / "model"), "cache_dir": f"{server.config['cache_dir']}-full",
-               "state_dir": str(root / "state")}
+    config |= {
+        "model": str(root / "model"),
+        "cache_dir": f"{server.config['cache_dir']}-full",
+        "state_dir": str(root / "state"),
+    }
     with start_server(root, config, {}) as full:
         return {p: complete(full.client(), "tiny", p) for p in PROMPTS}
 
@@ -164,12 +202,15 @@ def test_requests_across_swaps_all_succeed_on_one_weight_set(server, full_model_
     assert all(out in (base[p], full_model_outputs[p]) for p, out in results)
 
 
-@pytest.mark.parametrize("model, status, message", [
-    ("tiny", 400, "is not a merge"),
-    ("alpha", 400, "is not a merge"),
-    ("tasks:alpha+zeta", 404, "unknown task(s): zeta"),
-    ("tasks:alpha+beta@nope", 400, "unknown merge method"),
-])
+@pytest.mark.parametrize(
+    "model, status, message",
+    [
+        ("tiny", 400, "is not a merge"),
+        ("alpha", 400, "is not a merge"),
+        ("tasks:alpha+zeta", 404, "unknown task(s): zeta"),
+        ("tasks:alpha+beta@nope", 400, "unknown merge method"),
+    ],
+)
 def test_bad_pins_are_refused(server, model, status, message):
     got, body = http(server, "POST", "/admin/pin", {"model": model}, key=ADMIN_KEY)
     assert got == status and message in body["error"]["message"]

@@ -36,10 +36,12 @@ def test_pinning_follows_the_config_named_in_the_environment(tmp_path, monkeypat
 def test_register_keeps_cpu_weights_only_with_pinning_on(tmp_path, pinning):
     """register() runs in every vLLM process; run it in a fresh interpreter, as vLLM does."""
     pytest.importorskip("vllm")
-    probe = ("import logging; logging.basicConfig(level=logging.INFO); "
-             "from knots_serve.serving import plugin; plugin.register(); "
-             "from vllm.model_executor.layers.linear import UnquantizedLinearMethod as M; "
-             "print(getattr(M.process_weights_after_loading, 'knots_keeps_w0', False))")
+    probe = (
+        "import logging; logging.basicConfig(level=logging.INFO); "
+        "from knots_serve.serving import plugin; plugin.register(); "
+        "from vllm.model_executor.layers.linear import UnquantizedLinearMethod as M; "
+        "print(getattr(M.process_weights_after_loading, 'knots_keeps_w0', False))"
+    )
     env = {"KNOTS_SERVE_CONFIG": str(write_config(tmp_path, pinning=pinning)), "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr

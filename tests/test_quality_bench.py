@@ -15,10 +15,23 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_quick_quality_benchmark_runs_end_to_end(tmp_path):
     out = tmp_path / "out"
     # float32: on a CPU without AVX512-BF16 (this CI machine) vLLM's bf16 path is ~6x slower
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks/quality/bench.py"), "--quick", "--eager",
-                          "--dtype", "float32",
-                          "--work", str(tmp_path / "work"), "--out", str(out)],
-                         capture_output=True, text=True, timeout=1500)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks/quality/bench.py"),
+            "--quick",
+            "--eager",
+            "--dtype",
+            "float32",
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     tasks = res["tasks"]

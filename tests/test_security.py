@@ -39,8 +39,9 @@ def test_inference_needs_the_api_key_before_anything_is_routed_or_composed(guard
     new_merge = {"model": "tasks:alpha+gamma@knots-ties?top_k=0.77", "prompt": "one", "max_tokens": 2}
     for headers in ({}, bearer("wrong"), bearer(ADMIN_KEY)):
         assert call(guarded, "POST", "/v1/completions", new_merge, **headers).status_code == 401
-        assert call(guarded, "POST", "/v1/completions", dict(new_merge, model="tasks:zeta"),
-                    **headers).status_code == 401  # not 404: no task names leak to strangers
+        assert (
+            call(guarded, "POST", "/v1/completions", dict(new_merge, model="tasks:zeta"), **headers).status_code == 401
+        )  # not 404: no task names leak to strangers
         assert call(guarded, "GET", "/v1/models", **headers).status_code == 401
         assert call(guarded, "POST", "/v1/feedback", {"id": "x", "score": 1}, **headers).status_code == 401
     assert metric(guarded, 'knots_compose_cache_total{result="miss"}') == misses  # nothing was composed
@@ -54,11 +55,14 @@ def test_admin_routes_need_the_admin_key_not_the_api_key(guarded):
     assert call(guarded, "GET", "/admin/tasks", **{"x-admin-key": ADMIN_KEY}).status_code == 200
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/v1/load_lora_adapter", {"lora_name": "etc", "lora_path": "/etc"}),
-    ("/v1/unload_lora_adapter", {"lora_name": "alpha"}),
-    ("/scale_elastic_ep", {"new_data_parallel_size": 2}),
-])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/load_lora_adapter", {"lora_name": "etc", "lora_path": "/etc"}),
+        ("/v1/unload_lora_adapter", {"lora_name": "alpha"}),
+        ("/scale_elastic_ep", {"new_data_parallel_size": 2}),
+    ],
+)
 def test_vllm_runtime_lora_routes_need_the_admin_key(server, guarded, path, body):
     """knots-serve switches these vLLM routes on for its resolver; without the guard any client could load
     an adapter from any readable path, or unload the task adapters."""

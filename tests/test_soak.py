@@ -21,8 +21,15 @@ def test_short_soak_serves_every_request_right_under_eviction_pinning_and_regist
     models = merge_models(["alpha", "beta", "gamma"], limit=16) + ["tiny", "alpha", "tasks:beta"]
     soak = Soak(guarded.url, models, ["the cat sat on the", "one two three"], guarded.api_key, ADMIN_KEY, guarded.pid)
     side = os.environ.get("KNOTS_SOAK_SIDE", "pin,register").split(",")
-    stats = asyncio.run(soak.run(SOAK_SECONDS, clients=8, pin=models[0] if "pin" in side else None,
-                                 task=("delta", extra / "delta") if "register" in side else None, check="alpha"))
+    stats = asyncio.run(
+        soak.run(
+            SOAK_SECONDS,
+            clients=8,
+            pin=models[0] if "pin" in side else None,
+            task=("delta", extra / "delta") if "register" in side else None,
+            check="alpha",
+        )
+    )
     print(stats)
     assert stats["failures"] == 0, soak.failures[:10]
     assert stats["requests"] > 50 and stats["pins"] >= 1 and stats["registrations"] >= 1

@@ -35,9 +35,17 @@ def make_tiny_llama(out: Path, seed: int = 0, hidden: int = 128, layers: int = 2
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128),  # head_dim 64 (vLLM CPU has no 16) max_position_embeddings=256, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, torch_dtype="float32",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=max(
+            1, hidden // 128
+        ),  # head_dim 64 (vLLM CPU has no 16) max_position_embeddings=256, tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        torch_dtype="float32",
     )
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # random init is small; make the layers matter so merges move the logits
@@ -48,15 +56,32 @@ def make_tiny_llama(out: Path, seed: int = 0, hidden: int = 128, layers: int = 2
     return out
 
 
-def make_peft_lora(base: Path, out: Path, seed: int, r: int = 4, alpha: float = 8, targets=("q_proj", "v_proj"),
-                   use_rslora: bool = False, rank_pattern=None, alpha_pattern=None, std: float = 0.3) -> Path:
+def make_peft_lora(
+    base: Path,
+    out: Path,
+    seed: int,
+    r: int = 4,
+    alpha: float = 8,
+    targets=("q_proj", "v_proj"),
+    use_rslora: bool = False,
+    rank_pattern=None,
+    alpha_pattern=None,
+    std: float = 0.3,
+) -> Path:
     """A PEFT LoRA with random non-zero A and B (as if trained), saved with PEFT itself."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(base)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=use_rslora,
-                     rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, lora_dropout=0.0)
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        use_rslora=use_rslora,
+        rank_pattern=rank_pattern or {},
+        alpha_pattern=alpha_pattern or {},
+        lora_dropout=0.0,
+    )
     peft_model = get_peft_model(model, cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -60,8 +60,12 @@ class Bench:
         self.work.mkdir(parents=True, exist_ok=True)
         self.adapters = {t: load_adapter(REPO / "adapters" / t, t) for t in self.tasks}
         self.bases = {space: self._basis(space, self.tasks) for space in ("full", "knots", "core")}
-        self.eval = Evaluator(prepare_base(), self.work / f"evals{'' if args.dtype == 'auto' else '-' + args.dtype}.json",
-                              eager=args.eager, dtype=args.dtype)
+        self.eval = Evaluator(
+            prepare_base(),
+            self.work / f"evals{'' if args.dtype == 'auto' else '-' + args.dtype}.json",
+            eager=args.eager,
+            dtype=args.dtype,
+        )
         self.lora = {split: self._lora(split, n) for split, n in (("val", args.val_n), ("test", args.test_n))}
 
     def _basis(self, space: str, tasks) -> tuple[Path, str]:
@@ -82,16 +86,17 @@ class Bench:
 
     def _lora(self, split: str, n: int) -> dict[str, list[int]]:
         """Each task's own LoRA: a 1-task TA merge with alpha 1 is the adapter itself (a tested identity)."""
-        return {t: self.eval.correct(self.merge("knots-ta", [t], {"alpha": 1.0}), [t], split, n)[t]
-                for t in self.tasks}
+        return {t: self.eval.correct(self.merge("knots-ta", [t], {"alpha": 1.0}), [t], split, n)[t] for t in self.tasks}
 
     def score(self, merge: Merge, split: str, n: int) -> dict:
         tasks = list(merge.spec.tasks)
         got, lora = self.eval.correct(merge, tasks, split, n), self.lora[split]
         ratio = [sum(got[t]) / max(sum(lora[t][:n]), 1e-9) for t in tasks]
-        return {"per_task": statistics.fmean(ratio),
-                "joint": sum(sum(got[t]) for t in tasks) / max(sum(sum(lora[t][:n]) for t in tasks), 1e-9),
-                "accuracy": {t: sum(v) / len(v) for t, v in got.items()}}
+        return {
+            "per_task": statistics.fmean(ratio),
+            "joint": sum(sum(got[t]) for t in tasks) / max(sum(sum(lora[t][:n]) for t in tasks), 1e-9),
+            "accuracy": {t: sum(v) / len(v) for t, v in got.items()},
+        }
 
     def search(self, method: str, setting: str) -> tuple[dict, float, list]:
         grid = QUICK_GRID if self.args.quick else GRID
@@ -132,24 +137,40 @@ def params_text(params: dict) -> str:
 
 def report(res: dict) -> str:
     tasks = res["tasks"]
-    lines = [f"Test split: {res['args']['test_n']} prompts per task; validation: {res['args']['val_n']}.", "",
-             "| task | base | LoRA (test) | LoRA (val) |", "|---|---|---|---|"]
+    lines = [
+        f"Test split: {res['args']['test_n']} prompts per task; validation: {res['args']['val_n']}.",
+        "",
+        "| task | base | LoRA (test) | LoRA (val) |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {t} | {res['base'][t]:.3f} | {res['lora_test'][t]:.3f} | {res['lora_val'][t]:.3f} |" for t in tasks]
     for setting, title in (("per_task", "Per-task setting"), ("joint", "Joint setting")):
-        lines += ["", f"**{title}** (normalized accuracy; merge of all {len(tasks)} tasks)", "",
-                  "| method | chosen on val | val | test | " + " | ".join(tasks) + " |",
-                  "|---|---|---|---|" + "---|" * len(tasks)]
+        lines += [
+            "",
+            f"**{title}** (normalized accuracy; merge of all {len(tasks)} tasks)",
+            "",
+            "| method | chosen on val | val | test | " + " | ".join(tasks) + " |",
+            "|---|---|---|---|" + "---|" * len(tasks),
+        ]
         for m, r in res["methods"].items():
             r = r[setting]
-            per = [statistics.fmean(run["accuracy"][t] for run in r["test"]) / max(res["lora_test"][t], 1e-9)
-                   for t in tasks]
-            lines.append(f"| {m} | {params_text(r['params'])} | {r['val']:.3f} | "
-                         f"{mean_std([run[setting] for run in r['test']])} | "
-                         + " | ".join(f"{x:.2f}" for x in per) + " |")
+            per = [
+                statistics.fmean(run["accuracy"][t] for run in r["test"]) / max(res["lora_test"][t], 1e-9)
+                for t in tasks
+            ]
+            lines.append(
+                f"| {m} | {params_text(r['params'])} | {r['val']:.3f} | "
+                f"{mean_std([run[setting] for run in r['test']])} | " + " | ".join(f"{x:.2f}" for x in per) + " |"
+            )
     ks = sorted({int(k) for c in res["scale"].values() for k in c})
-    lines += ["", "**Scale** (per-task normalized accuracy, mean over subsets; test split, "
-              f"{res['args']['scale_n']} prompts per task)", "",
-              "| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    lines += [
+        "",
+        "**Scale** (per-task normalized accuracy, mean over subsets; test split, "
+        f"{res['args']['scale_n']} prompts per task)",
+        "",
+        "| method | " + " | ".join(f"k={k}" for k in ks) + " |",
+        "|---|" + "---|" * len(ks),
+    ]
     for name, curve in res["scale"].items():
         lines.append(f"| {name} | " + " | ".join(f"{statistics.fmean(curve[str(k)]):.3f}" for k in ks) + " |")
     return "\n".join(lines)
@@ -164,8 +185,13 @@ def plot(res: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, curve in res["scale"].items():
         ks = sorted(curve, key=int)
-        ax.plot([int(k) for k in ks], [statistics.fmean(curve[k]) for k in ks], marker="o", label=name,
-                linestyle="--" if "subset" in name else ":" if "auto" in name else "-")
+        ax.plot(
+            [int(k) for k in ks],
+            [statistics.fmean(curve[k]) for k in ks],
+            marker="o",
+            label=name,
+            linestyle="--" if "subset" in name else ":" if "auto" in name else "-",
+        )
     ax.set_xlabel("tasks merged")
     ax.set_ylabel("normalized accuracy (test)")
     ax.set_title("Merging the SmolLM2 demo LoRAs (rank 16, q/k/v/o)")
@@ -189,8 +215,11 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="/tmp/knots-quality", help="bases and the evaluation cache (resumable)")
     p.add_argument("--out", help="results.json, results.md, scale.png (default: benchmarks/quality/results)")
     p.add_argument("--eager", action="store_true", help="no torch.compile in vLLM (starts faster, runs slower)")
-    p.add_argument("--dtype", default="auto", help="vLLM's dtype (auto: the model's bf16; float32 is far faster on "
-                   "CPUs without AVX512-BF16)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="vLLM's dtype (auto: the model's bf16; float32 is far faster on CPUs without AVX512-BF16)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.val_n, args.test_n, args.scale_n, args.seeds, args.ks = 4, 4, 4, 2, ""
@@ -200,42 +229,68 @@ def main(argv=None) -> int:
     args.ks = [int(k) for k in str(args.ks).split(",") if k.strip()]
     unknown = [t for t in args.tasks if t not in TASKS] + [m for m in args.methods if m not in METHODS]
     if unknown or len(args.tasks) < 2:
-        p.error(f"need at least 2 known tasks ({', '.join(TASKS)}) and methods from {', '.join(METHODS)}; "
-                f"got unknown {unknown}" if unknown else "need at least 2 tasks")
+        p.error(
+            f"need at least 2 known tasks ({', '.join(TASKS)}) and methods from {', '.join(METHODS)}; "
+            f"got unknown {unknown}"
+            if unknown
+            else "need at least 2 tasks"
+        )
     out = Path(args.out or (Path(args.work) / "quick" if args.quick else REPO / "benchmarks/quality/results"))
     out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.time()
     bench = Bench(args)
     start_s = time.time() - t0
-    res = {"tasks": args.tasks, "args": {k: v for k, v in vars(args).items() if k not in ("tasks",)},
-           "lora_val": {t: sum(v) / len(v) for t, v in bench.lora["val"].items()},
-           "lora_test": {t: sum(v) / len(v) for t, v in bench.lora["test"].items()},
-           "base": bench.eval.accuracy(None, args.tasks, "test", args.test_n), "methods": {}, "scale": {}}
+    res = {
+        "tasks": args.tasks,
+        "args": {k: v for k, v in vars(args).items() if k not in ("tasks",)},
+        "lora_val": {t: sum(v) / len(v) for t, v in bench.lora["val"].items()},
+        "lora_test": {t: sum(v) / len(v) for t, v in bench.lora["test"].items()},
+        "base": bench.eval.accuracy(None, args.tasks, "test", args.test_n),
+        "methods": {},
+        "scale": {},
+    }
     for method in args.methods:
         res["methods"][method] = {}
         for setting in SETTINGS:
             params, val, trail = bench.search(method, setting)
-            res["methods"][method][setting] = {"params": params, "val": val, "search": trail,
-                                               "test": bench.test(method, params)}
-            print(f"{method:>16} {setting:>8}: {params_text(params)}  val {val:.3f}  test "
-                  f"{mean_std([r[setting] for r in res['methods'][method][setting]['test']])}", flush=True)
+            res["methods"][method][setting] = {
+                "params": params,
+                "val": val,
+                "search": trail,
+                "test": bench.test(method, params),
+            }
+            print(
+                f"{method:>16} {setting:>8}: {params_text(params)}  val {val:.3f}  test "
+                f"{mean_std([r[setting] for r in res['methods'][method][setting]['test']])}",
+                flush=True,
+            )
     for k, subsets in bench.scale_subsets().items():
         for method in args.methods:
             params = res["methods"][method]["per_task"]["params"]
-            variants = [(method, "shared")] + [(f"{method} ({b} basis)", b) for b in ("subset", "auto")
-                                                 if method in SUBSET_BASIS]
+            variants = [(method, "shared")] + [
+                (f"{method} ({b} basis)", b) for b in ("subset", "auto") if method in SUBSET_BASIS
+            ]
             for name, basis in variants:
                 curve = res["scale"].setdefault(name, {})
-                curve[str(k)] = [bench.score(bench.merge(method, s, params, basis=basis), "test",
-                                             args.scale_n)["per_task"] for s in subsets]
-        print(f"scale k={k}: " + ", ".join(f"{n} {statistics.fmean(c[str(k)]):.3f}"
-                                           for n, c in res["scale"].items()), flush=True)
-    res["wall_s"] = {"total": round(time.time() - t0, 1), "start_and_bases": round(start_s, 1),
-                     "pin": round(bench.eval.seconds["pin"], 1), "generate": round(bench.eval.seconds["generate"], 1),
-                     "prompts_generated": bench.eval.prompts}
-    res["machine"] = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-                          "unknown")
+                curve[str(k)] = [
+                    bench.score(bench.merge(method, s, params, basis=basis), "test", args.scale_n)["per_task"]
+                    for s in subsets
+                ]
+        print(
+            f"scale k={k}: " + ", ".join(f"{n} {statistics.fmean(c[str(k)]):.3f}" for n, c in res["scale"].items()),
+            flush=True,
+        )
+    res["wall_s"] = {
+        "total": round(time.time() - t0, 1),
+        "start_and_bases": round(start_s, 1),
+        "pin": round(bench.eval.seconds["pin"], 1),
+        "generate": round(bench.eval.seconds["generate"], 1),
+        "prompts_generated": bench.eval.prompts,
+    }
+    res["machine"] = next(
+        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "unknown"
+    )
     res["date"] = time.strftime("%Y-%m-%d")
     (out / "results.json").write_text(json.dumps(res, indent=1))
     text = report(res)

@@ -1,8 +1,8 @@
 """Exact-match accuracy of merges on the demo tasks, through the engine path the server pins merges with.
 
 One vLLM engine (in this process) with the knots_serve plugin and its PinWorker: a merge is written into
-the weights by `knots_prepare` + `knots_pin` (what POST /admin/pin runs in every worker), the prefix cache is reset, and a
-split's prompts are generated greedily in one batch with vLLM's chat API (the chat template that
+the weights by `knots_prepare` + `knots_pin` (what POST /admin/pin runs in every worker), the prefix cache
+is reset, and a split's prompts are generated greedily in one batch with vLLM's chat API (the chat template that
 /v1/chat/completions applies). Per-example results are cached in a JSON file, keyed by the basis
 fingerprint and the merge's canonical key, so a rerun (or an interrupted run) evaluates nothing twice.
 """
@@ -39,9 +39,16 @@ class Evaluator:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in-process: collective_rpc is a call
         from vllm import LLM
 
-        self.llm = LLM(model=str(base_dir), worker_extension_cls="knots_serve.serving.pinning.PinWorker",
-                       kv_cache_memory_bytes=1 << 30, max_model_len=512, max_num_seqs=256, seed=0,
-                       enforce_eager=eager, dtype=dtype)
+        self.llm = LLM(
+            model=str(base_dir),
+            worker_extension_cls="knots_serve.serving.pinning.PinWorker",
+            kv_cache_memory_bytes=1 << 30,
+            max_model_len=512,
+            max_num_seqs=256,
+            seed=0,
+            enforce_eager=eager,
+            dtype=dtype,
+        )
         self.tok = self.llm.get_tokenizer()
         self.cache_file = cache_file
         self.cache: dict[str, list[int]] = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
@@ -57,7 +64,9 @@ class Evaluator:
         if merge is None:
             self.llm.collective_rpc("knots_unpin")
         else:
-            self.llm.collective_rpc("knots_prepare", args=("basis", str(merge.basis_path), json.dumps(asdict(merge.spec))))
+            self.llm.collective_rpc(
+                "knots_prepare", args=("basis", str(merge.basis_path), json.dumps(asdict(merge.spec)))
+            )
             self.llm.collective_rpc("knots_pin")
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the previous weights
         self.pinned = label
@@ -66,8 +75,10 @@ class Evaluator:
     def correct(self, merge: Merge | None, tasks, split: str, n: int) -> dict[str, list[int]]:
         """Per task, 0/1 exact match of the first n examples of the split (the base model when merge is None)."""
         label = merge.label if merge else "base"
+
         def key(t):
             return f"{label}|{split}|{t}"
+
         todo = [t for t in tasks if len(self.cache.get(key(t), [])) < n]
         if todo:
             self._pin(merge)
@@ -75,11 +86,13 @@ class Evaluator:
             from vllm import SamplingParams
 
             # an answer longer than the reference plus a period and spaces is wrong anyway: stop there
-            params = [SamplingParams(temperature=0.0, max_tokens=len(self.tok(e.answer).input_ids) + 3)
-                      for _, e in examples]
+            params = [
+                SamplingParams(temperature=0.0, max_tokens=len(self.tok(e.answer).input_ids) + 3) for _, e in examples
+            ]
             t0 = time.perf_counter()
-            outputs = self.llm.chat([[{"role": "user", "content": e.prompt}] for _, e in examples], params,
-                                    use_tqdm=False)
+            outputs = self.llm.chat(
+                [[{"role": "user", "content": e.prompt}] for _, e in examples], params, use_tqdm=False
+            )
             self.seconds["generate"] += time.perf_counter() - t0
             self.prompts += len(examples)
             fresh: dict[str, list[int]] = {t: [] for t in todo}
@@ -88,9 +101,12 @@ class Evaluator:
             self.cache.update({key(t): v for t, v in fresh.items()})
             atomic_write_json(self.cache_file, self.cache)
             spec = merge.spec if merge else None
-            print(f"[{time.strftime('%H:%M:%S')}] {split} {len(examples)} prompts: "
-                  f"{spec.method + ' ' + str(spec.params) + ' ' + '+'.join(spec.tasks) if spec else 'base'}"
-                  f" (pin {self.seconds['pin']:.0f} s, generate {self.seconds['generate']:.0f} s so far)", flush=True)
+            print(
+                f"[{time.strftime('%H:%M:%S')}] {split} {len(examples)} prompts: "
+                f"{spec.method + ' ' + str(spec.params) + ' ' + '+'.join(spec.tasks) if spec else 'base'}"
+                f" (pin {self.seconds['pin']:.0f} s, generate {self.seconds['generate']:.0f} s so far)",
+                flush=True,
+            )
         return {t: self.cache[key(t)][:n] for t in tasks}
 
     def accuracy(self, merge: Merge | None, tasks, split: str, n: int) -> dict[str, float]:

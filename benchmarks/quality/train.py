@@ -66,11 +66,12 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int, batch: int = 5
     tok.padding_side = "left"
     out = []
     for i in range(0, len(prompts), batch):
-        chats = [[{"role": "user", "content": p}] for p in prompts[i:i + batch]]
-        enc = tok.apply_chat_template(chats, add_generation_prompt=True, padding=True, return_tensors="pt",
-                                      return_dict=True)
+        chats = [[{"role": "user", "content": p}] for p in prompts[i : i + batch]]
+        enc = tok.apply_chat_template(
+            chats, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
+        )
         ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        out += tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out += tok.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return out
 
 
@@ -92,6 +93,7 @@ def lr_at(step: int, args) -> float:
 
 def save_adapter_bf16(model, out_dir: Path, metrics: dict) -> None:
     """PEFT save_pretrained, then weights as bf16 (half the size; vLLM casts to its own dtype anyway)."""
+
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         weights = tmp / "adapter_model.safetensors"
@@ -101,13 +103,21 @@ def save_adapter_bf16(model, out_dir: Path, metrics: dict) -> None:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (tmp / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub, with a local path in it
+
     atomic_write_dir(out_dir, write)
 
 
 def train_task(name: str, args, base_dir: Path, tok) -> dict:
     task, out_dir = TASKS[name], Path(args.out) / name
-    settings = {"steps": args.steps, "lr": args.lr, "batch": args.batch, "rank": 16, "alpha": 32,
-                "dtype": args.dtype, "seed": args.seed}
+    settings = {
+        "steps": args.steps,
+        "lr": args.lr,
+        "batch": args.batch,
+        "rank": 16,
+        "alpha": 32,
+        "dtype": args.dtype,
+        "seed": args.seed,
+    }
     done = out_dir / "metrics.json"
     if done.is_file() and json.loads(done.read_text()).get("settings") == settings:
         print(f"{name}: already trained with these settings, skipping")
@@ -115,8 +125,13 @@ def train_task(name: str, args, base_dir: Path, tok) -> dict:
 
     dtype = getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
-    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, config)  # LoRA weights are kept in float32 even on a bf16 base (PEFT default)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -153,13 +168,18 @@ def train_task(name: str, args, base_dir: Path, tok) -> dict:
         bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             model.eval()
-            acc = evaluate(model, tok, task, val[:args.eval_n], max_new)["exact"]
+            acc = evaluate(model, tok, task, val[: args.eval_n], max_new)["exact"]
             tqdm.write(f"{name} step {step + 1}: val exact match {acc:.2f} (first {args.eval_n})")
             model.train()
         if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
-            state = {"settings": settings, "step": step + 1, "losses": losses,
-                     "lora": get_peft_model_state_dict(model), "optim": opt.state_dict()}
+            state = {
+                "settings": settings,
+                "step": step + 1,
+                "losses": losses,
+                "lora": get_peft_model_state_dict(model),
+                "optim": opt.state_dict(),
+            }
             torch.save(state, ckpt.with_suffix(".tmp"))
             os.replace(ckpt.with_suffix(".tmp"), ckpt)  # a crash mid-save leaves the previous checkpoint
     train_s = time.time() - t0
@@ -169,12 +189,19 @@ def train_task(name: str, args, base_dir: Path, tok) -> dict:
     with model.disable_adapter():
         base = evaluate(model, tok, task, val, max_new)
     metrics = {
-        "task": name, "description": task.description, "settings": settings,
-        "train_seconds_this_run": round(train_s, 1), "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
-        "val_size": len(val), "max_new_tokens": max_new,
-        "base_val_exact": base["exact"], "lora_val_exact": lora["exact"],
-        "base_val_contains": base["contains"], "lora_val_contains": lora["contains"],
-        "base_samples": base["samples"], "lora_samples": lora["samples"],
+        "task": name,
+        "description": task.description,
+        "settings": settings,
+        "train_seconds_this_run": round(train_s, 1),
+        "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
+        "val_size": len(val),
+        "max_new_tokens": max_new,
+        "base_val_exact": base["exact"],
+        "lora_val_exact": lora["exact"],
+        "base_val_contains": base["contains"],
+        "lora_val_contains": lora["contains"],
+        "base_samples": base["samples"],
+        "lora_samples": lora["samples"],
     }
     save_adapter_bf16(model, out_dir, metrics)
     if ckpt_dir.is_dir():  # the adapter is final now: its checkpoint would only resume a finished run

@@ -5,9 +5,9 @@ or composed by the basis store (basis_store.py) and written to the tmpfs cache. 
 calls for the same new merge compose it once. At most `workers` composes run at once, at most
 `max_pending` distinct new merges wait or run; past that a new merge is refused at once (ComposeBusy,
 HTTP 503 with Retry-After) instead of queueing without bound. The cache is an LRU bounded in bytes.
-Before a merge's files are deleted it is reported to `on_evict` (the server then drops it from vLLM's table, so that vLLM never loads a
-deleted path; the next request composes it again). Every compose writes a new directory, so a merge
-composed again never shares a path with files about to be deleted.
+Before a merge's files are deleted it is reported to `on_evict` (the server then drops it from vLLM's
+table, so that vLLM never loads a deleted path; the next request composes it again). Every compose writes a
+new directory, so a merge composed again never shares a path with files about to be deleted.
 
 A request holds its merge (`get(sel, hold=True)` ... `release(c)`) while vLLM serves it: a held merge is
 never evicted, and one dropped with an old pool is deleted only when its last request is done, so vLLM
@@ -110,8 +110,16 @@ def _dir_bytes(path: Path) -> int:
 
 
 class AdapterCache:
-    def __init__(self, store: BasisStore, cache_dir: Path, cache_bytes: int, max_lora_rank: int,
-                 workers: int = 2, max_pending: int = 16, max_bytes: int = 8 << 30):
+    def __init__(
+        self,
+        store: BasisStore,
+        cache_dir: Path,
+        cache_bytes: int,
+        max_lora_rank: int,
+        workers: int = 2,
+        max_pending: int = 16,
+        max_bytes: int = 8 << 30,
+    ):
         self.store, self.cache_bytes, self.max_lora_rank = store, cache_bytes, max_lora_rank
         self.max_pending, self.max_bytes = max_pending, max_bytes  # max_bytes: one compose's working set
         self.on_evict: Callable[[Composed], None] = lambda c: None  # called before c's files are deleted
@@ -155,8 +163,10 @@ class AdapterCache:
             owner = future is None
             if owner and len(self._inflight) >= self.max_pending:
                 metrics.COMPOSE_BUSY.inc()
-                raise ComposeBusy(f"{len(self._inflight)} new merges are being composed (the bound is "
-                                  f"{self.max_pending}); retry in {ComposeBusy.retry_after} s")
+                raise ComposeBusy(
+                    f"{len(self._inflight)} new merges are being composed (the bound is "
+                    f"{self.max_pending}); retry in {ComposeBusy.retry_after} s"
+                )
             if owner:
                 future = self._inflight[name] = Future()
                 generation = self._generation
@@ -184,17 +194,27 @@ class AdapterCache:
         rank, module, nbytes = self.store.plan(sel)
         if rank > self.max_lora_rank:  # max_lora_rank is a vLLM rank: the padded rank fits iff the rank does
             dense = resolve(sel.spec.method)[0] == "full"
-            why = (f"the dense-space merge {sel.spec.method!r} is full-rank in general (up to {rank} in {module})"
-                   if dense else f"the merge can reach rank {rank} (in {module})")
-            fix = (f"use knots-{sel.spec.method} (the same method in the KnOTS basis, exact at low rank), or pin it "
-                   "(POST /admin/pin adds the exact dense merge to the weights)" if dense else
-                   "merge fewer tasks or raise max_lora_rank")
-            raise BadRequest(f"{sel.canonical!r} is not served per request: {why}, above this server's "
-                             f"max_lora_rank {self.max_lora_rank}; {fix}")
+            why = (
+                f"the dense-space merge {sel.spec.method!r} is full-rank in general (up to {rank} in {module})"
+                if dense
+                else f"the merge can reach rank {rank} (in {module})"
+            )
+            fix = (
+                f"use knots-{sel.spec.method} (the same method in the KnOTS basis, exact at low rank), or pin it "
+                "(POST /admin/pin adds the exact dense merge to the weights)"
+                if dense
+                else "merge fewer tasks or raise max_lora_rank"
+            )
+            raise BadRequest(
+                f"{sel.canonical!r} is not served per request: {why}, above this server's "
+                f"max_lora_rank {self.max_lora_rank}; {fix}"
+            )
         if nbytes > self.max_bytes:
-            raise BadRequest(f"{sel.canonical!r} would need about {nbytes / 2**20:.0f} MiB to compose, above this "
-                             f"server's compose_memory_bytes ({self.max_bytes / 2**20:.0f} MiB): merge fewer "
-                             "tasks, trim per module (trim_scope=module), or use basis=subset")
+            raise BadRequest(
+                f"{sel.canonical!r} would need about {nbytes / 2**20:.0f} MiB to compose, above this "
+                f"server's compose_memory_bytes ({self.max_bytes / 2**20:.0f} MiB): merge fewer "
+                "tasks, trim per module (trim_scope=module), or use basis=subset"
+            )
 
     def hold_cached(self, sel: Selection) -> Composed | None:
         """The cached merge, held — or None (then `get` composes it). Never blocks on a compose."""
@@ -261,8 +281,9 @@ class AdapterCache:
                     self._evict(c)
                 if attempt == 2 or not evicted:
                     reason = "no space left on device" if full else getattr(e, "strerror", None) or str(e)
-                    raise CacheUnavailable(f"cannot write the merge {name!r} to the cache ({self.cache_dir}): "
-                                           f"{reason}; try again later") from None
+                    raise CacheUnavailable(
+                        f"cannot write the merge {name!r} to the cache ({self.cache_dir}): {reason}; try again later"
+                    ) from None
         raise AssertionError("unreachable")
 
     def _over_bound(self, keep: str) -> list[Composed]:

@@ -62,8 +62,11 @@ async def unregister_task(name: str, request: Request):
 @router.get("/admin/merges", dependencies=[Depends(admin)])
 async def list_merges(request: Request):
     c = server(request).cache
-    return {"merges": [{"model": m.name, "rank": m.rank, "bytes": m.nbytes} for m in c.cached()],
-            "cache_bytes": c.cached_bytes(), "cache_limit": c.cache_bytes}
+    return {
+        "merges": [{"model": m.name, "rank": m.rank, "bytes": m.nbytes} for m in c.cached()],
+        "cache_bytes": c.cached_bytes(),
+        "cache_limit": c.cache_bytes,
+    }
 
 
 @router.get("/admin/experiments", dependencies=[Depends(admin)])
@@ -102,8 +105,9 @@ def _define(request: Request, name: str, doc: dict, create: bool):
     try:
         exp = Experiment.model_validate(doc)
     except ValidationError as e:
-        raise BadRequest("invalid experiment: " + "; ".join(
-            f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
+        raise BadRequest(
+            "invalid experiment: " + "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        ) from None
     s.put_experiment(name, exp)
     return {name: exp.model_dump()}
 
@@ -209,9 +213,19 @@ async def list_models(request: Request):
     listed = await request.app.state.openai_serving_models.show_available_models()
     parent = listed.data[0].id if listed.data else None
     have = {card.id for card in listed.data}
-    extra = [{"id": i, "object": "model", "owned_by": "knots-serve", "root": i, "parent": parent,
-              "created": listed.data[0].created if listed.data else 0, "permission": []}
-             for i in server(request).model_ids() if i not in have]
+    extra = [
+        {
+            "id": i,
+            "object": "model",
+            "owned_by": "knots-serve",
+            "root": i,
+            "parent": parent,
+            "created": listed.data[0].created if listed.data else 0,
+            "permission": [],
+        }
+        for i in server(request).model_ids()
+        if i not in have
+    ]
     doc = listed.model_dump()
     doc["data"] += extra
     return JSONResponse(doc)

@@ -67,14 +67,16 @@ class ArmLabeller:
     def _event(self, event: bytes) -> bytes:
         if not event.startswith(b"data: ") or event == b"data: [DONE]":
             return event
-        return b"data: " + self._json(event[len(b"data: "):])
+        return b"data: " + self._json(event[len(b"data: ") :])
 
     def _observe(self, doc: dict) -> None:
         self.response_id = self.response_id or doc.get("id")
         usage = doc.get("usage")
         if isinstance(usage, dict) and ("completion_tokens" in usage or "output_tokens" in usage):
             self.usage = usage.get("completion_tokens", usage.get("output_tokens"))  # chat | Responses API
-        elif self.stream and any(c.get("text") or (c.get("delta") or {}).get("content") for c in doc.get("choices", [])):
+        elif self.stream and any(
+            c.get("text") or (c.get("delta") or {}).get("content") for c in doc.get("choices", [])
+        ):
             self.tokens += 1  # vLLM streams one token per chunk
 
     def done(self) -> None:

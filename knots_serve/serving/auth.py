@@ -19,15 +19,34 @@ import os
 
 ADMIN_PATHS = (
     # runtime LoRA, elastic scaling, the dev routes (VLLM_SERVER_DEV_MODE)
-    "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/scale_elastic_ep", "/reset_prefix_cache",
-    "/reset_mm_cache", "/reset_encoder_cache", "/release_kv_cache_memory", "/sleep", "/wake_up",
-    "/collective_rpc", "/server_info",
+    "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
+    "/scale_elastic_ep",
+    "/reset_prefix_cache",
+    "/reset_mm_cache",
+    "/reset_encoder_cache",
+    "/release_kv_cache_memory",
+    "/sleep",
+    "/wake_up",
+    "/collective_rpc",
+    "/server_info",
     # the RL routes (VLLM_SERVER_DEV_MODE): pause the engine, abort every request, replace the weights
-    "/pause", "/resume", "/abort_requests", "/init_weight_transfer_engine", "/shutdown_weight_transfer_engine",
-    "/start_weight_update", "/start_draft_weight_update", "/update_weights", "/finish_weight_update",
-    "/update_weight_version", "/weight_checker",
+    "/pause",
+    "/resume",
+    "/abort_requests",
+    "/init_weight_transfer_engine",
+    "/shutdown_weight_transfer_engine",
+    "/start_weight_update",
+    "/start_draft_weight_update",
+    "/update_weights",
+    "/finish_weight_update",
+    "/update_weight_version",
+    "/weight_checker",
     # abort anyone's requests by id (--enable-scale-out, --tokens-only); the profiler (--profiler-config)
-    "/inference/v1/abort_requests", "/start_profile", "/stop_profile")
+    "/inference/v1/abort_requests",
+    "/start_profile",
+    "/stop_profile",
+)
 ADMIN_PREFIXES = ("/admin/", "/adapters", "/fault_tolerance/")  # --enable-fault-tolerance
 PUBLIC = ("/health", "/ping", "/version", "/metrics", "/openapi.json", "/docs", "/redoc")
 
@@ -53,11 +72,14 @@ def admin_refusal(key_env: str, authorization: str | None, x_admin_key: str | No
     return None
 
 
-def refusal(method: str, path: str, headers: dict[bytes, bytes], key_env: str,
-            api_keys: list[bytes]) -> tuple[int, str] | None:
+def refusal(
+    method: str, path: str, headers: dict[bytes, bytes], key_env: str, api_keys: list[bytes]
+) -> tuple[int, str] | None:
     """Why a request may not pass (status, message), or None. `api_keys`: digests of the API keys."""
+
     def header(name):
         return headers[name].decode("latin-1") if name in headers else None
+
     if path in ADMIN_PATHS or path.startswith(ADMIN_PREFIXES):
         return admin_refusal(key_env, header(b"authorization"), header(b"x-admin-key"))
     if not api_keys or method == "OPTIONS" or path in PUBLIC or path.startswith("/docs"):

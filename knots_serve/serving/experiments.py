@@ -99,8 +99,10 @@ class Outcomes:
             if response_id in self._scored:
                 if self._scored[response_id] == score:
                     return experiment, arm, False
-                raise Conflict(f"response {response_id!r} already has the score {self._scored[response_id]!r}; "
-                               "feedback is one score per response")
+                raise Conflict(
+                    f"response {response_id!r} already has the score {self._scored[response_id]!r}; "
+                    "feedback is one score per response"
+                )
             n, s, ss = self.feedback.get(experiment, {}).get(arm, [0, 0.0, 0.0])
             new = {e: dict(arms) for e, arms in self.feedback.items()}
             new.setdefault(experiment, {})[arm] = [n + 1, s + score, ss + score * score]
@@ -126,9 +128,14 @@ class Outcomes:
                 half = 1.96 * sd / math.sqrt(n) if sd is not None else None
                 out[arm] = {
                     "served": self._served.get((experiment, arm), 0),
-                    "latency_s": {q: lat[min(int(p * len(lat)), len(lat) - 1)] if lat else None
-                                  for q, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))},
-                    "feedback": {"n": n, "mean": mean,
-                                 "ci95": [mean - half, mean + half] if half is not None else None},
+                    "latency_s": {
+                        q: lat[min(int(p * len(lat)), len(lat) - 1)] if lat else None
+                        for q, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
+                    },
+                    "feedback": {
+                        "n": n,
+                        "mean": mean,
+                        "ci95": [mean - half, mean + half] if half is not None else None,
+                    },
                 }
         return out

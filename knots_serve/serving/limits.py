@@ -27,9 +27,12 @@ class RateLimit:
             if tokens < 1:
                 self._buckets[client] = (tokens, now)
                 wait = max(1, math.ceil((1 - tokens) / self.rate))
-                raise TooManyRequests(f"too many new merges from this client: at most {self.burst} at once, then "
-                                      f"{self.rate:g} per second (new_merge_rate); cached merges are not limited; "
-                                      f"retry in {wait} s", retry_after=wait)
+                raise TooManyRequests(
+                    f"too many new merges from this client: at most {self.burst} at once, then "
+                    f"{self.rate:g} per second (new_merge_rate); cached merges are not limited; "
+                    f"retry in {wait} s",
+                    retry_after=wait,
+                )
             self._buckets[client] = (tokens - 1, now)
             while len(self._buckets) > self.max_clients:  # the least recently seen client starts afresh
                 self._buckets.popitem(last=False)

@@ -60,13 +60,20 @@ def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_
         output_tensor[:, :common] = out[:limit, :common]
 
 
-def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int,
-                      slice_size: int, add_inputs: bool = True):
+def bgmv_expand_slice(
+    inputs,
+    lora_b_weights,
+    output_tensor,
+    lora_indices_tensor,
+    slice_offset: int,
+    slice_size: int,
+    add_inputs: bool = True,
+):
     out = lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     if add_inputs:
-        output_tensor[:, slice_offset: slice_offset + slice_size] += out
+        output_tensor[:, slice_offset : slice_offset + slice_size] += out
     else:
-        output_tensor[:, slice_offset: slice_offset + slice_size] = out
+        output_tensor[:, slice_offset : slice_offset + slice_size] = out
 
 
 REPLACEMENTS = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice}

@@ -2,13 +2,19 @@
 
 from prometheus_client import Counter, Gauge, Histogram
 
-COMPOSE_SECONDS = Histogram("knots_compose_seconds", "time to compose and write one merged adapter",
-                            buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100))
+COMPOSE_SECONDS = Histogram(
+    "knots_compose_seconds",
+    "time to compose and write one merged adapter",
+    buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100),
+)
 COMPOSE_RUNNING = Gauge("knots_compose_running", "merges being composed now")
 COMPOSE_QUEUE = Gauge("knots_compose_queue_depth", "new merges waiting for a compose slot")
 COMPOSE_BUSY = Counter("knots_compose_busy", "new merges refused (503, Retry-After) because too many were pending")
-CACHE = Counter("knots_compose_cache", "composed-adapter cache lookups (hit, miss, wait: joined a compose "
-                "already under way)", ["result"])
+CACHE = Counter(
+    "knots_compose_cache",
+    "composed-adapter cache lookups (hit, miss, wait: joined a compose already under way)",
+    ["result"],
+)
 CACHE_BYTES = Gauge("knots_compose_cache_bytes", "bytes of composed adapters in the tmpfs cache")
 REQUESTS = Counter("knots_requests", "inference requests per selected merge, task or named merge", ["model"])
 ERRORS = Counter("knots_request_errors", "requests refused by the merge layer", ["status"])

@@ -23,8 +23,15 @@ from .errors import ERRORS, BadRequest, error_json, error_parts, send_error
 from .server import KnotsServer, Route
 
 # generation routes of vLLM 0.32 that take a `model` (checked against its routers: tests/test_routes.py)
-INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages",
-                   "/v1/chat/completions/batch", "/cohere/v2/chat", "/invocations")
+INFERENCE_PATHS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/chat/completions/batch",
+    "/cohere/v2/chat",
+    "/invocations",
+)
 OWN_PATHS = ("/admin/", "/v1/feedback")  # ours: FastAPI validates them (api.py)
 MAX_BODY, MAX_FORM = 8 << 20, 64 << 20  # forms carry audio uploads
 USER_HEADER = b"x-knots-user"
@@ -55,11 +62,19 @@ class KnotsMiddleware:
         doc = await _form(scope, body) if form else _json(body)
         if scope["path"] not in INFERENCE_PATHS:
             if scope["path"] == "/v1/systemone" and _no_structured_decisions(scope):
-                return await send_error(send, 404, error_json(
-                    "/v1/systemone is not served for this model: vLLM has no structured-decision strategy for it", 404))
+                return await send_error(
+                    send,
+                    404,
+                    error_json(
+                        "/v1/systemone is not served for this model: vLLM has no structured-decision strategy for it",
+                        404,
+                    ),
+                )
             if isinstance(doc, dict) and server.selects_merge(doc):
-                e = BadRequest(f"{scope['path']} does not serve merges, experiments or tasks: models; they are "
-                               f"served on {', '.join(INFERENCE_PATHS)}")
+                e = BadRequest(
+                    f"{scope['path']} does not serve merges, experiments or tasks: models; they are "
+                    f"served on {', '.join(INFERENCE_PATHS)}"
+                )
                 return await self._refuse(send, e)
             return await self.app(scope, _replay(body, receive), send)
         async with server.gate.shared():  # held until the response is sent: no weight swap meanwhile
@@ -67,10 +82,14 @@ class KnotsMiddleware:
             if isinstance(doc, dict):
                 try:
                     if doc.get("background") and server.selects_merge(doc):
-                        raise BadRequest("background responses cannot use merges or experiments: they outlive "
-                                         "the request that holds the merge", param="background")
-                    route = await server.route(doc, _header(headers, USER_HEADER), _header(headers, ARM_HEADER),
-                                               client=_client(scope, headers))
+                        raise BadRequest(
+                            "background responses cannot use merges or experiments: they outlive "
+                            "the request that holds the merge",
+                            param="background",
+                        )
+                    route = await server.route(
+                        doc, _header(headers, USER_HEADER), _header(headers, ARM_HEADER), client=_client(scope, headers)
+                    )
                 except ERRORS as e:
                     return await self._refuse(send, e)
             try:

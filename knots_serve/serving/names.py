@@ -68,13 +68,17 @@ def _number(key: str, value: str) -> float:
         raise MergeError(f"parameter {key}={value!r} is not a number") from None
 
 
-def selection(tasks, method: str | None, params: dict, weights: dict, seed, trim_scope, basis,
-              default_method: str) -> Selection:
+def selection(
+    tasks, method: str | None, params: dict, weights: dict, seed, trim_scope, basis, default_method: str
+) -> Selection:
     tasks = tuple(check_task_name(t) for t in tasks)
     if basis not in BASIS_MODES:
         raise MergeError(f"basis must be one of {', '.join(BASIS_MODES)}, got {basis!r}")
-    if len(tasks) == 1 and method is None and not (params or weights or seed or basis != "auto"
-                                                   or trim_scope != "global"):
+    if (
+        len(tasks) == 1
+        and method is None
+        and not (params or weights or seed or basis != "auto" or trim_scope != "global")
+    ):
         return Selection(tasks, None)
     spec = MergeSpec(tasks, method or default_method, params, weights, seed, trim_scope)
     return Selection(tuple(sorted(tasks)), spec, basis)
@@ -86,7 +90,7 @@ def parse_model(model: str, default_method: str) -> Selection:
         raise MergeError(f"model {model!r} does not start with {PREFIX!r}")
     if len(model) > 4096:
         raise MergeError(f"model string of {len(model)} characters; at most 4096")
-    body, _, query = model[len(PREFIX):].partition("?")
+    body, _, query = model[len(PREFIX) :].partition("?")
     names, at, method = body.partition("@")
     if at and not method:
         raise MergeError(f"empty method after '@' in {model!r}")
@@ -127,7 +131,7 @@ def parse_field(field: object, default_method: str) -> Selection:
     {"tasks": [...], "method": "...", "params": {...}, "weights": {...}, "seed": 0,
      "trim_scope": "global", "basis": "auto"}."""
     if not isinstance(field, dict):
-        raise MergeError("'knots' must be an object: {\"tasks\": [...], \"method\": ..., \"params\": {...}}")
+        raise MergeError('\'knots\' must be an object: {"tasks": [...], "method": ..., "params": {...}}')
     unknown = set(field) - {"tasks", "method", "params", "weights", "seed", "trim_scope", "basis"}
     if unknown:
         raise MergeError(f"unknown field(s) in 'knots': {', '.join(sorted(map(str, unknown)))}")
@@ -142,5 +146,13 @@ def parse_field(field: object, default_method: str) -> Selection:
     params, weights = field.get("params", {}), field.get("weights", {})
     if not isinstance(params, dict) or not isinstance(weights, dict):
         raise MergeError("'knots.params' and 'knots.weights' must be objects")
-    return selection(tasks, method, params, weights, field.get("seed", 0), field.get("trim_scope", "global"),
-                     field.get("basis", "auto"), default_method)
+    return selection(
+        tasks,
+        method,
+        params,
+        weights,
+        field.get("seed", 0),
+        field.get("trim_scope", "global"),
+        field.get("basis", "auto"),
+        default_method,
+    )

@@ -56,8 +56,14 @@ def vllm_param(module: str) -> tuple[str, int | None, str]:
     return f"{prefix}.{param_module}.weight", index, kind
 
 
-def placement(module: str, shape: tuple[int, int], packed_sizes: list[int] | None, replicas: list[int] | None,
-              tp_size: int, tp_rank: int) -> Placement:
+def placement(
+    module: str,
+    shape: tuple[int, int],
+    packed_sizes: list[int] | None,
+    replicas: list[int] | None,
+    tp_size: int,
+    tp_rank: int,
+) -> Placement:
     """The shard math. Column-parallel (q/k/v, gate/up) split output rows: the local parameter stacks one
     part of each packed sub-matrix, of height packed_sizes[j] / tp_size (vLLM's `output_sizes`, which
     count replicated k/v heads once per worker); the worker's part of sub-matrix j is number
@@ -118,10 +124,14 @@ class PinWorker:
 
         layer = self._knots_layer(vllm_param(module)[0])
         sizes = getattr(layer, "output_sizes", None)
-        replicas = [1, layer.num_kv_head_replicas, layer.num_kv_head_replicas] \
-            if sizes is not None and hasattr(layer, "num_kv_head_replicas") else None
-        return placement(module, shape, sizes, replicas, get_tensor_model_parallel_world_size(),
-                         get_tensor_model_parallel_rank())
+        replicas = (
+            [1, layer.num_kv_head_replicas, layer.num_kv_head_replicas]
+            if sizes is not None and hasattr(layer, "num_kv_head_replicas")
+            else None
+        )
+        return placement(
+            module, shape, sizes, replicas, get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+        )
 
     def knots_prepare(self, kind: str, path: str, spec_json: str = "") -> dict:
         """Get a pin ready without touching the weights: kind "factors" loads a merge's exact LoRA factors,

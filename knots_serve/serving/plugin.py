@@ -66,5 +66,9 @@ class KnotsEndpoint:
         state.knots = KnotsMiddleware.server = server
         if server.cfg.pin:
             log.info("knots_serve: pinned %s", await server.pin(server.cfg.pin))
-        log.info("knots_serve: %d tasks, basis ready on %s (%.1f MiB resident)", len(server.bases.adapters),
-                 server.bases.device, server.bases.nbytes() / 2**20)
+        log.info(
+            "knots_serve: %d tasks, basis ready on %s (%.1f MiB resident)",
+            len(server.bases.adapters),
+            server.bases.device,
+            server.bases.nbytes() / 2**20,
+        )

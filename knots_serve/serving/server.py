@@ -5,7 +5,6 @@ server, made by the endpoint plugin."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import itertools
 import json
@@ -23,6 +22,7 @@ from .basis_store import BasisStore, UnknownTask, compose_device
 from .config import ServeConfig
 from .errors import BadRequest, Conflict, NotFound, Unavailable
 from .experiments import Experiment, Outcomes, assign, check_experiment
+from .gate import Gate
 from .limits import RateLimit
 from .names import PREFIX, TASK_NAME, Selection, check_task_name, parse_field, parse_model
 from .pinning import save_factors
@@ -40,50 +40,6 @@ class Route:
     held: Composed | None = None  # the composed merge this request uses: release it when the response is done
 
 
-class Gate:
-    """Requests hold the gate shared for their whole life; a weight swap holds it exclusively: it stops
-    new requests at the door, waits for those inside to finish, swaps, and reopens. So every response
-    is computed on one consistent set of weights and routed by the state that matches them."""
-
-    def __init__(self):
-        self._cond = asyncio.Condition()
-        self._inside, self._closed = 0, False
-
-    @contextlib.asynccontextmanager
-    async def shared(self):
-        async with self._cond:
-            await self._cond.wait_for(lambda: not self._closed)
-            self._inside += 1
-        try:
-            yield
-        finally:
-            async with self._cond:
-                self._inside -= 1
-                self._cond.notify_all()
-
-    @contextlib.asynccontextmanager
-    async def exclusive(self, timeout: float):
-        """Raises Unavailable, reopened and with nothing changed, if the requests inside are not done in
-        `timeout` s (a client that never reads its stream must not hold a swap, and the door, forever)."""
-        async with self._cond:
-            await self._cond.wait_for(lambda: not self._closed)
-            self._closed = True
-            try:
-                await asyncio.wait_for(self._cond.wait_for(lambda: self._inside == 0), timeout)
-            except asyncio.TimeoutError:
-                self._closed = False
-                self._cond.notify_all()
-                raise Unavailable(f"{self._inside} request(s) still in flight after the drain timeout "
-                                  f"({timeout:g} s, drain_timeout_s); nothing changed, try again", retry_after=1,
-                                  param=None) from None
-        try:
-            yield
-        finally:
-            async with self._cond:
-                self._closed = False
-                self._cond.notify_all()
-
-
 class KnotsServer:
     def __init__(self, cfg: ServeConfig, models, engine=None):
         self.cfg, self.models, self.engine = cfg, models, engine  # vllm OpenAIServingModels, EngineClient
@@ -98,8 +54,15 @@ class KnotsServer:
             from ..kernels import cpu
 
             cpu.warm_up()  # compile the CPU compose kernels now (or load them from disk), not on a request
-        self.cache = AdapterCache(self.bases, cfg.cache_dir, cfg.cache_bytes, cfg.max_lora_rank,
-                                  cfg.compose_workers, cfg.compose_pending, cfg.compose_memory_bytes)
+        self.cache = AdapterCache(
+            self.bases,
+            cfg.cache_dir,
+            cfg.cache_bytes,
+            cfg.max_lora_rank,
+            cfg.compose_workers,
+            cfg.compose_pending,
+            cfg.compose_memory_bytes,
+        )
         # composes run here, never in the event loop's default executor: a queue of composes must not
         # hold up cache hits or anything else the server runs in threads
         self.compose_pool = ThreadPoolExecutor(cfg.compose_workers + cfg.compose_pending, "knots-compose")
@@ -132,11 +95,14 @@ class KnotsServer:
         """Does a request body name something only the merge routing serves (a merge, an experiment, a task
         as tasks:NAME, a `knots` field)? Such bodies never reach vLLM unrouted (middleware.py)."""
         model = body.get("model")
-        return "knots" in body or (isinstance(model, str) and (
-            model.startswith(PREFIX) or model in self.cfg.merges or model in self.experiments))
+        return "knots" in body or (
+            isinstance(model, str)
+            and (model.startswith(PREFIX) or model in self.cfg.merges or model in self.experiments)
+        )
 
-    async def route(self, body: dict, user: str | None = None, forced_arm: str | None = None,
-                    client: str = "") -> Route:
+    async def route(
+        self, body: dict, user: str | None = None, forced_arm: str | None = None, client: str = ""
+    ) -> Route:
         """Where vLLM should serve the request (composing a merge first if needed; `client` is who
         asks, for the rate of new merges). Raises a ServeError (errors.py)."""
         model, experiment, arm, held = body.get("model"), None, None, None
@@ -167,8 +133,9 @@ class KnotsServer:
             if known is not None and known.lora_path != str(held.path):  # an older compose of this merge:
                 del self.models.lora_requests[name]  # vLLM asks the resolver, which gives this request's files
         # a bounded label set: per-request merges by method and subset size, never by their parameters
-        label = experiment or (model if model in self.cfg.merges else
-                               f"merge/{len(sel.tasks)}/{sel.spec.method}" if held else name)
+        label = experiment or (
+            model if model in self.cfg.merges else f"merge/{len(sel.tasks)}/{sel.spec.method}" if held else name
+        )
         if label:
             metrics.REQUESTS.labels(label).inc()
         return Route(name, experiment, arm, held)
@@ -195,8 +162,10 @@ class KnotsServer:
         file is gone or changed since it was loaded; merges are composed from the copy in memory."""
         path = Path(self.bases.adapters[task].path) / "adapter_model.safetensors"
         if _stamp(path) != self._stamps.get(task):
-            raise FilesChanged(f"task {task!r}: its adapter file {path} is gone or changed on disk since it was "
-                               f"loaded; merges with it still work (from memory); re-register it to serve it alone")
+            raise FilesChanged(
+                f"task {task!r}: its adapter file {path} is gone or changed on disk since it was "
+                f"loaded; merges with it still work (from memory); re-register it to serve it alone"
+            )
 
     def _forget(self, c) -> None:
         """Before a composed merge's files are deleted: drop its name from vLLM's LoRA table if it points
@@ -260,8 +229,12 @@ class KnotsServer:
         finally:
             if args[0] == "factors":
                 Path(args[1]).unlink(missing_ok=True)
-        self.pinned |= {"prepare_s": t1 - t0, "drain_s": t2 - t1, "swap_s": time.perf_counter() - t2,
-                        "workers": [p | w for p, w in zip(prepared, written)]}
+        self.pinned |= {
+            "prepare_s": t1 - t0,
+            "drain_s": t2 - t1,
+            "swap_s": time.perf_counter() - t2,
+            "workers": [p | w for p, w in zip(prepared, written)],
+        }
         return self.pinned
 
     async def unpin(self) -> dict:
@@ -278,8 +251,12 @@ class KnotsServer:
     def put_experiment(self, name: str, exp: Experiment) -> None:
         if not TASK_NAME.match(name):
             raise BadRequest(f"invalid experiment name {name!r}: use letters, digits, '_', '.', '-' (at most 64)")
-        taken = name == self.cfg.base_name or name.startswith(PREFIX) or name in self.bases.adapters \
+        taken = (
+            name == self.cfg.base_name
+            or name.startswith(PREFIX)
+            or name in self.bases.adapters
             or name in self.cfg.merges
+        )
         if taken:
             raise Conflict(f"experiment name {name!r} clashes with the base model, a task or a merge")
         check_experiment(name, exp, self.check_model)
@@ -356,8 +333,13 @@ class KnotsServer:
 
     def describe(self, name: str) -> dict:
         a = self.bases.adapters[name]
-        return {"name": name, "model": f"{PREFIX}{name}", "path": a.path, "modules": len(a.modules),
-                "ranks": sorted({m.rank for m in a.modules.values()})}
+        return {
+            "name": name,
+            "model": f"{PREFIX}{name}",
+            "path": a.path,
+            "modules": len(a.modules),
+            "ranks": sorted({m.rank for m in a.modules.values()}),
+        }
 
     def model_ids(self) -> list[str]:
         """What /v1/models adds to vLLM's list: every task as tasks:NAME, the named merges, the experiments."""
