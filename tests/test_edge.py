@@ -252,3 +252,16 @@ def test_the_rank_bound_holds_for_modules_wider_than_any_vllm_rank(tmp_path):
     assert cache.store.plan(parse_model("tasks:a+b@knots-ties", "knots-ties"))[0] == 8
     assert cache.get(parse_model("tasks:a+b@knots-ties", "knots-ties")).rank == 8
     cache.close()
+
+
+def test_an_unchecked_authorization_header_does_not_buy_a_fresh_rate_bucket(edge):
+    """Without API keys the Authorization header is unchecked: rotating it must not reset the limit."""
+
+    async def test(server, mw, engine):
+        models = ("tasks:alpha+beta", "tasks:alpha+gamma", "tasks:beta+gamma")
+        codes = [
+            (await call(mw, m, headers=[(b"authorization", f"Bearer k{i}".encode())]))[0] for i, m in enumerate(models)
+        ]
+        assert codes == [200, 200, 429]
+
+    edge(test, new_merge_burst=2, new_merge_rate=0.001)

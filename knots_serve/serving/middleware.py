@@ -88,7 +88,10 @@ class KnotsMiddleware:
                             param="background",
                         )
                     route = await server.route(
-                        doc, _header(headers, USER_HEADER), _header(headers, ARM_HEADER), client=_client(scope, headers)
+                        doc,
+                        _header(headers, USER_HEADER),
+                        _header(headers, ARM_HEADER),
+                        client=_client(scope, headers, bool(server.api_keys)),
                     )
                 except ERRORS as e:
                     return await self._refuse(send, e)
@@ -180,11 +183,11 @@ def _header(headers: dict, name: bytes) -> str | None:
     return value.decode("latin-1") if value is not None else None
 
 
-def _client(scope, headers: dict) -> str:
-    """Who is asking, for the per-client rate of new merges: the API key's digest when one is sent,
-    else the peer address."""
+def _client(scope, headers: dict, keyed: bool) -> str:
+    """Who is asking, for the per-client rate of new merges: the API key's digest when the server checks API
+    keys (auth.py has verified it), else the peer address (an unchecked header could be rotated at will)."""
     auth = headers.get(b"authorization")
-    if auth:
+    if keyed and auth:
         return "key:" + hashlib.sha256(auth).hexdigest()[:16]
     peer = scope.get("client")
     return f"addr:{peer[0]}" if peer else "addr:?"

@@ -213,7 +213,10 @@ class KnotsServer:
             await asyncio.to_thread(atomic_write_file, path, lambda tmp: save_factors(lora, tmp))
             args = ("factors", str(path))
         try:
-            prepared = await self.engine.collective_rpc("knots_prepare", args=args)
+            try:
+                prepared = await self.engine.collective_rpc("knots_prepare", args=args)
+            except Exception as e:  # the weights are untouched: nothing to restore
+                raise Unavailable(f"preparing the pin of {model!r} failed, nothing changed: {e}") from None
             t1 = time.perf_counter()
             async with self.gate.exclusive(self.cfg.drain_timeout_s):
                 t2 = time.perf_counter()
