@@ -19,7 +19,7 @@ from starlette.requests import Request
 from . import metrics
 from .arm_labels import ARM_HEADER, ArmLabeller
 from .auth import refusal
-from .errors import ERRORS, BadRequest, error_json, error_parts, send_error
+from .errors import ERRORS, BadRequest, NotFound, error_json, error_parts, send_error
 from .server import KnotsServer, Route
 
 # generation routes of vLLM 0.32 that take a `model` (checked against its routers: tests/test_routes.py)
@@ -62,14 +62,8 @@ class KnotsMiddleware:
         doc = await _form(scope, body) if form else _json(body)
         if scope["path"] not in INFERENCE_PATHS:
             if scope["path"] == "/v1/systemone" and _no_structured_decisions(scope):
-                return await send_error(
-                    send,
-                    404,
-                    error_json(
-                        "/v1/systemone is not served for this model: vLLM has no structured-decision strategy for it",
-                        404,
-                    ),
-                )
+                why = "/v1/systemone is not served for this model: vLLM has no structured-decision strategy for it"
+                return await self._refuse(send, NotFound(why))
             if isinstance(doc, dict) and server.selects_merge(doc):
                 e = BadRequest(
                     f"{scope['path']} does not serve merges, experiments or tasks: models; they are "
