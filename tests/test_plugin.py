@@ -58,3 +58,15 @@ def test_serve_accepts_only_the_tested_vllm():
         check_vllm("0.33.0")
     with pytest.raises(MergeError, match="vLLM is not installed"):
         check_vllm(None)
+
+
+@pytest.mark.parametrize("args", [["--api-server-count", "2"], ["-asc=4"], ["--data-parallel-size", "2"], ["-dp", "3"]])
+def test_serve_refuses_the_modes_it_would_serve_inconsistently(tmp_path, args):
+    """vLLM's launcher accepts --api-server-count 2 and started one API server anyway; several processes
+    would each hold their own registry, cache, drain gate and pins. A CLI error, before anything starts."""
+    from server_process import CLI
+
+    path = write_config(tmp_path, vllm_args=["--dtype", "float32", *args])
+    r = subprocess.run([CLI, "serve", "--config", str(path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "does not run" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    load_config(write_config(tmp_path, vllm_args=["--api-server-count", "1", "-dp=1"]))  # one of each: fine

@@ -103,6 +103,29 @@ class ServeConfig(BaseModel):
             raise ValueError(f"max_lora_rank must be one of {VLLM_RANKS}")
         return r
 
+    @field_validator("vllm_args")
+    @classmethod
+    def _one_api_server(cls, args):
+        """Refuse the modes in which a registration, pin or experiment change through one process would not be
+        seen by the others (their registry, cache, drain gate and pin state are per process): never serve
+        inconsistently. docs/ARCHITECTURE.md, "Parallel modes"."""
+        for flags, what in (
+            (("--api-server-count", "-asc"), "several API server processes"),
+            (("--data-parallel-size", "-dp", "--data-parallel-size-local", "-dpl"), "data-parallel engines"),
+        ):
+            for i, arg in enumerate(args):
+                name, eq, value = arg.partition("=")
+                if name in flags:
+                    value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+                    if value.strip() not in ("", "0", "1"):
+                        raise ValueError(
+                            f"vllm_args {name} {value}: knots-serve does not run {what} yet (the "
+                            "merge registry, cache, drain gate and pins live in one API server "
+                            "process, and another would serve without them); use one, and "
+                            "--tensor-parallel-size for a larger model"
+                        )
+        return args
+
     @model_validator(mode="after")
     def _merges(self):
         try:
