@@ -265,3 +265,19 @@ def test_an_unchecked_authorization_header_does_not_buy_a_fresh_rate_bucket(edge
         assert codes == [200, 200, 429]
 
     edge(test, new_merge_burst=2, new_merge_rate=0.001)
+
+
+def test_streamed_experiment_events_are_labelled_whatever_their_sse_shape():
+    """Chat streams `data:` events; the Responses API puts an `event:` line first. Both get the arm."""
+    import json
+
+    from knots_serve.serving.arm_labels import ArmLabeller
+    from knots_serve.serving.server import Route
+
+    labeller = ArmLabeller(None, Route("m", "exp", "a"), None)
+    chat = labeller._event(b'data: {"id": "c1", "choices": []}')
+    responses = labeller._event(b'event: response.created\ndata: {"type": "response.created"}')
+    assert json.loads(chat[len(b"data: ") :])["knots"] == {"experiment": "exp", "arm": "a"}
+    head, data = responses.split(b"\n")
+    assert head == b"event: response.created" and json.loads(data[len(b"data: ") :])["knots"]["arm"] == "a"
+    assert labeller._event(b"data: [DONE]") == b"data: [DONE]"

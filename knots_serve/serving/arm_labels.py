@@ -65,9 +65,12 @@ class ArmLabeller:
         return raw
 
     def _event(self, event: bytes) -> bytes:
-        if not event.startswith(b"data: ") or event == b"data: [DONE]":
-            return event
-        return b"data: " + self._json(event[len(b"data: ") :])
+        """One SSE event: its `data:` line labelled (the Responses API puts an `event:` line before it)."""
+        lines = event.split(b"\n")
+        for i, line in enumerate(lines):
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                lines[i] = b"data: " + self._json(line[len(b"data: ") :])
+        return b"\n".join(lines)
 
     def _observe(self, doc: dict) -> None:
         self.response_id = self.response_id or doc.get("id")
