@@ -17,26 +17,26 @@ def run(*args, cwd=None):
     return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
+# one merge, asked for twice: from the adapters, and from their saved basis
+MERGE_FLAGS = (
+    "--method",
+    "knots-dare-ties",
+    "--top-k",
+    "0.3",
+    "--density",
+    "0.8",
+    "--alpha",
+    "1.2",
+    "--weight",
+    "alpha=0.5",
+    "--seed",
+    "3",
+)
+
+
 def test_merge_writes_an_adapter_and_a_full_model(tiny_base, tiny_adapters, tmp_path):
     adapters = [f"--adapter={n}={p}" for n, p in tiny_adapters.items()]
-    r = run(
-        "merge",
-        *adapters,
-        "--method",
-        "knots-dare-ties",
-        "--top-k",
-        "0.3",
-        "--density",
-        "0.8",
-        "--alpha",
-        "1.2",
-        "--weight",
-        "alpha=0.5",
-        "--seed",
-        "3",
-        "--out",
-        tmp_path / "m",
-    )
+    r = run("merge", *adapters, *MERGE_FLAGS, "--out", tmp_path / "m")
     assert r.returncode == 0, r.stderr
     merged = load_adapter(tmp_path / "m")
     assert merged.modules and all(lora.scale == 1.0 for lora in merged.modules.values())
@@ -44,26 +44,7 @@ def test_merge_writes_an_adapter_and_a_full_model(tiny_base, tiny_adapters, tmp_
     # the same merge from a saved basis gives the same adapter
     r = run("basis", *adapters, "--space", "knots", "--out", tmp_path / "pool.safetensors")
     assert r.returncode == 0, r.stderr
-    r = run(
-        "merge",
-        *adapters,
-        "--method",
-        "knots-dare-ties",
-        "--top-k",
-        "0.3",
-        "--density",
-        "0.8",
-        "--alpha",
-        "1.2",
-        "--weight",
-        "alpha=0.5",
-        "--seed",
-        "3",
-        "--basis",
-        tmp_path / "pool.safetensors",
-        "--out",
-        tmp_path / "m2",
-    )
+    r = run("merge", *adapters, *MERGE_FLAGS, "--basis", tmp_path / "pool.safetensors", "--out", tmp_path / "m2")
     assert r.returncode == 0, r.stderr
     again = load_adapter(tmp_path / "m2")
     assert all(torch.equal(again.modules[m].A, merged.modules[m].A) for m in merged.modules)
