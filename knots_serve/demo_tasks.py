@@ -12,6 +12,7 @@ splits.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -179,3 +180,17 @@ TASKS: dict[str, Task] = {
         Task("pick_category", "the one word of a list that names a given category", _pick_category),
     ]
 }
+
+
+def jsonl(task: str, split: str, n: int | None = None) -> bytes:
+    """A split as the validation data `knots-serve tune` reads (one {"prompt", "answer"} object a line)."""
+    return b"".join(
+        json.dumps({"prompt": e.prompt, "answer": e.answer}).encode() + b"\n" for e in TASKS[task].examples(split)[:n]
+    )
+
+
+def task_data(task: str, split: str, n: int | None = None):
+    """A split as tune.TaskData, scored by exact match: the same fingerprint as the file `jsonl` writes."""
+    from .tune import SCORERS, parse_task_data
+
+    return parse_task_data(jsonl(task, split, n), f"demo:{task}:{split}", task, SCORERS["exact"])

@@ -35,87 +35,58 @@ from pathlib import Path
 # Set before torch loads; an explicit setting in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from evaluate import Evaluator, Merge
-
 from knots_serve.adapters import load_adapter
 from knots_serve.base_model import prepare_base
-from knots_serve.basis import build_basis
-from knots_serve.compose import MergeSpec
-from knots_serve.demo_tasks import TASKS
+from knots_serve.demo_tasks import TASKS, task_data
+from knots_serve.evaluate import Evaluator, Merge
 from knots_serve.methods import resolve
-from knots_serve.serving.basis_store import auto_basis, lora_ranks
+from knots_serve.tune import GRID, Tuner
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = ("ta", "ties", "dare-ties", "knots-ties", "knots-dare-ties", "core-ties")
 SUBSET_BASIS = ("knots-ties",)  # also in the subset's own basis and in the server's auto choice (scale run)
-GRID = {"alpha": (0.1, 0.2, 0.3, 0.6, 1.0, 1.5, 2.0, 3.0), "top_k": (0.2, 0.1, 0.5), "density": (0.5, 0.3)}
 QUICK_GRID = {"alpha": (1.0, 2.0), "top_k": (0.2,), "density": (0.5,)}
 SETTINGS = ("per_task", "joint")
 
 
 class Bench:
+    """The benchmark's protocol on the library's Tuner (knots_serve/tune.py: scores, search, bases)."""
+
     def __init__(self, args):
         self.args, self.tasks = args, args.tasks
-        self.work = Path(args.work)
-        self.work.mkdir(parents=True, exist_ok=True)
-        self.adapters = {t: load_adapter(REPO / "adapters" / t, t) for t in self.tasks}
-        self.bases = {space: self._basis(space, self.tasks) for space in ("full", "knots", "core")}
-        self.eval = Evaluator(
+        adapters = {t: load_adapter(REPO / "adapters" / t, t) for t in self.tasks}
+        work = Path(args.work)
+        work.mkdir(parents=True, exist_ok=True)
+        evaluator = Evaluator(
             prepare_base(),
-            self.work / f"evals{'' if args.dtype == 'auto' else '-' + args.dtype}.json",
+            work / f"evals{'' if args.dtype == 'auto' else '-' + args.dtype}.json",
             eager=args.eager,
             dtype=args.dtype,
+            max_model_len=512,
         )
-        self.lora = {split: self._lora(split, n) for split, n in (("val", args.val_n), ("test", args.test_n))}
-
-    def _basis(self, space: str, tasks) -> tuple[Path, str]:
-        basis = build_basis([self.adapters[t] for t in tasks], space)
-        path = self.work / f"{space}-{basis.fingerprint}.safetensors"
-        if not path.is_file():
-            basis.save(path)
-        return path, basis.fingerprint
+        self.tuner = Tuner(adapters, evaluator, work)
+        self.data = {split: {t: task_data(t, split) for t in self.tasks} for split in ("val", "test")}
+        self.n = {"val": args.val_n, "test": args.test_n}
+        self.lora = {split: self.tuner.lora(self.data[split], self.n[split]) for split in self.data}
 
     def merge(self, method: str, tasks, params: dict, seed: int = 0, basis: str = "shared") -> Merge:
         """basis: shared (all the run's tasks), subset (the merged tasks alone), auto (the server's rule)."""
-        space, m = resolve(method)
-        spec = MergeSpec(tuple(tasks), method, {p: v for p, v in params.items() if p in m.params}, seed=seed)
-        if basis == "auto":
-            basis = auto_basis(tasks, lora_ranks(self.adapters))
-        path, fp = self._basis(space, tasks) if basis == "subset" else self.bases[space]
-        return Merge(spec, path, fp)
-
-    def _lora(self, split: str, n: int) -> dict[str, list[int]]:
-        """Each task's own LoRA: a 1-task TA merge with alpha 1 is the adapter itself (a tested identity)."""
-        return {t: self.eval.correct(self.merge("knots-ta", [t], {"alpha": 1.0}), [t], split, n)[t] for t in self.tasks}
+        return self.tuner.merge(method, tasks, params, seed, basis)
 
     def score(self, merge: Merge, split: str, n: int) -> dict:
-        tasks = list(merge.spec.tasks)
-        got, lora = self.eval.correct(merge, tasks, split, n), self.lora[split]
-        ratio = [sum(got[t]) / max(sum(lora[t][:n]), 1e-9) for t in tasks]
-        return {
-            "per_task": statistics.fmean(ratio),
-            "joint": sum(sum(got[t]) for t in tasks) / max(sum(sum(lora[t][:n]) for t in tasks), 1e-9),
-            "accuracy": {t: sum(v) / len(v) for t, v in got.items()},
-        }
+        return self.tuner.score(merge, self.data[split], n)
 
     def search(self, method: str, setting: str) -> tuple[dict, float, list]:
         grid = QUICK_GRID if self.args.quick else GRID
-        current = {p: grid[p][0] for p in resolve(method)[1].params}
-        trail = []
-        for p in list(current):
-            best = None
-            for v in grid[p]:
-                trial = current | {p: v}
-                s = self.score(self.merge(method, self.tasks, trial), "val", self.args.val_n)[setting]
-                trail.append([trial, round(s, 4)])
-                if best is None or s > best[0]:
-                    best = (s, v)
-            current[p] = best[1]
-        return current, best[0], trail
+        return self.tuner.search(method, self.tasks, self.data["val"], grid, setting, self.args.val_n, "shared")
 
     def test(self, method: str, params: dict) -> list[dict]:
         seeds = range(self.args.seeds) if resolve(method)[1].random else [0]
         return [self.score(self.merge(method, self.tasks, params, seed), "test", self.args.test_n) for seed in seeds]
+
+    def base(self) -> dict[str, float]:
+        got = self.tuner.scores(None, self.data["test"], self.args.test_n)
+        return {t: statistics.fmean(v) for t, v in got.items()}
 
     def scale_subsets(self) -> dict[int, list[tuple[str, ...]]]:
         out = {}
@@ -244,9 +215,9 @@ def main(argv=None) -> int:
     res = {
         "tasks": args.tasks,
         "args": {k: v for k, v in vars(args).items() if k not in ("tasks",)},
-        "lora_val": {t: sum(v) / len(v) for t, v in bench.lora["val"].items()},
-        "lora_test": {t: sum(v) / len(v) for t, v in bench.lora["test"].items()},
-        "base": bench.eval.accuracy(None, args.tasks, "test", args.test_n),
+        "lora_val": {t: statistics.fmean(v) for t, v in bench.lora["val"].items()},
+        "lora_test": {t: statistics.fmean(v) for t, v in bench.lora["test"].items()},
+        "base": bench.base(),
         "methods": {},
         "scale": {},
     }
@@ -284,9 +255,9 @@ def main(argv=None) -> int:
     res["wall_s"] = {
         "total": round(time.time() - t0, 1),
         "start_and_bases": round(start_s, 1),
-        "pin": round(bench.eval.seconds["pin"], 1),
-        "generate": round(bench.eval.seconds["generate"], 1),
-        "prompts_generated": bench.eval.prompts,
+        "pin": round(bench.tuner.eval.seconds["pin"], 1),
+        "generate": round(bench.tuner.eval.seconds["generate"], 1),
+        "prompts_generated": bench.tuner.eval.prompts,
     }
     res["machine"] = next(
         (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "unknown"
