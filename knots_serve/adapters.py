@@ -14,6 +14,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -72,10 +73,17 @@ def _pattern_value(patterns: dict, module: str, default):
 
 
 def load_adapter(path: str | os.PathLike, name: str | None = None) -> LoraAdapter:
-    """Read a PEFT LoRA adapter directory, refusing with AdapterError whatever it cannot merge exactly."""
-    path = Path(path)
-    name = name or path.name
-    where = f"adapter {name!r} ({path})"
+    """Read a PEFT LoRA adapter directory, or an hf:// reference (`adapter_dir`), refusing with AdapterError
+    whatever it cannot merge exactly. The adapter's `path` is the local directory its files were read from."""
+    if is_hub_ref(path):
+        ref = parse_hub_ref(path)
+        name = name or (ref.subfolder or ref.repo_id).rsplit("/", 1)[-1]
+        path = hub_snapshot(ref)
+        where = f"adapter {name!r} ({ref}, in {path})"
+    else:
+        path = Path(path)
+        name = name or path.name
+        where = f"adapter {name!r} ({path})"
     if not path.is_dir():
         raise AdapterError(f"{where}: not a directory")
     for fname in (CONFIG_NAME, WEIGHTS_NAME):
@@ -138,6 +146,122 @@ def load_adapter(path: str | os.PathLike, name: str | None = None) -> LoraAdapte
             A=A.to(torch.float32, copy=True), B=B.to(torch.float32, copy=True), scale=float(scale)
         )
     return LoraAdapter(name, modules, config.get("base_model_name_or_path"), str(path), config)
+
+
+# --- adapters on the Hugging Face Hub -----------------------------------------------------------------------
+# hf://OWNER/NAME[@REVISION][/SUBFOLDER]: the model-repo subset of huggingface_hub's own URI grammar
+# (hf://[TYPE/]ID[@REVISION][/PATH]). The prefix is what makes a string a Hub reference: anything else is
+# a local path, so a relative directory and a repo id are never confused.
+HUB_PREFIX = "hf://"
+_HUB_PART = re.compile(r"^\w(?:[\w.-]{0,94}\w)?$", re.ASCII)  # an owner or repo name (huggingface_hub's rule)
+_HUB_REVISION = re.compile(r"^[\w.-]+(?:/[\w.-]+)*$", re.ASCII)  # a branch, tag or commit hash
+_HUB_OTHER_TYPES = ("datasets", "spaces", "kernels", "buckets")
+
+
+@dataclass(frozen=True)
+class HubRef:
+    """An adapter in a Hugging Face Hub model repo: its files are REVISION's SUBFOLDER/adapter_config.json and
+    SUBFOLDER/adapter_model.safetensors (the repo's root without a subfolder; the default branch without
+    a revision)."""
+
+    repo_id: str
+    revision: str | None = None
+    subfolder: str = ""
+
+    def __str__(self) -> str:
+        rev = f"@{quote(self.revision, safe='')}" if self.revision else ""
+        return f"{HUB_PREFIX}{self.repo_id}{rev}" + (f"/{self.subfolder}" if self.subfolder else "")
+
+
+def is_hub_ref(ref) -> bool:
+    """Is this adapter location a Hub reference (a str starting with hf://)? A Path never is: Path()
+    collapses the double slash."""
+    return isinstance(ref, str) and ref.startswith(HUB_PREFIX)
+
+
+def check_hub_name(part: str, what: str, ref: str) -> None:
+    if not _HUB_PART.match(part) or ".." in part or "--" in part:
+        raise AdapterError(
+            f"invalid Hub reference {ref!r}: {what} {part!r} must be 1-96 letters, digits, '_', '.', '-' "
+            "(starting and ending with a letter, digit or '_'; no '--' or '..')"
+        )
+
+
+def parse_hub_ref(ref: str) -> HubRef:
+    """hf://OWNER/NAME[@REVISION][/SUBFOLDER] -> HubRef; AdapterError naming what is wrong. A revision with a
+    '/' is written %2F (as in huggingface_hub's URIs), except refs/pr/N."""
+    if not is_hub_ref(ref):
+        raise AdapterError(f"not a Hub reference: {ref!r} (hf://OWNER/NAME[@REVISION][/SUBFOLDER])")
+    parts = ref[len(HUB_PREFIX) :].split("/")
+    if parts[0] == "models":  # huggingface_hub's explicit type prefix for model repos
+        parts = parts[1:]
+    if parts and parts[0] in _HUB_OTHER_TYPES:
+        raise AdapterError(f"invalid Hub reference {ref!r}: adapters are read from model repos, not {parts[0]}")
+    if len(parts) < 2:
+        raise AdapterError(f"invalid Hub reference {ref!r}: use hf://OWNER/NAME[@REVISION][/SUBFOLDER]")
+    owner, (name, at, revision), sub = parts[0], parts[1].partition("@"), parts[2:]
+    check_hub_name(owner, "owner", ref)
+    check_hub_name(name, "repo name", ref)
+    if revision == "refs" and len(sub) >= 2 and sub[0] == "pr":  # a pull request's ref: refs/pr/N
+        revision, sub = f"refs/pr/{sub[1]}", sub[2:]
+    revision = unquote(revision)
+    if at and (not _HUB_REVISION.match(revision) or ".." in revision):
+        raise AdapterError(
+            f"invalid Hub reference {ref!r}: revision {revision!r} must be a branch, tag or commit hash "
+            "(letters, digits, '_', '.', '-', '/'; no '..')"
+        )
+    if any(not _HUB_PART.match(s) for s in sub):
+        raise AdapterError(
+            f"invalid Hub reference {ref!r}: the subfolder {'/'.join(sub)!r} must be '/'-separated names of "
+            "letters, digits, '_', '.', '-' (each starting and ending with a letter, digit or '_')"
+        )
+    return HubRef(f"{owner}/{name}", revision if at else None, "/".join(sub))
+
+
+def hub_snapshot(ref: HubRef) -> Path:
+    """The local directory of a Hub adapter: huggingface_hub.snapshot_download of its two files into the
+    Hugging Face cache (HF_HUB_CACHE, HF_HOME), or straight from the cache without any request when
+    HF_HUB_OFFLINE=1 (or when the Hub cannot be reached). Every failure is an AdapterError naming the repo."""
+    try:
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    except ImportError:
+        raise AdapterError(
+            f"{ref}: Hub adapters need the huggingface_hub package (pip install huggingface_hub)"
+        ) from None
+    prefix = f"{ref.subfolder}/" if ref.subfolder else ""
+    revision = ref.revision or "main"
+    at = f"{ref.repo_id!r} (revision {revision!r})"
+    try:
+        root = snapshot_download(
+            ref.repo_id, revision=ref.revision, allow_patterns=[prefix + CONFIG_NAME, prefix + WEIGHTS_NAME]
+        )
+    except RepositoryNotFoundError:  # GatedRepoError too
+        raise AdapterError(
+            f"{ref}: no model repo {ref.repo_id!r} on the Hub, or it is private or gated and the token "
+            "(HF_TOKEN) has no access"
+        ) from None
+    except RevisionNotFoundError:
+        raise AdapterError(f"{ref}: the Hub repo {ref.repo_id!r} has no revision {revision!r}") from None
+    except LocalEntryNotFoundError as e:  # not (completely) cached, and the Hub not asked or not reachable
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"the Hub cannot be reached ({e.__cause__ or e})"
+        raise AdapterError(
+            f"{ref}: {at} is not in the Hugging Face cache {constants.HF_HUB_CACHE} and {why}; fill the cache "
+            f"where the Hub can be reached: hf download {ref.repo_id} --revision {revision} "
+            f"--include '{prefix}adapter_*'"
+        ) from None
+    except Exception as e:  # the network and the Hub fail in many ways: name the repo, never a traceback
+        raise AdapterError(f"{ref}: cannot fetch {at} from the Hub: {type(e).__name__}: {e}") from None
+    local = Path(root) / ref.subfolder
+    missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME) if not (local / f).is_file()]
+    if missing:
+        raise AdapterError(f"{ref}: {at} has no {' or '.join(prefix + f for f in missing)}: not a PEFT adapter there")
+    return local
+
+
+def adapter_dir(ref: str | os.PathLike) -> Path:
+    """The local directory of an adapter named by a path or an hf:// reference (hub_snapshot)."""
+    return hub_snapshot(parse_hub_ref(ref)) if is_hub_ref(ref) else Path(ref)
 
 
 def check_compatible(adapters: list[LoraAdapter]) -> None:

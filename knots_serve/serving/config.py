@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..adapters import VLLM_RANKS
+from ..adapters import VLLM_RANKS, AdapterError, check_hub_name, is_hub_ref, parse_hub_ref
 from ..compose import MergeError
 from ..methods import resolve
 from .experiments import Experiment
@@ -27,7 +27,11 @@ class ServeConfig(BaseModel):
 
     model: Path = Field(description="base model directory (Hugging Face format), or builtin:smollm2-135m-instruct")
     served_model_name: str | None = Field(None, description="name clients use for the base model")
-    tasks: dict[str, Path] = Field(default_factory=dict, description="task name -> PEFT LoRA adapter dir")
+    tasks: dict[str, str] = Field(
+        default_factory=dict,
+        description="task name -> PEFT LoRA adapter dir, or a Hugging Face Hub adapter "
+        "hf://OWNER/NAME[@REVISION][/SUBFOLDER] (downloaded into the HF cache; HF_HUB_OFFLINE=1: from it only)",
+    )
     default_method: str = "knots-ties"
     merges: dict[str, str] = Field(default_factory=dict, description="named merges: name -> tasks:… string")
     experiments: dict[str, Experiment] = Field(default_factory=dict, description="A/B experiments: name -> arms")
@@ -75,6 +79,11 @@ class ServeConfig(BaseModel):
         "requests in flight before it gives up (503, nothing changed)",
     )
     adapter_dirs: list[Path] = Field(default_factory=list, description="where admin-registered adapters may live")
+    adapter_repos: list[str] = Field(
+        default_factory=list,
+        description="Hub repos admin-registered hf:// adapters may come from: OWNER (its every repo) or "
+        "OWNER/NAME; none by default (a registration makes the server download)",
+    )
     admin_key_env: str = "KNOTS_ADMIN_KEY"
     vllm_args: list[str] = Field(default_factory=list, description="extra vLLM command-line arguments")
 
@@ -87,6 +96,36 @@ class ServeConfig(BaseModel):
             except MergeError as e:
                 raise ValueError(str(e)) from None
         return tasks
+
+    @field_validator("tasks")
+    @classmethod
+    def _hub_refs(cls, tasks):
+        for name, ref in tasks.items():
+            if is_hub_ref(ref):
+                try:
+                    parse_hub_ref(ref)
+                except AdapterError as e:
+                    raise ValueError(f"task {name!r}: {e}") from None
+        return tasks
+
+    @field_validator("adapter_repos")
+    @classmethod
+    def _repos(cls, repos):
+        for entry in repos:
+            parts = entry.split("/")
+            try:
+                if len(parts) > 2:
+                    raise AdapterError(f"adapter_repos entry {entry!r}: use OWNER or OWNER/NAME")
+                for part, what in zip(parts, ("owner", "repo name")):
+                    check_hub_name(part, what, entry)
+            except AdapterError as e:
+                raise ValueError(str(e)) from None
+        return repos
+
+    def allows_repo(self, repo_id: str) -> bool:
+        """May an admin register an adapter from this Hub repo? Whole names only: `acme` allows acme/x, never
+        acme-evil/x."""
+        return any(entry in (repo_id, repo_id.split("/")[0]) for entry in self.adapter_repos)
 
     @field_validator("compose_device")
     @classmethod
@@ -130,6 +169,8 @@ class ServeConfig(BaseModel):
     def _merges(self):
         try:
             resolve(self.default_method)
+            # checked against default_method, without the recipes (state, read by the server): a merge
+            # without a method (or @auto) takes the subset's recipe when served
             for name, model in self.merges.items():
                 if name.startswith(PREFIX) or name in self.tasks:
                     raise MergeError(f"merge name {name!r} clashes with a task or the {PREFIX!r} prefix")
@@ -169,7 +210,7 @@ def load_config(path: str | os.PathLike) -> ServeConfig:
     return cfg.model_copy(
         update=dict(
             model=builtin_model(str(cfg.model)) if str(cfg.model).startswith(BUILTIN) else absolute(cfg.model),
-            tasks={n: absolute(p) for n, p in cfg.tasks.items()},
+            tasks={n: p if is_hub_ref(p) else str(absolute(Path(p))) for n, p in cfg.tasks.items()},
             cache_dir=absolute(cfg.cache_dir),
             state_dir=absolute(cfg.state_dir),
             basis_file=absolute(cfg.basis_file),
@@ -226,8 +267,9 @@ def builtin_model(model: str) -> Path:
         raise MergeError(str(e)) from None
 
 
-def vllm_argv(cfg: ServeConfig, tasks: dict[str, Path]) -> list[str]:
-    """vLLM's OpenAI server command line for this config; every task is also served under its plain name."""
+def vllm_argv(cfg: ServeConfig, tasks: dict[str, str | Path]) -> list[str]:
+    """vLLM's OpenAI server command line for this config; every task is also served under its plain name.
+    `tasks`: name -> local adapter dir (an hf:// task resolved: adapters.adapter_dir)."""
     argv = [
         "--model",
         str(cfg.model),
