@@ -45,13 +45,19 @@ def _fail(e: Exception):
     raise typer.Exit(2)
 
 
+ADAPTER_HELP = (
+    "NAME=PATH of a PEFT LoRA adapter dir, or NAME=hf://OWNER/NAME[@REVISION][/SUBFOLDER] of one on the Hugging "
+    "Face Hub (into the HF cache; with HF_HUB_OFFLINE=1 from it only); repeat for each task"
+)
+
+
 def _load(adapter: list[str]) -> list[LoraAdapter]:
     return [load_adapter(path, name) for name, path in _pairs(adapter, "--adapter").items()]
 
 
 @app.command(help="Merge LoRA adapters into one PEFT adapter (or a full model).\n\n" + _methods_help())
 def merge(
-    adapter: list[str] = typer.Option(..., help="NAME=PATH of a PEFT LoRA adapter; repeat for each task"),
+    adapter: list[str] = typer.Option(..., help=ADAPTER_HELP),
     method: str = typer.Option("knots-ties", help="merge method id (see above)"),
     out: Path = typer.Option(..., help="output directory"),
     top_k: float | None = typer.Option(None, help=PARAMS["top_k"].help),
@@ -121,7 +127,7 @@ def _basis_for(adapters: list[LoraAdapter], space: str, path: Path | None) -> Ba
 
 @app.command("basis", help="Build a pool's basis once and save it (safetensors) for later merges.")
 def basis_cmd(
-    adapter: list[str] = typer.Option(..., help="NAME=PATH of a PEFT LoRA adapter; repeat for each task"),
+    adapter: list[str] = typer.Option(..., help=ADAPTER_HELP),
     space: str = typer.Option("knots", help=f"one of {', '.join(SPACES)}"),
     out: Path = typer.Option(..., help="output .safetensors file"),
 ):
@@ -145,6 +151,7 @@ def serve(config: Path = typer.Option(Path("configs/default.yaml"), help="serve 
     import sys
 
     from .adapters import check_compatible
+    from .recipes import load_recipes
     from .serving.config import CONFIG_ENV, check_vllm, installed_vllm, load_config, vllm_argv
     from .serving.experiments import check_experiment
     from .serving.registry import task_table
@@ -154,17 +161,24 @@ def serve(config: Path = typer.Option(Path("configs/default.yaml"), help="serve 
         check_vllm(installed_vllm())
         cfg = load_config(config)
         tasks = task_table(cfg.tasks, cfg.state_dir).items()
-        if tasks:  # fail here, not inside vLLM
-            check_compatible([load_adapter(p, n) for n, p in tasks.items()])
+        loaded = [load_adapter(p, n) for n, p in tasks.items()]  # hf:// ones resolved to their local dirs
+        if loaded:  # fail here, not inside vLLM
+            check_compatible(loaded)
+        book = load_recipes(cfg.state_dir / "recipes.json")  # the server reads it at start too
+
+        def choose(subset):
+            return book.choose(subset, cfg.default_method)
+
         for name, exp in cfg.experiments.items():
-            check_experiment(name, exp, lambda m: check_model(m, cfg, tasks))
+            check_experiment(name, exp, lambda m: check_model(m, cfg, tasks, choose))
     except (AdapterError, MergeError) as e:
         _fail(e)
     os.environ[CONFIG_ENV] = str(config.resolve())
     os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"  # vLLM consults LoRA resolvers only then
     plugins = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p]
     os.environ["VLLM_PLUGINS"] = ",".join(dict.fromkeys(plugins + ["knots_serve"]))
-    argv = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", *vllm_argv(cfg, tasks)]
+    local = {a.name: a.path for a in loaded}
+    argv = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", *vllm_argv(cfg, local)]
     typer.echo(f"knots-serve: {len(tasks)} tasks, base {cfg.model}, on http://{cfg.host}:{cfg.port}", err=True)
     os.execv(sys.executable, argv)
 
@@ -185,29 +199,43 @@ def prepare_base_cmd(cache_dir: Path | None = typer.Option(None, help="where (de
 
 ab = typer.Typer(help="A/B experiments of merge variants on a running server.", no_args_is_help=True)
 app.add_typer(ab, name="ab")
+EXPERIMENT_ARG = typer.Argument(..., help="experiment name")
+URL_OPTION = typer.Option("http://127.0.0.1:8000", help="server URL")
+ADMIN_KEY_OPTION = typer.Option(..., envvar="KNOTS_ADMIN_KEY", help="admin key (or KNOTS_ADMIN_KEY)")
 
 
-@ab.command("report", help="Per-arm counts, latency quantiles and mean feedback (95% CI) of an experiment.")
-def ab_report(
-    experiment: str = typer.Argument(..., help="experiment name"),
-    url: str = typer.Option("http://127.0.0.1:8000", help="server URL"),
-    admin_key: str = typer.Option(..., envvar="KNOTS_ADMIN_KEY", help="admin key (or KNOTS_ADMIN_KEY)"),
-    json_out: bool = typer.Option(False, "--json", help="print the raw JSON"),
-):
+def _admin(url: str, admin_key: str, method: str, path: str) -> dict:
+    """One admin API call; a refusal (its message) or an unreachable server ends in one `error:` line."""
     import json
     import urllib.error
     import urllib.request
 
-    req = urllib.request.Request(
-        f"{url}/admin/experiments/{experiment}/report", headers={"authorization": f"Bearer {admin_key}"}
-    )
+    req = urllib.request.Request(f"{url}{path}", method=method, headers={"authorization": f"Bearer {admin_key}"})
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
-            doc = json.loads(r.read())
+            return json.loads(r.read())
     except urllib.error.HTTPError as e:
-        _fail(MergeError(f"{e.code}: {e.read().decode(errors='replace')}"))
+        body = e.read().decode(errors="replace")
+        try:
+            body = json.loads(body)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            pass  # not our error JSON: say what came back
+        _fail(MergeError(f"{e.code}: {body}"))
     except (urllib.error.URLError, OSError) as e:
         _fail(MergeError(f"cannot reach {url}: {e}"))
+
+
+@ab.command("report", help="Per-arm counts, latency quantiles and mean feedback (95% CI) of an experiment.")
+def ab_report(
+    experiment: str = EXPERIMENT_ARG,
+    url: str = URL_OPTION,
+    admin_key: str = ADMIN_KEY_OPTION,
+    json_out: bool = typer.Option(False, "--json", help="print the raw JSON"),
+):
+    import json
+    from urllib.parse import quote
+
+    doc = _admin(url, admin_key, "GET", f"/admin/experiments/{quote(experiment, safe='')}/report")
     if json_out:
         return typer.echo(json.dumps(doc, indent=2))
     from rich.console import Console
@@ -237,6 +265,19 @@ def ab_report(
     Console().print(table)
 
 
+@ab.command(
+    "promote",
+    help="Make the experiment's winning arm (a merge) the recipe of its task subset, served for tasks:A+B "
+    "without a method: only once the arm's 95% interval of mean feedback lies above every other arm's.",
+)
+def ab_promote(experiment: str = EXPERIMENT_ARG, url: str = URL_OPTION, admin_key: str = ADMIN_KEY_OPTION):
+    from urllib.parse import quote
+
+    doc = _admin(url, admin_key, "POST", f"/admin/experiments/{quote(experiment, safe='')}/promote")
+    r = doc["recipe"]
+    typer.echo(f"promoted {experiment}: tasks:{'+'.join(r['tasks'])} is now served as {doc['model']} ({r['data']})")
+
+
 @app.command(help="List the merge methods with their parameters and papers.")
 def methods():
     typer.echo(_methods_help())
@@ -244,3 +285,86 @@ def methods():
 
 def main():
     app()
+
+
+@app.command(
+    help="Tune merge recipes on your own validation data: per subset, the KnOTS paper's coordinate search over "
+    "each method's parameters (alpha, then top_k, then density), every merge scored through the pinning path "
+    "the server uses. Writes the best recipe per subset to STATE_DIR/recipes.json (a running server serves it "
+    "for tasks:A+B without @METHOD) and a report. Resumable: evaluations are cached in --work."
+)
+def tune(
+    config: Path = typer.Option(Path("configs/default.yaml"), help="serve config (YAML): base model, tasks, state"),
+    data: Path = typer.Option(..., help="directory of validation data: one <task>.jsonl per task"),
+    subsets: list[str] = typer.Option(["pairs"], help="pairs | all | K:N (N random subsets of K tasks) | A+B[+C]"),
+    methods: str = typer.Option("", help="comma-separated method ids (default: the config's default_method,ta,ties)"),
+    scorer: list[str] = typer.Option([], help="TASK=exact|contains|regex|py:module:function (default: exact)"),
+    budget_s: float | None = typer.Option(None, help="stop starting evaluations after this many seconds"),
+    max_examples: int | None = typer.Option(None, help="use at most this many examples per task"),
+    work: Path | None = typer.Option(None, help="evaluation cache and bases (default: STATE_DIR/tune-work)"),
+    report: Path | None = typer.Option(None, help="report directory (default: STATE_DIR/tune-report)"),
+    seed: int = typer.Option(0, help="seed of the K:N subset sampling"),
+    dtype: str = typer.Option("auto", help="vLLM dtype (float32 is far faster on CPUs without AVX512-BF16)"),
+    eager: bool = typer.Option(False, help="no torch.compile in vLLM (starts faster, generates slower)"),
+    max_tokens: int = typer.Option(64, help="generation budget for scorers other than exact"),
+):
+    import dataclasses
+
+    from .atomic import atomic_write_file, atomic_write_json
+    from .evaluate import Evaluator
+    from .recipes import load_recipes, save_recipes, subset_key, today
+    from .serving.config import load_config
+    from .serving.registry import task_table
+    from .tune import Tuner, load_data, plot, report_markdown
+    from .tune import subsets as subset_list
+
+    try:
+        cfg = load_config(config)
+        pool = task_table(cfg.tasks, cfg.state_dir).items()
+        chosen = subset_list(subsets, sorted(pool), seed)
+        method_ids = list(dict.fromkeys(m.strip() for m in (methods or f"{cfg.default_method},ta,ties").split(",")))
+        for m in method_ids:
+            if m == "" or m == "auto":
+                raise MergeError(f"--methods: {m!r} is not a method id")
+            resolve(m)
+        needed = sorted({t for s in chosen for t in s})
+        val = load_data(data, pool, needed, _pairs(scorer, "--scorer"))
+        if max_examples is not None:
+            val = {t: dataclasses.replace(d, examples=d.examples[:max_examples]) for t, d in val.items()}
+        recipes_file = cfg.state_dir / "recipes.json"
+        book = load_recipes(recipes_file)  # an unreadable recipes file fails now, before any work
+        adapters = {n: load_adapter(p, n) for n, p in pool.items()}
+    except (AdapterError, MergeError, ValueError, OSError) as e:
+        _fail(e)
+    work = work or cfg.state_dir / "tune-work"
+    report = report or cfg.state_dir / "tune-report"
+    typer.echo(f"tune: {len(chosen)} subsets x {len(method_ids)} methods; starting the engine ({cfg.model})", err=True)
+    t0 = time.time()
+    work.mkdir(parents=True, exist_ok=True)
+    tuner = Tuner(adapters, Evaluator(cfg.model, work / "evals.json", eager, dtype, max_tokens), work)
+    try:
+        recipes, log = tuner.tune(chosen, method_ids, val, cfg.default_method, budget_s=budget_s)
+    except MergeError as e:  # a scorer that fails on a generated answer names the example
+        _fail(e)
+    save_recipes(recipes_file, book.with_recipes(recipes))
+    done = {r.key for r in recipes}
+    meta = {
+        "date": today(),
+        "data": str(data),
+        "methods": method_ids,
+        "default_method": cfg.default_method,
+        "wall_s": time.time() - t0,
+        "unfinished": [subset_key(s) for s in chosen if subset_key(s) not in done],
+        "data_fingerprints": {t: d.fingerprint for t, d in val.items()},
+    }
+    report.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(
+        report / "tune.json", {"meta": meta, "recipes": [dataclasses.asdict(r) for r in recipes], "log": log}
+    )
+    atomic_write_file(report / "report.md", lambda tmp: Path(tmp).write_text(report_markdown(recipes, log, meta)))
+    if recipes:
+        atomic_write_file(report / "report.png", lambda tmp: plot(recipes, Path(tmp)))
+    typer.echo(
+        f"tuned {len(recipes)} of {len(chosen)} subsets in {meta['wall_s']:.0f} s -> {recipes_file}; report {report}"
+        + (f"; not tuned (budget spent): {', '.join(meta['unfinished'])}" if meta["unfinished"] else "")
+    )

@@ -96,6 +96,7 @@ class RecipeBook:
 
     def __init__(self, recipes=()):
         self.recipes: dict[str, Recipe] = {r.key: r for r in recipes}
+        self._rules: dict[int, Choice | None] = {}  # per subset size: the book never changes, so fit once
 
     def get(self, tasks) -> Recipe | None:
         return self.recipes.get(subset_key(tasks))
@@ -111,6 +112,11 @@ class RecipeBook:
     def rule(self, size: int) -> Choice | None:
         """The method and parameters fitted from the tuned recipes for a subset of `size` tasks (docstring
         of the module); None without tuned recipes."""
+        if size not in self._rules:
+            self._rules[size] = self._fit(size)
+        return self._rules[size]
+
+    def _fit(self, size: int) -> Choice | None:
         tuned = self.tuned
         if not tuned:
             return None

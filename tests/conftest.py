@@ -44,6 +44,32 @@ def tiny_adapters(tiny_base, tmp_path_factory):
     }
 
 
+@pytest.fixture
+def edge(tmp_path, tiny_adapters):
+    """run(test, **config): test(server, middleware, engine) in an event loop, with the server installed: the
+    real KnotsServer and middleware over ASGI, without an engine (asgi_edge.py)."""
+    import asyncio
+
+    from asgi_edge import Engine, make_server
+
+    from knots_serve.serving.middleware import KnotsMiddleware
+
+    def run(test, **settings):
+        async def main():
+            server = make_server(tmp_path, tiny_adapters, **settings)
+            engine = Engine()
+            try:
+                await test(server, KnotsMiddleware(engine), engine)
+            finally:
+                engine.release.set()
+                KnotsMiddleware.server = None
+                server.cache.close()
+
+        asyncio.run(main())
+
+    return run
+
+
 ADMIN_KEY = "test-admin-key"
 
 
@@ -92,6 +118,24 @@ def server(tiny_base, tiny_adapters, tmp_path_factory):
     }
     with start_server(root, config, {"KNOTS_TEST_ADMIN_KEY": ADMIN_KEY}) as srv:
         yield srv
+
+
+@pytest.fixture
+def recipes_file(server):
+    """The session server's recipes file, absent before and after the test: removed at the end, and the end
+    waits until the server serves without recipes again (it reads the file again at most once a second)."""
+    import time
+
+    from test_serving import http
+
+    path = server.root / "state" / "recipes.json"
+    assert not path.exists()
+    yield path
+    path.unlink(missing_ok=True)
+    deadline = time.monotonic() + 10
+    while http(server, "GET", "/admin/recipes", key=ADMIN_KEY)[1]["recipes"]:
+        assert time.monotonic() < deadline, "the server still serves recipes from a removed file"
+        time.sleep(0.2)
 
 
 API_KEY = "test-inference-key-7f3a9c"

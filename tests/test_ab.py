@@ -205,3 +205,62 @@ def test_experiments_are_listed_and_created_at_runtime(server):
     assert ask(c, model="exp-new", user="u1")[0] in ("x", "y")
     assert http(server, "DELETE", "/admin/experiments/exp-new", key=ADMIN_KEY)[0] == 200
     assert http(server, "DELETE", "/admin/experiments/exp-new", key=ADMIN_KEY)[0] == 404
+
+
+def test_promote_waits_until_the_feedback_separates_then_serves_the_winner_for_the_subset(server, recipes_file):
+    arms = {
+        "ta": {"model": "tasks:alpha+beta@knots-ta?alpha=0.5", "weight": 1},
+        "ties": {"model": "tasks:alpha+beta@knots-ties", "weight": 1},
+    }
+    assert http(server, "POST", "/admin/experiments", {"name": "promo", "arms": arms}, key=ADMIN_KEY)[0] == 201
+    c = server.client()
+
+    def score(arm, *scores):
+        for s in scores:
+            rid = ask(c, model="promo", arm=arm, max_tokens=1)[1].id
+            assert http(server, "POST", "/v1/feedback", {"id": rid, "score": s})[0] == 200
+
+    def promote():
+        env = {"KNOTS_ADMIN_KEY": ADMIN_KEY, "PATH": "/usr/bin:/bin"}
+        return subprocess.run(
+            [CLI, "ab", "promote", "promo", "--url", server.url], capture_output=True, text=True, env=env, timeout=120
+        )
+
+    try:
+        score("ta", 1.0)
+        score("ties", 0.0)
+        r = promote()
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.startswith("error: 409: experiment 'promo' does not yet separate") and (
+            "ta: n=1, mean=1, no interval yet; ties: n=1, mean=0, no interval yet" in r.stderr
+        ), r.stderr
+        score("ta", 0.2)
+        score("ties", 0.1)
+        status, body = http(server, "POST", "/admin/experiments/promo/promote", key=ADMIN_KEY)
+        assert status == 409 and body["error"]["type"] == "ConflictError", body
+        numbers = "ta: n=2, mean=0.6, ci95 [-0.184, 1.384]; ties: n=2, mean=0.05, ci95 [-0.048, 0.148]"
+        assert numbers in body["error"]["message"], body
+        assert not recipes_file.exists()
+        score("ta", *[1.0] * 6)
+        r = promote()
+        recipe = "tasks:alpha+beta@knots-ta?alpha=0.5"
+        assert r.returncode == 0 and r.stdout.startswith(
+            f"promoted promo: tasks:alpha+beta is now served as {recipe} (feedback n=8, ci95=[0.704, 1.096])"
+        ), r.stdout + r.stderr
+        (written,) = json.loads(recipes_file.read_text())["recipes"]
+        assert written | {"date": ""} == {
+            "tasks": ["alpha", "beta"],
+            "method": "knots-ta",
+            "params": {"alpha": 0.5},
+            "score": pytest.approx(0.9),
+            "default_score": None,
+            "source": "ab:promo",
+            "data": "feedback n=8, ci95=[0.704, 1.096]",
+            "date": "",
+        }
+        r = c.completions.create(model="tasks:alpha+beta", prompt=PROMPTS[0], max_tokens=4, temperature=0)
+        assert r.model == recipe and r.choices[0].text == complete(c, recipe, PROMPTS[0], max_tokens=4)
+        listed = http(server, "GET", "/admin/recipes", key=ADMIN_KEY)[1]
+        assert [r["model"] for r in listed["recipes"]] == [recipe] and listed["rule"] == {}  # promoted: no rule
+    finally:
+        http(server, "DELETE", "/admin/experiments/promo", key=ADMIN_KEY)

@@ -8,33 +8,12 @@ import shutil
 import threading
 
 import pytest
-from asgi_edge import Engine, call, make_server
+from asgi_edge import call
 
 from knots_serve.serving import metrics
 from knots_serve.serving.basis_store import BasisStore
 from knots_serve.serving.errors import TooManyRequests, Unavailable
 from knots_serve.serving.limits import RateLimit
-from knots_serve.serving.middleware import KnotsMiddleware
-
-
-@pytest.fixture
-def edge(tmp_path, tiny_adapters):
-    """run(test, **config): test(server, middleware, engine) in an event loop, with the server installed."""
-
-    def run(test, **settings):
-        async def main():
-            server = make_server(tmp_path, tiny_adapters, **settings)
-            engine = Engine()
-            try:
-                await test(server, KnotsMiddleware(engine), engine)
-            finally:
-                engine.release.set()
-                KnotsMiddleware.server = None
-                server.cache.close()
-
-        asyncio.run(main())
-
-    return run
 
 
 def test_the_responses_api_and_every_generation_route_select_merges_like_chat(edge):

@@ -1,9 +1,10 @@
-"""HTTP routes the plugin adds to vLLM's app: the admin API (task registry, composed merges) and a
-/v1/models that also lists every task as `tasks:NAME` and the named merges."""
+"""HTTP routes the plugin adds to vLLM's app: the admin API (task registry, composed merges, experiments,
+recipes, pins) and a /v1/models that also lists every task as `tasks:NAME` and the named merges."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import asdict
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
@@ -13,6 +14,7 @@ from ..compose import MergeError
 from .auth import admin_refusal
 from .errors import ERRORS, BadRequest, Conflict, NotFound, error_response
 from .experiments import Experiment
+from .names import recipe_model
 from .server import KnotsServer
 
 router = APIRouter()
@@ -161,6 +163,30 @@ async def report(name: str, request: Request):
     for arm, row in arms.items():
         row |= {"model": exp.arms[arm].model, "weight": exp.arms[arm].weight}
     return {"experiment": name, "arms": arms}
+
+
+@router.post("/admin/experiments/{name}/promote", dependencies=[Depends(admin)])
+async def promote(name: str, request: Request):
+    """The winning arm as its subset's recipe, once its feedback separates (409 saying why not otherwise)."""
+    try:
+        return await server(request).promote(name)
+    except ERRORS as e:
+        return error_response(e)
+
+
+@router.get("/admin/recipes", dependencies=[Depends(admin)])
+async def list_recipes(request: Request):
+    """The recipes served for `tasks:A+B` (as in the file, with the model each serves), the rule fitted for
+    each subset size the tuned recipes cover, and why the file was not reloaded, if it was not."""
+    file = server(request).recipes
+    book = file.current()
+    sizes = sorted({len(r.tasks) for r in book.tuned})
+    return {
+        "path": str(file.path),
+        "recipes": [asdict(r) | {"model": recipe_model(r)} for _, r in sorted(book.recipes.items())],
+        "rule": {n: {"method": c.method, "params": c.params} for n, c in ((n, book.rule(n)) for n in sizes)},
+        "error": file.error,
+    }
 
 
 class Feedback(BaseModel):

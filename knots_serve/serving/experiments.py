@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..atomic import atomic_write_json
 from ..compose import MergeError
+from ..recipes import Recipe, today
 from .errors import Conflict, Unavailable
+from .names import recipe_model
 from .registry import read_json
 
 
@@ -139,3 +141,51 @@ class Outcomes:
                     },
                 }
         return out
+
+
+def separated_winner(experiment: str, report: dict) -> tuple[str, dict]:
+    """(arm, its feedback) of the arm with the highest mean feedback, if its 95% interval lies strictly above
+    every other arm's (Outcomes.report); Conflict with every arm's numbers otherwise. An arm with fewer than 2
+    scores has no interval yet, and a single arm separates from nothing."""
+    feedback = {arm: row["feedback"] for arm, row in report.items()}
+    scored = [a for a, f in feedback.items() if f["mean"] is not None]
+    best = max(scored, key=lambda a: feedback[a]["mean"], default=None)
+    others = [f for a, f in feedback.items() if a != best]
+    if best is not None and others and all(f["ci95"] is not None for f in feedback.values()):
+        if all(feedback[best]["ci95"][0] > f["ci95"][1] for f in others):
+            return best, feedback[best]
+
+    def numbers(arm, f):
+        interval = "no interval yet" if f["ci95"] is None else "ci95 [{:.4g}, {:.4g}]".format(*f["ci95"])
+        return f"{arm}: n={f['n']}, mean={'-' if f['mean'] is None else format(f['mean'], '.4g')}, {interval}"
+
+    raise Conflict(
+        f"experiment {experiment!r} does not yet separate: the best arm's 95% interval of mean feedback must "
+        "lie strictly above every other arm's (at least 2 arms, 2 scores each); "
+        + "; ".join(numbers(a, f) for a, f in sorted(feedback.items()))
+    )
+
+
+def promotion(experiment: str, exp: Experiment, report: dict, selection) -> Recipe:
+    """The recipe `ab promote` writes: the separated winner's merge (`selection(body)`: the server's parse of
+    a model string), with its mean feedback as the score. Conflict when the winner is not such a merge."""
+    arm, fb = separated_winner(experiment, report)
+    model = exp.arms[arm].model
+    sel = selection({"model": model})
+    if sel is None or sel.spec is None:
+        raise Conflict(f"arm {arm!r} serves {model!r}, which is not a merge: nothing to promote")
+    recipe = Recipe(
+        sel.tasks,
+        sel.spec.method,
+        sel.spec.resolved_params(),
+        score=fb["mean"],
+        source=f"ab:{experiment}",
+        data="feedback n={}, ci95=[{:.4g}, {:.4g}]".format(fb["n"], *fb["ci95"]),
+        date=today(),
+    )
+    if recipe_model(recipe) != sel.canonical:  # per-task weights, a seed, a trim scope or a basis would be lost
+        raise Conflict(
+            f"arm {arm!r} serves {sel.canonical!r}: a recipe holds a method and its parameters only, not "
+            "per-task weights, a seed, trim_scope or basis; promote an arm without them"
+        )
+    return recipe

@@ -1,10 +1,13 @@
 """Model strings that select merges: the per-request grammar, and the structured `knots` request field.
 
-    tasks:A+B                      A and B, merged with the server's default method
+    tasks:A+B                      A and B, merged as the subset's recipe says, else the rule fitted from the
+                                   tuned recipes, else with the server's default method (recipes.py)
+    tasks:A+B@auto                 the same, said explicitly
     tasks:A+B@knots-ties           a method id from the registry
     tasks:A+B@knots-ties?top_k=0.3&alpha=1.2&w.A=0.5&seed=1&trim_scope=module&basis=subset
                                    (extension) parameters, per-task weights, DARE seed, trim scope, basis
-                                   (auto, the default; shared; subset: see basis_store.py)
+                                   (auto, the default; shared; subset: see basis_store.py); without a
+                                   method they override the recipe's parameters
     tasks:A                        one task, no method: that task's own adapter, as `A` is
 
 Every merge has one canonical string (sorted tasks, the method, non-default settings in a fixed order);
@@ -14,15 +17,21 @@ it is the LoRA name vLLM sees, so equal merges share one composed adapter and on
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 from ..compose import MergeError, MergeSpec
 from ..methods import PARAMS, resolve
+from ..recipes import Choice
 
 PREFIX = "tasks:"
 TASK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
 BASIS_MODES = ("auto", "shared", "subset")
+AUTO = "auto"  # the method of `tasks:A+B@auto`: chosen per subset, as when no method is named
+# how a merge without a method gets one: tasks -> Choice (the server's recipes), or a method id (no recipes)
+Chooser = Callable[[tuple[str, ...]], Choice] | str
+WHY = {"recipe": "the subset's recipe", "rule": "the rule fitted from the tuned recipes", "default": "default_method"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,11 @@ class Selection:
         return f"{PREFIX}{'+'.join(sorted(s.tasks))}@{s.method}" + (f"?{q}" if q else "")
 
 
+def recipe_model(recipe) -> str:
+    """The canonical name of the merge a recipe (recipes.Recipe) serves: what responses name in `model`."""
+    return Selection(recipe.tasks, recipe.spec()).canonical
+
+
 def _fmt(v) -> str:
     return repr(v) if isinstance(v, float) else str(v)
 
@@ -69,22 +83,33 @@ def _number(key: str, value: str) -> float:
 
 
 def selection(
-    tasks, method: str | None, params: dict, weights: dict, seed, trim_scope, basis, default_method: str
+    tasks, method: str | None, params: dict, weights: dict, seed, trim_scope, basis, choose: Chooser
 ) -> Selection:
     tasks = tuple(check_task_name(t) for t in tasks)
     if basis not in BASIS_MODES:
         raise MergeError(f"basis must be one of {', '.join(BASIS_MODES)}, got {basis!r}")
+    method = None if method == AUTO else method
     if (
         len(tasks) == 1
         and method is None
         and not (params or weights or seed or basis != "auto" or trim_scope != "global")
     ):
         return Selection(tasks, None)
-    spec = MergeSpec(tasks, method or default_method, params, weights, seed, trim_scope)
+    if method is None:
+        choice = choose(tasks) if callable(choose) else Choice(choose, {}, "default")
+        takes = resolve(choice.method)[1].params
+        extra = sorted(set(params) - set(takes))
+        if extra:  # the client did not name this method: say where it came from
+            raise MergeError(
+                f"{'+'.join(sorted(tasks))} is merged with {choice.method} ({WHY[choice.source]}), which takes no "
+                f"parameter {extra[0]!r} (it takes {', '.join(takes)}); name a method that takes it (@METHOD)"
+            )
+        method, params = choice.method, choice.params | params  # the request's parameters win
+    spec = MergeSpec(tasks, method, params, weights, seed, trim_scope)
     return Selection(tuple(sorted(tasks)), spec, basis)
 
 
-def parse_model(model: str, default_method: str) -> Selection:
+def parse_model(model: str, choose: Chooser) -> Selection:
     """Parse 'tasks:A+B[@METHOD][?k=v&…]'; raises MergeError naming what is wrong."""
     if not model.startswith(PREFIX):
         raise MergeError(f"model {model!r} does not start with {PREFIX!r}")
@@ -123,13 +148,13 @@ def parse_model(model: str, default_method: str) -> Selection:
             basis = value
         else:
             raise MergeError(f"unknown parameter {key!r} in {model!r}")
-    return selection(tasks, method or None, params, weights, seed, trim_scope, basis, default_method)
+    return selection(tasks, method or None, params, weights, seed, trim_scope, basis, choose)
 
 
-def parse_field(field: object, default_method: str) -> Selection:
+def parse_field(field: object, choose: Chooser) -> Selection:
     """The structured form, sent as `extra_body={"knots": {...}}` by OpenAI clients:
     {"tasks": [...], "method": "...", "params": {...}, "weights": {...}, "seed": 0,
-     "trim_scope": "global", "basis": "auto"}."""
+     "trim_scope": "global", "basis": "auto"}; no method (or "auto") as `tasks:A+B`."""
     if not isinstance(field, dict):
         raise MergeError('\'knots\' must be an object: {"tasks": [...], "method": ..., "params": {...}}')
     unknown = set(field) - {"tasks", "method", "params", "weights", "seed", "trim_scope", "basis"}
@@ -154,5 +179,5 @@ def parse_field(field: object, default_method: str) -> Selection:
         field.get("seed", 0),
         field.get("trim_scope", "global"),
         field.get("basis", "auto"),
-        default_method,
+        choose,
     )

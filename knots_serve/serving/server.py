@@ -13,18 +13,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..adapters import AdapterError, load_adapter
+from ..adapters import WEIGHTS_NAME, AdapterError, adapter_dir, is_hub_ref, load_adapter, parse_hub_ref
 from ..atomic import atomic_write_file
+from ..compose import MergeError
 from ..methods import resolve
+from ..recipes import Choice, RecipeFile
 from . import metrics
 from .adapter_cache import AdapterCache, Composed
 from .basis_store import BasisStore, UnknownTask, compose_device
 from .config import ServeConfig
 from .errors import BadRequest, Conflict, NotFound, Unavailable
-from .experiments import Experiment, Outcomes, assign, check_experiment
+from .experiments import Experiment, Outcomes, assign, check_experiment, promotion
 from .gate import Gate
 from .limits import RateLimit
-from .names import PREFIX, TASK_NAME, Selection, check_task_name, parse_field, parse_model
+from .names import PREFIX, TASK_NAME, Selection, check_task_name, parse_field, parse_model, recipe_model
 from .pinning import save_factors
 from .registry import experiment_table, task_table
 
@@ -47,8 +49,8 @@ class KnotsServer:
         self.api_keys: list[bytes] = []  # digests of vLLM's API keys (auth.py); set by the endpoint plugin
         self.pinned: dict | None = None  # {"model": canonical name, ...} while a merge is in the weights
         self.tasks = task_table(cfg.tasks, cfg.state_dir)
-        adapters = {n: load_adapter(p, n) for n, p in self.tasks.items().items()}
-        self._stamps = {n: _stamp(Path(p) / "adapter_model.safetensors") for n, p in self.tasks.items().items()}
+        adapters = {n: load_adapter(self._started_with(n, p), n) for n, p in self.tasks.items().items()}
+        self._stamps = {n: _stamp(Path(a.path) / WEIGHTS_NAME) for n, a in adapters.items()}
         self.bases = BasisStore(adapters, compose_device(cfg.compose_device), cfg.basis_file)
         if self.bases.device.type == "cpu":
             from ..kernels import cpu
@@ -69,6 +71,7 @@ class KnotsServer:
         self.loop = asyncio.get_running_loop()
         self.cache.on_evict = self._forget
         self._registry_lock = asyncio.Lock()
+        self.recipes = RecipeFile(cfg.state_dir / "recipes.json")  # `knots-serve serve` has checked it reads
         self.experiment_store = experiment_table(cfg.experiments, cfg.state_dir)
         self.experiments = {n: Experiment.model_validate(e) for n, e in self.experiment_store.items().items()}
         for name, exp in self.experiments.items():
@@ -77,18 +80,30 @@ class KnotsServer:
         self.new_merges = RateLimit(cfg.new_merge_rate, cfg.new_merge_burst)
         self._pins = itertools.count()
 
+    def _started_with(self, name: str, ref: str) -> str:
+        """Where to read a task's adapter at start: an hf:// task from the directory vLLM was started with
+        (`knots-serve serve` resolved it for --lora-modules), so the merges and the plain adapter are the
+        same files even if the repo's branch moved meanwhile; anything else as configured."""
+        known = self.models.lora_requests.get(name) if is_hub_ref(ref) else None
+        return known.lora_path if known is not None else ref
+
     # --- request routing (called by the middleware for every completion request) ------------------------
+    def choose(self, tasks) -> Choice:
+        """How to merge a subset requested without a method (recipes.py); the recipes file is read again
+        when it changed, so `knots-serve tune` and `ab promote` apply without a restart."""
+        return self.recipes.current().choose(tasks, self.cfg.default_method)
+
     def selection(self, body: dict) -> Selection | None:
         """The merge a request body asks for, or None when it names a plain model (base, adapter)."""
         if "knots" in body:
-            return parse_field(body["knots"], self.cfg.default_method)
+            return parse_field(body["knots"], self.choose)
         model = body.get("model")
         if not isinstance(model, str):
             return None
         if model in self.cfg.merges:
-            return parse_model(self.cfg.merges[model], self.cfg.default_method)
+            return parse_model(self.cfg.merges[model], self.choose)
         if model.startswith(PREFIX):
-            return parse_model(model, self.cfg.default_method)
+            return parse_model(model, self.choose)
         return None
 
     def selects_merge(self, body: dict) -> bool:
@@ -190,7 +205,7 @@ class KnotsServer:
             asyncio.run_coroutine_threadsafe(on_the_loop(), self.loop).result(60)
 
     def check_model(self, model: str) -> None:
-        check_model(model, self.cfg, self.bases.adapters)
+        check_model(model, self.cfg, self.bases.adapters, self.choose)
 
     # --- pinning (admin API) ----------------------------------------------------------------------------
     async def pin(self, model: str) -> dict:
@@ -278,6 +293,18 @@ class KnotsServer:
         self.put_experiment(name, new)
         return new
 
+    async def promote(self, name: str) -> dict:
+        """The experiment's winning arm, once it separates, as its subset's recipe (experiments.promotion)."""
+        if name not in self.experiments:
+            raise NotFound(f"unknown experiment {name!r}")
+        exp = self.experiments[name]
+        recipe = promotion(name, exp, self.outcomes.report(name, sorted(exp.arms)), self.selection)
+        try:
+            await asyncio.to_thread(self.recipes.put, [recipe])
+        except (MergeError, OSError) as e:  # an unreadable recipes file, a full disk: nothing written
+            raise Unavailable(f"cannot save the recipe to {self.recipes.path}: {e}") from None
+        return {"recipe": dataclasses.asdict(recipe), "model": recipe_model(recipe)}
+
     def delete_experiment(self, name: str) -> None:
         if name not in self.experiments:
             raise NotFound(f"unknown experiment {name!r}")
@@ -292,23 +319,34 @@ class KnotsServer:
 
     # --- task registry (admin API) ----------------------------------------------------------------------
     async def register(self, name: str, path: str) -> dict:
+        """A local adapter inside adapter_dirs, or an hf:// one from a repo adapter_repos allows (a Hub
+        registration downloads: only from repos the operator named). The table keeps an hf:// reference as
+        given, so a restart resolves it again (from the HF cache when offline)."""
         check_task_name(name)
-        try:
-            resolved = Path(path).expanduser().resolve()
-        except (ValueError, OSError, RuntimeError) as e:  # a NUL byte, a symlink loop
-            raise BadRequest(f"invalid adapter path {path!r}: {e}") from None
-        if not any(resolved.is_relative_to(d) for d in self.cfg.adapter_dirs):
-            raise BadRequest(f"adapter path {path!r} is outside the configured adapter_dirs")
+        if is_hub_ref(path):
+            repo = parse_hub_ref(path).repo_id  # AdapterError (400) naming what is wrong
+            if not self.cfg.allows_repo(repo):
+                raise BadRequest(f"Hub adapter {path!r}: the repo {repo!r} is not in the configured adapter_repos")
+            source = path
+        else:
+            try:
+                resolved = Path(path).expanduser().resolve()
+            except (ValueError, OSError, RuntimeError) as e:  # a NUL byte, a symlink loop
+                raise BadRequest(f"invalid adapter path {path!r}: {e}") from None
+            if not any(resolved.is_relative_to(d) for d in self.cfg.adapter_dirs):
+                raise BadRequest(f"adapter path {path!r} is outside the configured adapter_dirs")
+            source = str(resolved)
         async with self._registry_lock:
             if name in self.bases.adapters:
                 raise Conflict(f"task {name!r} is already registered; unregister it first")
-            stamp = _stamp(resolved / "adapter_model.safetensors")
-            adapter = await asyncio.to_thread(load_adapter, resolved, name)
+            local = await asyncio.to_thread(adapter_dir, source)  # a Hub download: outside the drain gate
+            stamp = _stamp(local / WEIGHTS_NAME)
+            adapter = await asyncio.to_thread(load_adapter, local, name)
             prepared = await asyncio.to_thread(self.bases.prepare, self.bases.adapters | {name: adapter})
             async with self.gate.exclusive(self.cfg.drain_timeout_s):  # drained, like a pin: docs/RELIABILITY.md
-                await self._load_plain(name, resolved)
+                await self._load_plain(name, local)
                 self._install(prepared)
-            self.tasks.put(name, str(resolved))
+            self.tasks.put(name, source)
             self._stamps[name] = stamp
         return self.describe(name)
 
@@ -340,6 +378,7 @@ class KnotsServer:
             "name": name,
             "model": f"{PREFIX}{name}",
             "path": a.path,
+            "source": self.tasks.items().get(name, a.path),  # as configured or registered: a path or hf://…
             "modules": len(a.modules),
             "ranks": sorted({m.rank for m in a.modules.values()}),
         }
@@ -349,14 +388,14 @@ class KnotsServer:
         return [f"{PREFIX}{n}" for n in sorted(self.bases.adapters)] + list(self.cfg.merges) + list(self.experiments)
 
 
-def check_model(model: str, cfg: ServeConfig, tasks) -> None:
-    """Can a server with this config and these tasks serve `model`? (For experiment arms; composes
-    nothing.) Raises BadRequest / NotFound."""
+def check_model(model: str, cfg: ServeConfig, tasks, choose) -> None:
+    """Can a server with this config, these tasks and this chooser (names.Chooser) serve `model`? (For
+    experiment arms; composes nothing.) Raises BadRequest / NotFound."""
     if model == cfg.base_name or model in tasks or model in cfg.merges:
         return
     if not model.startswith(PREFIX):
         raise UnknownTask(f"unknown model {model!r}")
-    unknown = [t for t in parse_model(model, cfg.default_method).tasks if t not in tasks]
+    unknown = [t for t in parse_model(model, choose).tasks if t not in tasks]
     if unknown:
         raise UnknownTask(f"unknown task(s): {', '.join(unknown)}")
 
