@@ -283,10 +283,6 @@ def methods():
     typer.echo(_methods_help())
 
 
-def main():
-    app()
-
-
 @app.command(
     help="Tune merge recipes on your own validation data: per subset, the KnOTS paper's coordinate search over "
     "each method's parameters (alpha, then top_k, then density), every merge scored through the pinning path "
@@ -368,3 +364,7 @@ def tune(
         f"tuned {len(recipes)} of {len(chosen)} subsets in {meta['wall_s']:.0f} s -> {recipes_file}; report {report}"
         + (f"; not tuned (budget spent): {', '.join(meta['unfinished'])}" if meta["unfinished"] else "")
     )
+
+
+def main():
+    app()
