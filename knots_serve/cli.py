@@ -151,20 +151,22 @@ def serve(config: Path = typer.Option(Path("configs/default.yaml"), help="serve 
     import sys
 
     from .adapters import check_compatible
-    from .recipes import load_recipes
     from .serving.config import CONFIG_ENV, check_vllm, installed_vllm, load_config, vllm_argv
     from .serving.experiments import check_experiment
     from .serving.registry import task_table
     from .serving.server import check_model
+    from .serving.store import open_store
 
     try:
         check_vllm(installed_vllm())
         cfg = load_config(config)
-        tasks = task_table(cfg.tasks, cfg.state_dir).items()
+        store = open_store(cfg.store, cfg.state_dir)
+        tasks = task_table(cfg.tasks, store).items()
         loaded = [load_adapter(p, n) for n, p in tasks.items()]  # hf:// ones resolved to their local dirs
         if loaded:  # fail here, not inside vLLM
             check_compatible(loaded)
-        book = load_recipes(cfg.state_dir / "recipes.json")  # the server reads it at start too
+        book = store.recipes()  # the server reads them at start too
+        store.close()
 
         def choose(subset):
             return book.choose(subset, cfg.default_method)
@@ -308,15 +310,17 @@ def tune(
 
     from .atomic import atomic_write_file, atomic_write_json
     from .evaluate import Evaluator
-    from .recipes import load_recipes, save_recipes, subset_key, today
+    from .recipes import subset_key, today
     from .serving.config import load_config
     from .serving.registry import task_table
+    from .serving.store import open_store
     from .tune import Tuner, load_data, plot, report_markdown
     from .tune import subsets as subset_list
 
     try:
         cfg = load_config(config)
-        pool = task_table(cfg.tasks, cfg.state_dir).items()
+        store = open_store(cfg.store, cfg.state_dir)
+        pool = task_table(cfg.tasks, store).items()
         chosen = subset_list(subsets, sorted(pool), seed)
         method_ids = list(dict.fromkeys(m.strip() for m in (methods or f"{cfg.default_method},ta,ties").split(",")))
         for m in method_ids:
@@ -327,8 +331,7 @@ def tune(
         val = load_data(data, pool, needed, _pairs(scorer, "--scorer"))
         if max_examples is not None:
             val = {t: dataclasses.replace(d, examples=d.examples[:max_examples]) for t, d in val.items()}
-        recipes_file = cfg.state_dir / "recipes.json"
-        book = load_recipes(recipes_file)  # an unreadable recipes file fails now, before any work
+        store.recipes()  # unreadable recipes fail now, before any work
         adapters = {n: load_adapter(p, n) for n, p in pool.items()}
     except (AdapterError, MergeError, ValueError, OSError) as e:
         _fail(e)
@@ -342,7 +345,10 @@ def tune(
         recipes, log = tuner.tune(chosen, method_ids, val, cfg.default_method, budget_s=budget_s)
     except MergeError as e:  # a scorer that fails on a generated answer names the example
         _fail(e)
-    save_recipes(recipes_file, book.with_recipes(recipes))
+    try:
+        store.put_recipes(recipes)
+    except MergeError as e:
+        _fail(e)
     done = {r.key for r in recipes}
     meta = {
         "date": today(),
@@ -361,7 +367,8 @@ def tune(
     if recipes:
         atomic_write_file(report / "report.png", lambda tmp: plot(recipes, Path(tmp)))
     typer.echo(
-        f"tuned {len(recipes)} of {len(chosen)} subsets in {meta['wall_s']:.0f} s -> {recipes_file}; report {report}"
+        f"tuned {len(recipes)} of {len(chosen)} subsets in {meta['wall_s']:.0f} s -> {store.where('recipes')}; "
+        f"report {report}"
         + (f"; not tuned (budget spent): {', '.join(meta['unfinished'])}" if meta["unfinished"] else "")
     )
 

@@ -8,17 +8,14 @@ The server answers `tasks:A+B` (no `@METHOD`) and `tasks:A+B@auto` with, in this
    with the median of that method's tuned parameters at that size;
 3. else the config's `default_method` at the registry defaults.
 
-The file (`state_dir/recipes.json`) is written atomically and read again by a running server when it
-changes (`RecipeFile`), so `knots-serve tune` and `ab promote` take effect without a restart.
+They are kept in the server's store (serving/store.py: `state_dir/recipes.json`, written atomically, or
+Redis), which a running server polls, so `knots-serve tune` and `ab promote` take effect without a restart.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
 import statistics
-import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -27,7 +24,6 @@ from pathlib import Path
 from .atomic import atomic_write_json
 from .compose import MergeError, MergeSpec
 
-log = logging.getLogger(__name__)
 VERSION = 1
 
 
@@ -172,49 +168,3 @@ def save_recipes(path: Path, book: RecipeBook) -> None:
 
 def today() -> str:
     return time.strftime("%Y-%m-%d")
-
-
-class RecipeFile:
-    """The recipes file as a running server sees it: read again when its size or mtime changes (checked at
-    most every `interval_s`), so recipes written by another process take effect without a restart. A file
-    that cannot be read on reload keeps the recipes served before (logged), never an error per request."""
-
-    def __init__(self, path: Path, interval_s: float = 1.0):
-        self.path, self.interval_s = path, interval_s
-        self._lock = threading.Lock()
-        self._stamp = _stamp(path)
-        self._checked = time.monotonic()
-        self.book = load_recipes(path)  # at start an unreadable file is an error (the server refuses to start)
-        self.error: str | None = None
-
-    def current(self) -> RecipeBook:
-        now = time.monotonic()
-        if now - self._checked < self.interval_s:
-            return self.book
-        with self._lock:
-            self._checked = now
-            stamp = _stamp(self.path)
-            if stamp != self._stamp:
-                try:
-                    self.book, self.error = load_recipes(self.path), None
-                except MergeError as e:
-                    self.error = str(e)
-                    log.warning("keeping the recipes served before: %s", e)
-                self._stamp = stamp
-        return self.book
-
-    def put(self, recipes) -> RecipeBook:
-        """Add or replace recipes (write first: a failed write changes nothing)."""
-        with self._lock:
-            book = load_recipes(self.path).with_recipes(recipes)
-            save_recipes(self.path, book)
-            self.book, self._stamp, self.error = book, _stamp(self.path), None
-            return book
-
-
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns  # an atomic write is a new inode, even within one mtime tick

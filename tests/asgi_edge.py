@@ -12,7 +12,8 @@ from knots_serve.serving.server import KnotsServer
 
 
 class Engine:
-    """Where vLLM's routes would be: 200 once a request reaches it, or held until `release` is set."""
+    """Where vLLM's routes would be: 200 with a response id once a request reaches it, or held until `release`
+    is set."""
 
     def __init__(self):
         self.release = asyncio.Event()
@@ -24,7 +25,7 @@ class Engine:
         self.seen.append({"path": scope["path"], "body": json.loads(body) if body else None})
         await self.release.wait()
         await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"{}"})
+        await send({"type": "http.response.body", "body": json.dumps({"id": f"resp-{len(self.seen)}"}).encode()})
 
 
 def make_server(tmp_path, tiny_adapters, **settings) -> KnotsServer:

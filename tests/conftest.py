@@ -63,7 +63,7 @@ def edge(tmp_path, tiny_adapters):
             finally:
                 engine.release.set()
                 KnotsMiddleware.server = None
-                server.cache.close()
+                server.close()
 
         asyncio.run(main())
 

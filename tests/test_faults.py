@@ -18,6 +18,7 @@ from knots_serve import atomic
 from knots_serve.atomic import atomic_write_json
 from knots_serve.serving.adapter_cache import CacheUnavailable
 from knots_serve.serving.registry import Overlay
+from knots_serve.serving.store import FileStore, StoreUnavailable
 
 
 def writer(path):
@@ -44,7 +45,8 @@ def test_a_registry_write_killed_at_any_point_leaves_the_old_or_the_new_state(tm
         time.sleep(0.015 * (attempt % 8))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        tasks = Overlay({}, path).items()  # what the server reads back at start (temporaries are ignored)
+        # what the server reads back at start (temporaries are ignored)
+        tasks = Overlay({}, FileStore(tmp_path), "tasks").items()
         version = tasks["t0"]
         assert tasks == {f"t{j}": version for j in range(5000)}
         seen.add(version)
@@ -53,16 +55,16 @@ def test_a_registry_write_killed_at_any_point_leaves_the_old_or_the_new_state(tm
 
 def test_a_failed_registry_write_changes_nothing(tmp_path, monkeypatch):
     state = tmp_path / "state"
-    table = Overlay({"a": "1"}, state / "tasks.json")
+    table = Overlay({"a": "1"}, FileStore(state), "tasks")
     table.put("b", "2")
     # the disk fills up when the temporary is flushed (fsync reports ENOSPC)
     monkeypatch.setattr(atomic, "_sync", mock.Mock(side_effect=OSError(errno.ENOSPC, "No space left on device")))
-    with pytest.raises(OSError):
+    with pytest.raises(StoreUnavailable, match="No space left on device"):
         table.put("c", "3")
-    with pytest.raises(OSError):
+    with pytest.raises(StoreUnavailable, match="No space left on device"):
         table.delete("a")
     monkeypatch.undo()
-    assert table.items() == {"a": "1", "b": "2"} == Overlay({"a": "1"}, state / "tasks.json").items()
+    assert table.items() == {"a": "1", "b": "2"} == Overlay({"a": "1"}, FileStore(state), "tasks").items()
     assert [p.name for p in state.iterdir()] == ["tasks.json"]  # no temporary left
 
 

@@ -14,11 +14,12 @@ from server_process import CLI
 from test_serving import PROMPTS, complete, http
 
 from knots_serve.compose import MergeError
-from knots_serve.recipes import Choice, Recipe, RecipeBook, RecipeFile, load_recipes, save_recipes
+from knots_serve.recipes import Choice, Recipe, RecipeBook, load_recipes, save_recipes
 from knots_serve.serving.config import load_config
 from knots_serve.serving.errors import Conflict
 from knots_serve.serving.experiments import separated_winner
 from knots_serve.serving.names import parse_field, parse_model
+from knots_serve.serving.store import FileStore
 
 
 def tuned(tasks, method, score, **params):
@@ -90,30 +91,33 @@ def test_a_malformed_recipes_file_is_an_error_naming_the_file(tmp_path, content,
     assert f"unreadable recipes file {path}" in str(e.value) and message in str(e.value), e.value
 
 
-def test_the_recipes_file_is_read_again_when_it_changes_and_a_bad_one_keeps_what_was_served(tmp_path):
-    path = tmp_path / "recipes.json"
-    file = RecipeFile(path, interval_s=0)
-    assert file.current().recipes == {} and file.error is None
-    save_recipes(path, RecipeBook([tuned("a+b", "knots-ta", 0.9, alpha=0.5)]))
-    assert file.current().get(("a", "b")).method == "knots-ta"
-    path.write_text("{broken")
-    assert file.current().get(("a", "b")).method == "knots-ta"  # kept
-    assert f"unreadable recipes file {path}" in file.error
-    with pytest.raises(MergeError, match="unreadable recipes file"):  # a put never replaces what it cannot read
-        file.put([tuned("a+c", "ta", 0.5)])
-    save_recipes(path, RecipeBook())
-    assert file.current().recipes == {} and file.error is None
-    slow = RecipeFile(path, interval_s=3600)  # checked at most once an interval
-    save_recipes(path, RecipeBook([tuned("a+b", "ta", 0.5)]))
-    assert slow.current().recipes == {}
+def test_recipes_are_read_again_when_they_change_and_a_bad_file_keeps_what_was_served(edge):
+    async def test(server, mw, engine):
+        path = server.cfg.state_dir / "recipes.json"
+        assert server.choose(("alpha", "beta")).source == "default" and server.recipes_error is None
+        save_recipes(path, RecipeBook([tuned("alpha+beta", "knots-ta", 0.9, alpha=0.5)]))
+        assert server.choose(("alpha", "beta")).source == "default"  # not before the next sync
+        await server.sync()
+        assert server.choose(("alpha", "beta")) == Choice("knots-ta", {"alpha": 0.5}, "recipe")
+        path.write_text("{broken")
+        await server.sync()
+        assert server.choose(("alpha", "beta")).method == "knots-ta"  # kept
+        assert server.recipes_error.startswith(f"unreadable recipes file {path}")
+        with pytest.raises(MergeError, match="unreadable recipes file"):  # a put never replaces what it cannot read
+            server.store.put_recipes([tuned("alpha+gamma", "ta", 0.5)])
+        save_recipes(path, RecipeBook())
+        await server.sync()
+        assert server.book.recipes == {} and server.recipes_error is None
+
+    edge(test, store_poll_s=3600)
 
 
-def test_the_recipes_file_put_adds_or_replaces_one_subset(tmp_path):
-    file = RecipeFile(tmp_path / "recipes.json")
-    file.put([tuned("a+b", "knots-ta", 0.9, alpha=0.5), tuned("a+c", "ta", 0.5)])
-    book = file.put([Recipe(("b", "a"), "knots-ties", {"top_k": 0.3}, source="ab:e")])
+def test_putting_recipes_adds_or_replaces_one_subset(tmp_path):
+    store = FileStore(tmp_path)
+    store.put_recipes([tuned("a+b", "knots-ta", 0.9, alpha=0.5), tuned("a+c", "ta", 0.5)])
+    book = store.put_recipes([Recipe(("b", "a"), "knots-ties", {"top_k": 0.3}, source="ab:e")])
     assert {k: r.method for k, r in book.recipes.items()} == {"a+b": "knots-ties", "a+c": "ta"}
-    assert load_recipes(file.path).recipes == book.recipes == file.current().recipes
+    assert load_recipes(tmp_path / "recipes.json").recipes == book.recipes == store.recipes().recipes
 
 
 def chooser(book, default="knots-ties"):
@@ -192,6 +196,7 @@ def test_an_arm_is_promoted_only_when_its_interval_lies_above_every_other_arms()
 def scored(server, experiment, arm, scores):
     for i, s in enumerate(scores):
         server.outcomes.served(f"{experiment}-{arm}-{i}", experiment, arm, 0.1)
+        server.outcomes.flush()  # the response's arm is remembered in the store by a thread
         server.outcomes.record(f"{experiment}-{arm}-{i}", s)
 
 
@@ -261,10 +266,11 @@ def served(server, recipes_file):
 
 
 def test_a_recipes_file_written_while_serving_applies_within_a_second(server, recipes_file, served):
+    """The server polls its store every store_poll_s (1 s): applied within that plus the time to read the file."""
     assert served("tasks:alpha+beta").model == "tasks:alpha+beta@knots-ties"  # no recipes: default_method
     recipes = [tuned("alpha+beta", "knots-ta", 0.9, alpha=0.5), tuned("alpha+gamma", "knots-ta", 0.8, alpha=0.75)]
     save_recipes(recipes_file, RecipeBook(recipes))
-    time.sleep(1.1)
+    time.sleep(1.2)
     recipe = "tasks:alpha+beta@knots-ta?alpha=0.5"
     r = served("tasks:alpha+beta")
     assert r.model == recipe and r.choices[0].text == complete(server.client(), recipe, PROMPTS[0], max_tokens=4)
@@ -287,7 +293,7 @@ def test_a_recipes_file_written_while_serving_applies_within_a_second(server, re
     assert http(server, "GET", "/admin/recipes")[0] == 401
 
     recipes_file.write_text("{broken")  # a bad write: the server keeps the recipes it serves, and says why
-    time.sleep(1.1)
+    time.sleep(1.2)
     assert served("tasks:alpha+beta").model == recipe
     error = http(server, "GET", "/admin/recipes", key=ADMIN_KEY)[1]["error"]
     assert error.startswith(f"unreadable recipes file {recipes_file}")

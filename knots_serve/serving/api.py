@@ -98,7 +98,7 @@ async def _experiment_body(request: Request) -> dict:
     return doc
 
 
-def _define(request: Request, name: str, doc: dict, create: bool):
+async def _define(request: Request, name: str, doc: dict, create: bool):
     from pydantic import ValidationError
 
     s = server(request)
@@ -110,7 +110,7 @@ def _define(request: Request, name: str, doc: dict, create: bool):
         raise BadRequest(
             "invalid experiment: " + "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         ) from None
-    s.put_experiment(name, exp)
+    await s.put_experiment(name, exp)
     return {name: exp.model_dump()}
 
 
@@ -122,7 +122,7 @@ async def create_experiment(request: Request):
         name = doc.pop("name", None)
         if not isinstance(name, str) or not name:
             raise BadRequest("the body needs a 'name'")
-        return _define(request, name, doc, create=True)
+        return await _define(request, name, doc, create=True)
     except ERRORS as e:
         return error_response(e)
 
@@ -131,7 +131,7 @@ async def create_experiment(request: Request):
 async def put_experiment(name: str, request: Request):
     """Create or replace. Body: {"arms": {ARM: {"model": ..., "weight": ...}}}."""
     try:
-        return _define(request, name, await _experiment_body(request), create=False)
+        return await _define(request, name, await _experiment_body(request), create=False)
     except ERRORS as e:
         return error_response(e)
 
@@ -139,7 +139,7 @@ async def put_experiment(name: str, request: Request):
 @router.patch("/admin/experiments/{name}/weights", dependencies=[Depends(admin)])
 async def set_weights(name: str, weights: dict[str, float], request: Request):
     try:
-        return {name: server(request).set_weights(name, weights).model_dump()}
+        return {name: (await server(request).set_weights(name, weights)).model_dump()}
     except ValueError as e:  # MergeError (a ServeError) or pydantic's, for a weight out of range
         return error_response(e if isinstance(e, MergeError) else BadRequest(str(e)))
 
@@ -147,7 +147,7 @@ async def set_weights(name: str, weights: dict[str, float], request: Request):
 @router.delete("/admin/experiments/{name}", dependencies=[Depends(admin)])
 async def delete_experiment(name: str, request: Request):
     try:
-        server(request).delete_experiment(name)
+        await server(request).delete_experiment(name)
     except ERRORS as e:
         return error_response(e)
     return {"removed": name}
@@ -159,7 +159,10 @@ async def report(name: str, request: Request):
     if name not in s.experiments:
         return error_response(NotFound(f"unknown experiment {name!r}"))
     exp = s.experiments[name]
-    arms = s.outcomes.report(name, sorted(exp.arms))
+    try:
+        arms = await asyncio.to_thread(s.outcomes.report, name, sorted(exp.arms))
+    except ERRORS as e:  # the store away: 503
+        return error_response(e)
     for arm, row in arms.items():
         row |= {"model": exp.arms[arm].model, "weight": exp.arms[arm].weight}
     return {"experiment": name, "arms": arms}
@@ -176,17 +179,24 @@ async def promote(name: str, request: Request):
 
 @router.get("/admin/recipes", dependencies=[Depends(admin)])
 async def list_recipes(request: Request):
-    """The recipes served for `tasks:A+B` (as in the file, with the model each serves), the rule fitted for
-    each subset size the tuned recipes cover, and why the file was not reloaded, if it was not."""
-    file = server(request).recipes
-    book = file.current()
+    """The recipes served for `tasks:A+B` (as in the store, with the model each serves), the rule fitted for
+    each subset size the tuned recipes cover, and why they were not reloaded, if they were not."""
+    s = server(request)
+    book = s.book
     sizes = sorted({len(r.tasks) for r in book.tuned})
     return {
-        "path": str(file.path),
+        "path": s.store.where("recipes"),
         "recipes": [asdict(r) | {"model": recipe_model(r)} for _, r in sorted(book.recipes.items())],
         "rule": {n: {"method": c.method, "params": c.params} for n, c in ((n, book.rule(n)) for n in sizes)},
-        "error": file.error,
+        "error": s.recipes_error,
     }
+
+
+@router.get("/admin/store", dependencies=[Depends(admin)])
+async def show_store(request: Request):
+    """Where the shared state is, how often this server polls it, and why its last sync failed, if it did."""
+    s = server(request)
+    return {"store": s.store.location, "poll_s": s.cfg.store_poll_s, "error": s.sync_error}
 
 
 class Feedback(BaseModel):

@@ -49,6 +49,14 @@ class ServeConfig(BaseModel):
     cache_dir: Path = Path("/dev/shm/knots-serve")
     cache_bytes: int = Field(1 << 30, gt=0, description="bound of the composed-adapter cache on tmpfs")
     state_dir: Path = Path("state")
+    store: str = Field(
+        "files",
+        description="where the runtime changes (tasks, experiments, recipes, A/B feedback) are kept: files (JSON "
+        "in state_dir, one host) or redis://HOST:PORT/DB, shared by replicas (docs/DEPLOY.md)",
+    )
+    store_poll_s: float = Field(
+        1.0, gt=0, le=3600, description="how often a server applies what other replicas changed in the store"
+    )
     basis_file: Path | None = None
     compose_device: str = Field(
         "auto", description="where merges are composed: auto (CUDA if torch sees it, else CPU), cpu, cuda, cuda:N"
@@ -126,6 +134,13 @@ class ServeConfig(BaseModel):
         """May an admin register an adapter from this Hub repo? Whole names only: `acme` allows acme/x, never
         acme-evil/x."""
         return any(entry in (repo_id, repo_id.split("/")[0]) for entry in self.adapter_repos)
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, spec):
+        from .store import check_store
+
+        return check_store(spec)
 
     @field_validator("compose_device")
     @classmethod

@@ -9,20 +9,22 @@ covers nothing. Requests without a user are assigned at random, by weight.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import random
 import threading
-from collections import OrderedDict, deque
-from pathlib import Path
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..atomic import atomic_write_json
 from ..compose import MergeError
 from ..recipes import Recipe, today
-from .errors import Conflict, Unavailable
+from .errors import Conflict
 from .names import recipe_model
-from .registry import read_json
+from .store import Store, StoreUnavailable
+
+log = logging.getLogger("vllm.knots_serve")
 
 
 class Arm(BaseModel):
@@ -68,62 +70,53 @@ def assign(experiment: str, exp: Experiment, user: str | None) -> str:
 
 
 class Outcomes:
-    """Per-arm latencies (recent, for quantiles) in memory; feedback scores aggregated and persisted
-    atomically; response ids remembered (bounded) so feedback can find its arm."""
+    """Per-arm latencies (recent, for quantiles) and served counts of this replica, in memory; which arm served
+    each response, and the feedback scores, in the store (shared by replicas: store.py)."""
 
-    def __init__(self, path: Path, max_ids: int = 100_000, max_latencies: int = 10_000):
-        self.path, self.max_ids = path, max_ids
+    def __init__(self, store: Store, max_latencies: int = 10_000):
+        self.store = store
         self._lock = threading.Lock()
-        self._ids: OrderedDict[str, tuple[str, str]] = OrderedDict()
-        self._scored: OrderedDict[str, float] = OrderedDict()  # response id -> its score
         self._latency: dict[tuple[str, str], deque] = {}
         self._max_latencies = max_latencies
         self._served: dict[tuple[str, str], int] = {}
-        self.feedback: dict[str, dict[str, list[float]]] = read_json(path, {})  # exp -> arm -> [n, Σ, Σ²]
+        self._writer = ThreadPoolExecutor(1, "knots-outcomes")  # store writes, in order, off the event loop
 
     def served(self, response_id: str | None, experiment: str, arm: str, seconds: float) -> None:
+        """On the event loop: the response's arm is remembered in the store by a thread (a failure is logged)."""
         with self._lock:
             self._latency.setdefault((experiment, arm), deque(maxlen=self._max_latencies)).append(seconds)
             self._served[experiment, arm] = self._served.get((experiment, arm), 0) + 1
-            if response_id:
-                self._ids[response_id] = (experiment, arm)
-                while len(self._ids) > self.max_ids:
-                    self._ids.popitem(last=False)
+        if response_id:
+            self._writer.submit(self._remember, response_id, experiment, arm)
+
+    def _remember(self, response_id: str, experiment: str, arm: str) -> None:
+        try:
+            self.store.remember(response_id, experiment, arm)
+        except StoreUnavailable as e:
+            log.warning("feedback for %r will not find its arm: %s", response_id, e)
+
+    def flush(self) -> None:
+        """Wait until every response served so far is remembered in the store."""
+        self._writer.submit(lambda: None).result()
 
     def record(self, response_id: str, score: float) -> tuple[str, str, bool]:
         """One score per response: (experiment, arm, recorded). The same score again is a retry (recorded
         False); another score is a Conflict. KeyError for an id not served (or forgotten). Blocking (it
-        writes the file): call it off the event loop. A failed write changes nothing."""
-        with self._lock:
-            if response_id not in self._ids:
-                raise KeyError(response_id)
-            experiment, arm = self._ids[response_id]
-            if response_id in self._scored:
-                if self._scored[response_id] == score:
-                    return experiment, arm, False
-                raise Conflict(
-                    f"response {response_id!r} already has the score {self._scored[response_id]!r}; "
-                    "feedback is one score per response"
-                )
-            n, s, ss = self.feedback.get(experiment, {}).get(arm, [0, 0.0, 0.0])
-            new = {e: dict(arms) for e, arms in self.feedback.items()}
-            new.setdefault(experiment, {})[arm] = [n + 1, s + score, ss + score * score]
-            try:
-                atomic_write_json(self.path, new)
-            except OSError as e:
-                raise Unavailable(f"cannot save the feedback to {self.path}: {e.strerror or e}") from None
-            self.feedback = new
-            self._scored[response_id] = score
-            while len(self._scored) > self.max_ids:
-                self._scored.popitem(last=False)
-        return experiment, arm, True
+        writes the store): call it off the event loop. A failed write changes nothing (StoreUnavailable)."""
+        experiment, arm, before = self.store.record(response_id, score)
+        if before is not None and before != score:
+            raise Conflict(
+                f"response {response_id!r} already has the score {before!r}; feedback is one score per response"
+            )
+        return experiment, arm, before is None
 
     def report(self, experiment: str, arms: list[str]) -> dict:
-        out = {}
+        """Per arm: served, latency quantiles (this replica's), feedback (all replicas'). Blocking (reads the store)."""
+        out, feedback = {}, self.store.feedback(experiment)
         with self._lock:
             for arm in arms:
                 lat = sorted(self._latency.get((experiment, arm), ()))
-                n, s, ss = self.feedback.get(experiment, {}).get(arm, [0, 0.0, 0.0])
+                n, s, ss = feedback.get(arm, [0, 0.0, 0.0])
                 mean = s / n if n else None
                 # normal-approximation 95% interval of the mean score
                 sd = math.sqrt(max(ss / n - mean * mean, 0.0) * n / (n - 1)) if n > 1 else None

@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import itertools
 import json
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from ..adapters import WEIGHTS_NAME, AdapterError, adapter_dir, is_hub_ref, load
 from ..atomic import atomic_write_file
 from ..compose import MergeError
 from ..methods import resolve
-from ..recipes import Choice, RecipeFile
+from ..recipes import Choice
 from . import metrics
 from .adapter_cache import AdapterCache, Composed
 from .basis_store import BasisStore, UnknownTask, compose_device
@@ -29,6 +30,9 @@ from .limits import RateLimit
 from .names import PREFIX, TASK_NAME, Selection, check_task_name, parse_field, parse_model, recipe_model
 from .pinning import save_factors
 from .registry import experiment_table, task_table
+from .store import KINDS, StoreUnavailable, open_store
+
+log = logging.getLogger("vllm.knots_serve")
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,11 @@ class KnotsServer:
         self.gate = Gate()
         self.api_keys: list[bytes] = []  # digests of vLLM's API keys (auth.py); set by the endpoint plugin
         self.pinned: dict | None = None  # {"model": canonical name, ...} while a merge is in the weights
-        self.tasks = task_table(cfg.tasks, cfg.state_dir)
+        self.store = open_store(cfg.store, cfg.state_dir)
+        self._seen = self.store.versions()  # first: a change made while this reads is applied at the first poll
+        self.sync_error: str | None = None
+        self.tasks = task_table(cfg.tasks, self.store)
+        self._sources = self.tasks.items()  # name -> path or hf:// reference, of the tasks in the pool
         adapters = {n: load_adapter(self._started_with(n, p), n) for n, p in self.tasks.items().items()}
         self._stamps = {n: _stamp(Path(a.path) / WEIGHTS_NAME) for n, a in adapters.items()}
         self.bases = BasisStore(adapters, compose_device(cfg.compose_device), cfg.basis_file)
@@ -71,14 +79,21 @@ class KnotsServer:
         self.loop = asyncio.get_running_loop()
         self.cache.on_evict = self._forget
         self._registry_lock = asyncio.Lock()
-        self.recipes = RecipeFile(cfg.state_dir / "recipes.json")  # `knots-serve serve` has checked it reads
-        self.experiment_store = experiment_table(cfg.experiments, cfg.state_dir)
+        self.book, self.recipes_error = self.store.recipes(), None  # `knots-serve serve` has checked they read
+        self._state_lock = asyncio.Lock()  # experiment writes and their sync from the store, one at a time
+        self.experiment_store = experiment_table(cfg.experiments, self.store)
         self.experiments = {n: Experiment.model_validate(e) for n, e in self.experiment_store.items().items()}
         for name, exp in self.experiments.items():
             check_experiment(name, exp, self.check_model)
-        self.outcomes = Outcomes(cfg.state_dir / "feedback.json")
+        self.outcomes = Outcomes(self.store)
         self.new_merges = RateLimit(cfg.new_merge_rate, cfg.new_merge_burst)
         self._pins = itertools.count()
+        self._poller = self.loop.create_task(self._poll())
+
+    def close(self) -> None:
+        self._poller.cancel()
+        self.cache.close()
+        self.store.close()
 
     def _started_with(self, name: str, ref: str) -> str:
         """Where to read a task's adapter at start: an hf:// task from the directory vLLM was started with
@@ -89,9 +104,9 @@ class KnotsServer:
 
     # --- request routing (called by the middleware for every completion request) ------------------------
     def choose(self, tasks) -> Choice:
-        """How to merge a subset requested without a method (recipes.py); the recipes file is read again
-        when it changed, so `knots-serve tune` and `ab promote` apply without a restart."""
-        return self.recipes.current().choose(tasks, self.cfg.default_method)
+        """How to merge a subset requested without a method (recipes.py); the recipes are read again from the
+        store when they change (`sync`), so `knots-serve tune` and `ab promote` apply without a restart."""
+        return self.book.choose(tasks, self.cfg.default_method)
 
     def selection(self, body: dict) -> Selection | None:
         """The merge a request body asks for, or None when it names a plain model (base, adapter)."""
@@ -266,7 +281,7 @@ class KnotsServer:
         return {"unpinned": was["model"], "swap_s": time.perf_counter() - t0, "workers": results}
 
     # --- experiments (admin API) ------------------------------------------------------------------------
-    def put_experiment(self, name: str, exp: Experiment) -> None:
+    async def put_experiment(self, name: str, exp: Experiment) -> None:
         if not TASK_NAME.match(name):
             raise BadRequest(f"invalid experiment name {name!r}: use letters, digits, '_', '.', '-' (at most 64)")
         taken = (
@@ -278,10 +293,11 @@ class KnotsServer:
         if taken:
             raise Conflict(f"experiment name {name!r} clashes with the base model, a task or a merge")
         check_experiment(name, exp, self.check_model)
-        self.experiment_store.put(name, exp.model_dump())
-        self.experiments = self.experiments | {name: exp}  # swap, never mutate: requests in flight keep theirs
+        async with self._state_lock:
+            await asyncio.to_thread(self.experiment_store.put, name, exp.model_dump())
+            self.experiments = self.experiments | {name: exp}  # swap, never mutate: requests in flight keep theirs
 
-    def set_weights(self, name: str, weights: dict[str, float]) -> Experiment:
+    async def set_weights(self, name: str, weights: dict[str, float]) -> Experiment:
         if name not in self.experiments:
             raise NotFound(f"unknown experiment {name!r}")
         exp = self.experiments[name]
@@ -290,7 +306,7 @@ class KnotsServer:
             raise BadRequest(f"experiment {name!r} has no arm(s) {', '.join(sorted(unknown))}")
         arms = {a: arm.model_copy(update={"weight": weights.get(a, arm.weight)}) for a, arm in exp.arms.items()}
         new = Experiment.model_validate({"arms": {a: arm.model_dump() for a, arm in arms.items()}})
-        self.put_experiment(name, new)
+        await self.put_experiment(name, new)
         return new
 
     async def promote(self, name: str) -> dict:
@@ -298,18 +314,20 @@ class KnotsServer:
         if name not in self.experiments:
             raise NotFound(f"unknown experiment {name!r}")
         exp = self.experiments[name]
-        recipe = promotion(name, exp, self.outcomes.report(name, sorted(exp.arms)), self.selection)
+        report = await asyncio.to_thread(self.outcomes.report, name, sorted(exp.arms))
+        recipe = promotion(name, exp, report, self.selection)
         try:
-            await asyncio.to_thread(self.recipes.put, [recipe])
-        except (MergeError, OSError) as e:  # an unreadable recipes file, a full disk: nothing written
-            raise Unavailable(f"cannot save the recipe to {self.recipes.path}: {e}") from None
+            self.book = await asyncio.to_thread(self.store.put_recipes, [recipe])
+        except MergeError as e:  # unreadable recipes, a full disk, the store away: nothing written
+            raise Unavailable(f"cannot save the recipe to {self.store.where('recipes')}: {e}") from None
         return {"recipe": dataclasses.asdict(recipe), "model": recipe_model(recipe)}
 
-    def delete_experiment(self, name: str) -> None:
+    async def delete_experiment(self, name: str) -> None:
         if name not in self.experiments:
             raise NotFound(f"unknown experiment {name!r}")
-        self.experiment_store.delete(name)
-        self.experiments = {n: e for n, e in self.experiments.items() if n != name}
+        async with self._state_lock:
+            await asyncio.to_thread(self.experiment_store.delete, name)
+            self.experiments = {n: e for n, e in self.experiments.items() if n != name}
 
     def resolve(self, name: str) -> Path | None:
         """For the vLLM resolver: where a routed merge's adapter is — only while a request holds it, so
@@ -339,27 +357,41 @@ class KnotsServer:
         async with self._registry_lock:
             if name in self.bases.adapters:
                 raise Conflict(f"task {name!r} is already registered; unregister it first")
-            local = await asyncio.to_thread(adapter_dir, source)  # a Hub download: outside the drain gate
-            stamp = _stamp(local / WEIGHTS_NAME)
-            adapter = await asyncio.to_thread(load_adapter, local, name)
-            prepared = await asyncio.to_thread(self.bases.prepare, self.bases.adapters | {name: adapter})
-            async with self.gate.exclusive(self.cfg.drain_timeout_s):  # drained, like a pin: docs/RELIABILITY.md
-                await self._load_plain(name, local)
-                self._install(prepared)
-            self.tasks.put(name, source)
-            self._stamps[name] = stamp
+            await self._change_pool({name: source}, set(), lambda: self.tasks.put(name, source))
         return self.describe(name)
 
     async def unregister(self, name: str) -> None:
         async with self._registry_lock:
             if name not in self.bases.adapters:
                 raise UnknownTask(f"unknown task {name!r}")
-            pool = {n: a for n, a in self.bases.adapters.items() if n != name}
-            prepared = await asyncio.to_thread(self.bases.prepare, pool)
-            async with self.gate.exclusive(self.cfg.drain_timeout_s):
-                self._install(prepared)
-                self.models.lora_requests.pop(name, None)
-            self.tasks.delete(name)
+            await self._change_pool({}, {name}, lambda: self.tasks.delete(name))
+
+    async def _change_pool(self, add: dict[str, str], remove: set[str], write=None) -> None:
+        """Every pool change, under the registry lock. While requests are served: the new adapters fetched (a
+        Hub download) and loaded, the new pool's basis built. Then drained: the new adapters loaded into vLLM,
+        the change written to the store (`write`; one applied from another replica is there already), the new
+        pool installed. A failure anywhere changes nothing."""
+        local = {n: await asyncio.to_thread(adapter_dir, s) for n, s in add.items()}
+        stamps = {n: _stamp(p / WEIGHTS_NAME) for n, p in local.items()}
+        loaded = {n: await asyncio.to_thread(load_adapter, p, n) for n, p in local.items()}
+        pool = {n: a for n, a in self.bases.adapters.items() if n not in remove} | loaded
+        prepared = await asyncio.to_thread(self.bases.prepare, pool)
+        async with self.gate.exclusive(self.cfg.drain_timeout_s):  # drained, like a pin: docs/RELIABILITY.md
+            table = self.models.lora_requests
+            dropped = {n: table.pop(n) for n in remove if n in table}
+            try:
+                for n, path in local.items():
+                    await self._load_plain(n, path)
+                if write is not None:
+                    await asyncio.to_thread(write)
+            except BaseException:
+                for n in local:
+                    table.pop(n, None)
+                table.update(dropped)
+                raise
+            self._install(prepared)
+        self._sources = {n: s for n, s in self._sources.items() if n not in remove} | add
+        self._stamps = {n: s for n, s in self._stamps.items() if n not in remove} | stamps
 
     def _install(self, prepared: dict) -> None:
         self.bases.install(prepared)
@@ -372,13 +404,62 @@ class KnotsServer:
         if not isinstance(result, str):  # an ErrorResponse
             raise AdapterError(f"vLLM could not load {name!r}: {result.error.message}")
 
+    # --- what other replicas change (store.py) ------------------------------------------------------------
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.store_poll_s)
+            try:
+                await self.sync()
+            except Exception as e:  # the store away, an adapter missing here: serve on, retry at the next poll
+                if str(e) != self.sync_error:
+                    log.warning("knots_serve: not in sync with the store %s: %s", self.store.location, e)
+                self.sync_error = str(e)
+            else:
+                self.sync_error = None
+
+    async def sync(self) -> None:
+        """Apply what changed in the store since the last sync (the poll's work, every store_poll_s): tasks first
+        (an experiment or a recipe may name a new task), then experiments, then recipes. A kind counts as seen
+        only once applied, so a failure is retried at the next poll."""
+        versions = await asyncio.to_thread(self.store.versions)
+        apply = {"tasks": self._sync_tasks, "experiments": self._sync_experiments, "recipes": self._sync_recipes}
+        for kind in KINDS:
+            if versions.get(kind) != self._seen.get(kind):
+                await apply[kind]()
+                self._seen[kind] = versions.get(kind)
+
+    async def _sync_tasks(self) -> None:
+        async with self._registry_lock:
+            await asyncio.to_thread(self.tasks.reload)
+            want = self.tasks.items()
+            remove = {n for n in self.bases.adapters if want.get(n) != self._sources.get(n)}
+            add = {n: s for n, s in want.items() if n not in self.bases.adapters or n in remove}
+            if add or remove:
+                log.info("knots_serve: from the store: tasks %s added, %s removed", sorted(add), sorted(remove))
+                await self._change_pool(add, remove)
+
+    async def _sync_experiments(self) -> None:
+        async with self._state_lock:
+            await asyncio.to_thread(self.experiment_store.reload)
+            items = self.experiment_store.items()
+            self.experiments = {n: Experiment.model_validate(e) for n, e in items.items()}
+
+    async def _sync_recipes(self) -> None:
+        try:
+            self.book, self.recipes_error = await asyncio.to_thread(self.store.recipes), None
+        except StoreUnavailable:
+            raise
+        except MergeError as e:  # recipes that do not parse (a bad write by hand): keep serving the ones before
+            self.recipes_error = str(e)
+            log.warning("knots_serve: keeping the recipes served before: %s", e)
+
     def describe(self, name: str) -> dict:
         a = self.bases.adapters[name]
         return {
             "name": name,
             "model": f"{PREFIX}{name}",
             "path": a.path,
-            "source": self.tasks.items().get(name, a.path),  # as configured or registered: a path or hf://…
+            "source": self._sources.get(name, a.path),  # as configured or registered: a path or hf://…
             "modules": len(a.modules),
             "ranks": sorted({m.rank for m in a.modules.values()}),
         }

