@@ -97,16 +97,16 @@ def test_recipes_are_read_again_when_they_change_and_a_bad_file_keeps_what_was_s
         assert server.choose(("alpha", "beta")).source == "default" and server.recipes_error is None
         save_recipes(path, RecipeBook([tuned("alpha+beta", "knots-ta", 0.9, alpha=0.5)]))
         assert server.choose(("alpha", "beta")).source == "default"  # not before the next sync
-        await server.sync()
+        await server.store_sync.apply()
         assert server.choose(("alpha", "beta")) == Choice("knots-ta", {"alpha": 0.5}, "recipe")
         path.write_text("{broken")
-        await server.sync()
+        await server.store_sync.apply()
         assert server.choose(("alpha", "beta")).method == "knots-ta"  # kept
         assert server.recipes_error.startswith(f"unreadable recipes file {path}")
         with pytest.raises(MergeError, match="unreadable recipes file"):  # a put never replaces what it cannot read
             server.store.put_recipes([tuned("alpha+gamma", "ta", 0.5)])
         save_recipes(path, RecipeBook())
-        await server.sync()
+        await server.store_sync.apply()
         assert server.book.recipes == {} and server.recipes_error is None
 
     edge(test, store_poll_s=3600)

@@ -232,7 +232,7 @@ def test_a_store_that_goes_away_is_a_503_and_changes_nothing(replicas, redis):
         assert [(await admin(r, "GET", "/admin/experiments"))[1] for r in (a, b)] == before
 
         redis.start()  # back with its data (AOF): nothing of the refused writes is in it
-        await within_bound(lambda: b.sync_error is None, "the store's return")
+        await within_bound(lambda: b.store_sync.error is None, "the store's return")
         assert [(await admin(r, "GET", "/admin/experiments"))[1] for r in (a, b)] == before
         report = (await admin(b, "GET", "/admin/experiments/ab/report"))[1]
         assert report["arms"]["ta"]["feedback"]["n"] == 1

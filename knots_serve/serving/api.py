@@ -196,7 +196,7 @@ async def list_recipes(request: Request):
 async def show_store(request: Request):
     """Where the shared state is, how often this server polls it, and why its last sync failed, if it did."""
     s = server(request)
-    return {"store": s.store.location, "poll_s": s.cfg.store_poll_s, "error": s.sync_error}
+    return {"store": s.store.location, "poll_s": s.cfg.store_poll_s, "error": s.store_sync.error}
 
 
 class Feedback(BaseModel):

@@ -8,7 +8,6 @@ import asyncio
 import dataclasses
 import itertools
 import json
-import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,9 +29,8 @@ from .limits import RateLimit
 from .names import PREFIX, TASK_NAME, Selection, check_task_name, parse_field, parse_model, recipe_model
 from .pinning import save_factors
 from .registry import experiment_table, task_table
-from .store import KINDS, StoreUnavailable, open_store
-
-log = logging.getLogger("vllm.knots_serve")
+from .store import open_store
+from .sync import StoreSync
 
 
 @dataclass(frozen=True)
@@ -53,10 +51,9 @@ class KnotsServer:
         self.api_keys: list[bytes] = []  # digests of vLLM's API keys (auth.py); set by the endpoint plugin
         self.pinned: dict | None = None  # {"model": canonical name, ...} while a merge is in the weights
         self.store = open_store(cfg.store, cfg.state_dir)
-        self._seen = self.store.versions()  # first: a change made while this reads is applied at the first poll
-        self.sync_error: str | None = None
+        self.store_sync = StoreSync(self)  # what other replicas change (sync.py), polled from the end of __init__
         self.tasks = task_table(cfg.tasks, self.store)
-        self._sources = self.tasks.items()  # name -> path or hf:// reference, of the tasks in the pool
+        self.sources = self.tasks.items()  # name -> path or hf:// reference, of the tasks in the pool
         adapters = {n: load_adapter(self._started_with(n, p), n) for n, p in self.tasks.items().items()}
         self._stamps = {n: _stamp(Path(a.path) / WEIGHTS_NAME) for n, a in adapters.items()}
         self.bases = BasisStore(adapters, compose_device(cfg.compose_device), cfg.basis_file)
@@ -78,9 +75,9 @@ class KnotsServer:
         self.compose_pool = ThreadPoolExecutor(cfg.compose_workers + cfg.compose_pending, "knots-compose")
         self.loop = asyncio.get_running_loop()
         self.cache.on_evict = self._forget
-        self._registry_lock = asyncio.Lock()
+        self.registry_lock = asyncio.Lock()
         self.book, self.recipes_error = self.store.recipes(), None  # `knots-serve serve` has checked they read
-        self._state_lock = asyncio.Lock()  # experiment writes and their sync from the store, one at a time
+        self.state_lock = asyncio.Lock()  # experiment writes and their sync from the store, one at a time
         self.experiment_store = experiment_table(cfg.experiments, self.store)
         self.experiments = {n: Experiment.model_validate(e) for n, e in self.experiment_store.items().items()}
         for name, exp in self.experiments.items():
@@ -88,10 +85,10 @@ class KnotsServer:
         self.outcomes = Outcomes(self.store)
         self.new_merges = RateLimit(cfg.new_merge_rate, cfg.new_merge_burst)
         self._pins = itertools.count()
-        self._poller = self.loop.create_task(self._poll())
+        self.store_sync.start()
 
     def close(self) -> None:
-        self._poller.cancel()
+        self.store_sync.stop()
         self.cache.close()
         self.store.close()
 
@@ -293,7 +290,7 @@ class KnotsServer:
         if taken:
             raise Conflict(f"experiment name {name!r} clashes with the base model, a task or a merge")
         check_experiment(name, exp, self.check_model)
-        async with self._state_lock:
+        async with self.state_lock:
             await asyncio.to_thread(self.experiment_store.put, name, exp.model_dump())
             self.experiments = self.experiments | {name: exp}  # swap, never mutate: requests in flight keep theirs
 
@@ -325,7 +322,7 @@ class KnotsServer:
     async def delete_experiment(self, name: str) -> None:
         if name not in self.experiments:
             raise NotFound(f"unknown experiment {name!r}")
-        async with self._state_lock:
+        async with self.state_lock:
             await asyncio.to_thread(self.experiment_store.delete, name)
             self.experiments = {n: e for n, e in self.experiments.items() if n != name}
 
@@ -354,19 +351,19 @@ class KnotsServer:
             if not any(resolved.is_relative_to(d) for d in self.cfg.adapter_dirs):
                 raise BadRequest(f"adapter path {path!r} is outside the configured adapter_dirs")
             source = str(resolved)
-        async with self._registry_lock:
+        async with self.registry_lock:
             if name in self.bases.adapters:
                 raise Conflict(f"task {name!r} is already registered; unregister it first")
-            await self._change_pool({name: source}, set(), lambda: self.tasks.put(name, source))
+            await self.change_pool({name: source}, set(), lambda: self.tasks.put(name, source))
         return self.describe(name)
 
     async def unregister(self, name: str) -> None:
-        async with self._registry_lock:
+        async with self.registry_lock:
             if name not in self.bases.adapters:
                 raise UnknownTask(f"unknown task {name!r}")
-            await self._change_pool({}, {name}, lambda: self.tasks.delete(name))
+            await self.change_pool({}, {name}, lambda: self.tasks.delete(name))
 
-    async def _change_pool(self, add: dict[str, str], remove: set[str], write=None) -> None:
+    async def change_pool(self, add: dict[str, str], remove: set[str], write=None) -> None:
         """Every pool change, under the registry lock. While requests are served: the new adapters fetched (a
         Hub download) and loaded, the new pool's basis built. Then drained: the new adapters loaded into vLLM,
         the change written to the store (`write`; one applied from another replica is there already), the new
@@ -390,7 +387,7 @@ class KnotsServer:
                 table.update(dropped)
                 raise
             self._install(prepared)
-        self._sources = {n: s for n, s in self._sources.items() if n not in remove} | add
+        self.sources = {n: s for n, s in self.sources.items() if n not in remove} | add
         self._stamps = {n: s for n, s in self._stamps.items() if n not in remove} | stamps
 
     def _install(self, prepared: dict) -> None:
@@ -404,62 +401,13 @@ class KnotsServer:
         if not isinstance(result, str):  # an ErrorResponse
             raise AdapterError(f"vLLM could not load {name!r}: {result.error.message}")
 
-    # --- what other replicas change (store.py) ------------------------------------------------------------
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.store_poll_s)
-            try:
-                await self.sync()
-            except Exception as e:  # the store away, an adapter missing here: serve on, retry at the next poll
-                if str(e) != self.sync_error:
-                    log.warning("knots_serve: not in sync with the store %s: %s", self.store.location, e)
-                self.sync_error = str(e)
-            else:
-                self.sync_error = None
-
-    async def sync(self) -> None:
-        """Apply what changed in the store since the last sync (the poll's work, every store_poll_s): tasks first
-        (an experiment or a recipe may name a new task), then experiments, then recipes. A kind counts as seen
-        only once applied, so a failure is retried at the next poll."""
-        versions = await asyncio.to_thread(self.store.versions)
-        apply = {"tasks": self._sync_tasks, "experiments": self._sync_experiments, "recipes": self._sync_recipes}
-        for kind in KINDS:
-            if versions.get(kind) != self._seen.get(kind):
-                await apply[kind]()
-                self._seen[kind] = versions.get(kind)
-
-    async def _sync_tasks(self) -> None:
-        async with self._registry_lock:
-            await asyncio.to_thread(self.tasks.reload)
-            want = self.tasks.items()
-            remove = {n for n in self.bases.adapters if want.get(n) != self._sources.get(n)}
-            add = {n: s for n, s in want.items() if n not in self.bases.adapters or n in remove}
-            if add or remove:
-                log.info("knots_serve: from the store: tasks %s added, %s removed", sorted(add), sorted(remove))
-                await self._change_pool(add, remove)
-
-    async def _sync_experiments(self) -> None:
-        async with self._state_lock:
-            await asyncio.to_thread(self.experiment_store.reload)
-            items = self.experiment_store.items()
-            self.experiments = {n: Experiment.model_validate(e) for n, e in items.items()}
-
-    async def _sync_recipes(self) -> None:
-        try:
-            self.book, self.recipes_error = await asyncio.to_thread(self.store.recipes), None
-        except StoreUnavailable:
-            raise
-        except MergeError as e:  # recipes that do not parse (a bad write by hand): keep serving the ones before
-            self.recipes_error = str(e)
-            log.warning("knots_serve: keeping the recipes served before: %s", e)
-
     def describe(self, name: str) -> dict:
         a = self.bases.adapters[name]
         return {
             "name": name,
             "model": f"{PREFIX}{name}",
             "path": a.path,
-            "source": self._sources.get(name, a.path),  # as configured or registered: a path or hf://…
+            "source": self.sources.get(name, a.path),  # as configured or registered: a path or hf://…
             "modules": len(a.modules),
             "ranks": sorted({m.rank for m in a.modules.values()}),
         }
