@@ -249,12 +249,16 @@ def test_an_unchecked_authorization_header_does_not_buy_a_fresh_rate_bucket(edge
 def test_streamed_experiment_events_are_labelled_whatever_their_sse_shape():
     """Chat streams `data:` events; the Responses API puts an `event:` line first. Both get the arm."""
     import json
+    import types
 
     from knots_serve.serving.arm_labels import ArmLabeller
     from knots_serve.serving.server import Route
 
-    labeller = ArmLabeller(None, Route("m", "exp", "a"), None)
+    remembered = []
+    server = types.SimpleNamespace(outcomes=types.SimpleNamespace(remember=lambda *a: remembered.append(a)))
+    labeller = ArmLabeller(server, Route("m", "exp", "a"), None)
     chat = labeller._event(b'data: {"id": "c1", "choices": []}')
+    assert remembered == [("c1", "exp", "a")]  # at the first chunk: before the client has the response
     responses = labeller._event(b'event: response.created\ndata: {"type": "response.created"}')
     assert json.loads(chat[len(b"data: ") :])["knots"] == {"experiment": "exp", "arm": "a"}
     head, data = responses.split(b"\n")

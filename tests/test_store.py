@@ -11,10 +11,14 @@ import time
 
 import httpx
 import pytest
+import yaml
 from asgi_edge import Engine, call, make_server
 from fastapi import FastAPI
+from server_process import CLI
 
+from knots_serve.compose import MergeError
 from knots_serve.serving.api import router
+from knots_serve.serving.config import load_config
 from knots_serve.serving.experiments import Experiment, assign
 from knots_serve.serving.middleware import KnotsMiddleware
 from knots_serve.serving.store import RedisStore, StoreUnavailable
@@ -238,3 +242,15 @@ def test_a_store_that_goes_away_is_a_503_and_changes_nothing(replicas, redis):
         assert report["arms"]["ta"]["feedback"]["n"] == 1
 
     replicas(test)
+
+
+def test_a_store_the_config_cannot_mean_or_that_is_away_at_start_is_one_clear_error(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump({"model": str(tmp_path), "store": "postgres://db/knots"}))
+    with pytest.raises(MergeError, match="store 'postgres://db/knots': use 'files'"):
+        load_config(path)
+    url = f"unix://{tmp_path / 'nothing.sock'}?db=0"
+    path.write_text(yaml.safe_dump({"model": str(tmp_path / "model"), "store": url}))
+    r = subprocess.run([CLI, "serve", "--config", str(path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"error: store {url}: cannot read the tasks" in r.stderr, r.stderr

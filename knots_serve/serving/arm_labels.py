@@ -73,7 +73,10 @@ class ArmLabeller:
         return b"\n".join(lines)
 
     def _observe(self, doc: dict) -> None:
-        self.response_id = self.response_id or doc.get("id")
+        if self.response_id is None and isinstance(doc.get("id"), str):
+            # remembered before the client has the response, so its feedback finds the arm on any replica
+            self.response_id = doc["id"]
+            self.server.outcomes.remember(self.response_id, *self.labels)
         usage = doc.get("usage")
         if isinstance(usage, dict) and ("completion_tokens" in usage or "output_tokens" in usage):
             self.usage = usage.get("completion_tokens", usage.get("output_tokens"))  # chat | Responses API
@@ -91,4 +94,4 @@ class ArmLabeller:
         metrics.AB_TOKENS.labels(*self.labels).inc(self.usage if self.usage is not None else self.tokens)
         metrics.AB_TTFT.labels(*self.labels).observe((self.first or time.perf_counter()) - self.t0)
         metrics.AB_LATENCY.labels(*self.labels).observe(total)
-        self.server.outcomes.served(self.response_id, *self.labels, total)
+        self.server.outcomes.served(*self.labels, total)

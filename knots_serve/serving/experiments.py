@@ -81,19 +81,21 @@ class Outcomes:
         self._served: dict[tuple[str, str], int] = {}
         self._writer = ThreadPoolExecutor(1, "knots-outcomes")  # store writes, in order, off the event loop
 
-    def served(self, response_id: str | None, experiment: str, arm: str, seconds: float) -> None:
-        """On the event loop: the response's arm is remembered in the store by a thread (a failure is logged)."""
-        with self._lock:
-            self._latency.setdefault((experiment, arm), deque(maxlen=self._max_latencies)).append(seconds)
-            self._served[experiment, arm] = self._served.get((experiment, arm), 0) + 1
-        if response_id:
-            self._writer.submit(self._remember, response_id, experiment, arm)
+    def remember(self, response_id: str, experiment: str, arm: str) -> None:
+        """On the event loop: which arm serves a response is written to the store by a thread (a failure is
+        logged: that response's feedback will get a 404)."""
+        self._writer.submit(self._remember, response_id, experiment, arm)
 
     def _remember(self, response_id: str, experiment: str, arm: str) -> None:
         try:
             self.store.remember(response_id, experiment, arm)
         except StoreUnavailable as e:
             log.warning("feedback for %r will not find its arm: %s", response_id, e)
+
+    def served(self, experiment: str, arm: str, seconds: float) -> None:
+        with self._lock:
+            self._latency.setdefault((experiment, arm), deque(maxlen=self._max_latencies)).append(seconds)
+            self._served[experiment, arm] = self._served.get((experiment, arm), 0) + 1
 
     def flush(self) -> None:
         """Wait until every response served so far is remembered in the store."""
