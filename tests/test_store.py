@@ -204,6 +204,21 @@ def test_a_task_registered_through_one_replica_becomes_routable_on_the_other(rep
     replicas(test)
 
 
+def test_a_task_the_store_names_outside_this_replicas_adapter_dirs_is_not_loaded(replicas, tiny_adapters):
+    """What a replica loads from the store is bounded by its own config, as an admin registration is: whoever
+    can write the store cannot make it load any file."""
+
+    async def test(a, b, on, admin):
+        await asyncio.to_thread(a.store.put, "tasks", "evil", str(tiny_adapters["beta"]))  # not in adapter_dirs
+        await within_bound(lambda: b.store_sync.error is not None, "the refusal")
+        assert "outside the configured adapter_dirs" in (await admin(b, "GET", "/admin/store"))[1]["error"]
+        assert "evil" not in a.bases.adapters and "evil" not in b.bases.adapters
+        await asyncio.to_thread(a.store.delete, "tasks", "evil", False)
+        await within_bound(lambda: b.store_sync.error is None, "the repair")
+
+    replicas(test)
+
+
 def test_a_store_that_goes_away_is_a_503_and_changes_nothing(replicas, redis):
     async def test(a, b, on, admin):
         assert (await admin(a, "POST", "/admin/experiments", {"name": "ab", "arms": ARMS}))[0] == 201

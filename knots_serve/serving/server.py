@@ -338,24 +338,28 @@ class KnotsServer:
         registration downloads: only from repos the operator named). The table keeps an hf:// reference as
         given, so a restart resolves it again (from the HF cache when offline)."""
         check_task_name(name)
-        if is_hub_ref(path):
-            repo = parse_hub_ref(path).repo_id  # AdapterError (400) naming what is wrong
-            if not self.cfg.allows_repo(repo):
-                raise BadRequest(f"Hub adapter {path!r}: the repo {repo!r} is not in the configured adapter_repos")
-            source = path
-        else:
-            try:
-                resolved = Path(path).expanduser().resolve()
-            except (ValueError, OSError, RuntimeError) as e:  # a NUL byte, a symlink loop
-                raise BadRequest(f"invalid adapter path {path!r}: {e}") from None
-            if not any(resolved.is_relative_to(d) for d in self.cfg.adapter_dirs):
-                raise BadRequest(f"adapter path {path!r} is outside the configured adapter_dirs")
-            source = str(resolved)
+        source = self.admitted(path)
         async with self.registry_lock:
             if name in self.bases.adapters:
                 raise Conflict(f"task {name!r} is already registered; unregister it first")
             await self.change_pool({name: source}, set(), lambda: self.tasks.put(name, source))
         return self.describe(name)
+
+    def admitted(self, path: str) -> str:
+        """The source a registration may come from (a local path resolved, an hf:// reference as given), or
+        BadRequest; also checked for registrations made through other replicas (sync.py)."""
+        if is_hub_ref(path):
+            repo = parse_hub_ref(path).repo_id  # AdapterError (400) naming what is wrong
+            if not self.cfg.allows_repo(repo):
+                raise BadRequest(f"Hub adapter {path!r}: the repo {repo!r} is not in the configured adapter_repos")
+            return path
+        try:
+            resolved = Path(path).expanduser().resolve()
+        except (ValueError, OSError, RuntimeError) as e:  # a NUL byte, a symlink loop
+            raise BadRequest(f"invalid adapter path {path!r}: {e}") from None
+        if not any(resolved.is_relative_to(d) for d in self.cfg.adapter_dirs):
+            raise BadRequest(f"adapter path {path!r} is outside the configured adapter_dirs")
+        return str(resolved)
 
     async def unregister(self, name: str) -> None:
         async with self.registry_lock:

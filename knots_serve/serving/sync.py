@@ -2,9 +2,9 @@
 versions are read, and each kind that changed since is applied (docs/DEPLOY.md, "Several hosts"):
 
 - tasks: the table read again and the pool changed through the server's one path for pool changes
-  (KnotsServer._change_pool, as an admin registration but without writing the store): the adapter loaded
-  (its path must exist on this host), the new pool's basis built while requests are served, then drained,
-  loaded into vLLM and installed;
+  (KnotsServer.change_pool, as an admin registration but without writing the store): the source checked
+  against this replica's adapter_dirs / adapter_repos, the adapter loaded (its path must exist on this host),
+  the new pool's basis built while requests are served, then drained, loaded into vLLM and installed;
 - experiments: the table read again and the server's dict swapped;
 - recipes: read again; recipes that do not parse keep the ones served before (and say why).
 
@@ -68,6 +68,8 @@ class StoreSync:
             want = s.tasks.items()
             remove = {n for n in s.bases.adapters if want.get(n) != s.sources.get(n)}
             add = {n: src for n, src in want.items() if n not in s.bases.adapters or n in remove}
+            for src in add.values():
+                s.admitted(src)  # this replica's adapter_dirs and adapter_repos bound what the store may add
             if add or remove:
                 log.info("knots_serve: from the store: tasks %s added, %s removed", sorted(add), sorted(remove))
                 await s.change_pool(add, remove)
