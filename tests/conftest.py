@@ -71,6 +71,9 @@ def edge(tmp_path, tiny_adapters):
 
 
 ADMIN_KEY = "test-admin-key"
+# the tiny model's engine settings for every real server the tests start
+ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "16"]
+ENGINE_ARGS += ["--kv-cache-memory-bytes", str(256 << 20)]
 
 
 @pytest.fixture(scope="session")
@@ -105,16 +108,7 @@ def server(tiny_base, tiny_adapters, tmp_path_factory):
         # every test talks from one address with one key, and together they compose hundreds of merges: the
         # per-client rate of new merges is tested on its own (test_edge.py), not here
         "new_merge_burst": 100_000,
-        "vllm_args": [
-            "--dtype",
-            "float32",
-            "--max-model-len",
-            "256",
-            "--max-num-seqs",
-            "16",
-            "--kv-cache-memory-bytes",
-            str(256 << 20),
-        ],
+        "vllm_args": ENGINE_ARGS,
     }
     with start_server(root, config, {"KNOTS_TEST_ADMIN_KEY": ADMIN_KEY}) as srv:
         yield srv

@@ -13,8 +13,10 @@ import httpx
 import pytest
 import yaml
 from asgi_edge import Engine, call, make_server
+from conftest import ADMIN_KEY, ENGINE_ARGS
 from fastapi import FastAPI
-from server_process import CLI
+from server_process import CLI, start_server
+from test_serving import PROMPTS, complete, http
 
 from knots_serve.compose import MergeError
 from knots_serve.serving.api import router
@@ -269,3 +271,72 @@ def test_a_store_the_config_cannot_mean_or_that_is_away_at_start_is_one_clear_er
     r = subprocess.run([CLI, "serve", "--config", str(path)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"error: store {url}: cannot read the tasks" in r.stderr, r.stderr
+
+
+def test_a_vllm_server_on_redis_serves_what_another_replica_registers_and_records_its_feedback_once(
+    redis, tiny_base, tiny_adapters, tmp_path
+):
+    """The real `knots-serve serve` (vLLM) as one replica, an engine-free KnotsServer as the other: a task and an
+    experiment made through the other are served by vLLM (the task's adapter loaded into vLLM by the sync), and
+    feedback for a response vLLM served is recorded through the other, once."""
+    shared, real_root, other_root = tmp_path / "adapters", tmp_path / "real", tmp_path / "other"
+    shutil.copytree(tiny_adapters["alpha"], shared / "delta")
+    real_root.mkdir(), other_root.mkdir()
+    config = {
+        "model": str(tiny_base),
+        "served_model_name": "tiny",
+        "tasks": {n: str(p) for n, p in tiny_adapters.items()},
+        "max_loras": 2,
+        "max_cpu_loras": 8,
+        "cache_dir": str(real_root / "cache"),
+        "cache_bytes": 4 << 20,
+        "state_dir": str(real_root / "state"),
+        "adapter_dirs": [str(shared)],
+        "admin_key_env": "KNOTS_TEST_ADMIN_KEY",
+        "store": redis.url,
+        "store_poll_s": 0.5,
+        "vllm_args": ENGINE_ARGS,
+    }
+
+    def through_other(work):
+        async def main():
+            other = make_server(other_root, tiny_adapters, store=redis.url, adapter_dirs=[str(shared)])
+            try:
+                return await work(other)
+            finally:
+                KnotsMiddleware.server = None
+                other.close()
+
+        return asyncio.run(main())
+
+    def applied(seen, what, bound):
+        t0 = time.monotonic()
+        while not seen():
+            assert time.monotonic() - t0 < bound, f"{what} not served within {bound} s"
+            time.sleep(0.05)
+        return time.monotonic() - t0
+
+    with start_server(real_root, config, {"KNOTS_TEST_ADMIN_KEY": ADMIN_KEY}) as real:
+        c = real.client()
+        listed = lambda: [m.id for m in c.models.list().data]  # noqa: E731
+        through_other(lambda other: other.register("delta", str(shared / "delta")))
+        took = applied(lambda: "tasks:delta" in listed(), "the registration", 0.5 + 10)
+        print(f"vLLM replica: registration served {took:.2f} s after the other replica answered (poll 0.5 s)")
+        assert complete(c, "tasks:delta", PROMPTS[0]) == complete(c, "alpha", PROMPTS[0])  # loaded into vLLM
+        assert complete(c, "tasks:beta+delta@knots-ta", PROMPTS[0]) == complete(
+            c, "tasks:alpha+beta@knots-ta", PROMPTS[0]
+        )
+
+        exp = Experiment.model_validate({"arms": {"d": {"model": "tasks:delta", "weight": 1}}})
+        through_other(lambda other: other.put_experiment("ab", exp))
+        took = applied(lambda: "ab" in listed(), "the experiment", 0.5 + 1)
+        print(f"vLLM replica: experiment served {took:.2f} s after the other replica answered (poll 0.5 s)")
+        raw = c.completions.with_raw_response.create(model="ab", prompt=PROMPTS[0], max_tokens=2, user="u1")
+        assert raw.headers["x-knots-arm"] == "d"
+        rid = raw.parse().id
+        recorded = through_other(lambda other: asyncio.to_thread(other.outcomes.record, rid, 1.0))
+        assert recorded == ("ab", "d", True)
+        again = http(real, "POST", "/v1/feedback", {"id": rid, "score": 1.0})
+        assert again == (200, {"id": rid, "experiment": "ab", "arm": "d", "recorded": False})
+        report = http(real, "GET", "/admin/experiments/ab/report", key=ADMIN_KEY)[1]
+        assert report["arms"]["d"]["feedback"]["n"] == 1 and report["arms"]["d"]["served"] == 1
