@@ -102,7 +102,7 @@ class KnotsServer:
     # --- request routing (called by the middleware for every completion request) ------------------------
     def choose(self, tasks) -> Choice:
         """How to merge a subset requested without a method (recipes.py); the recipes are read again from the
-        store when they change (`sync`), so `knots-serve tune` and `ab promote` apply without a restart."""
+        store when they change (sync.py), so `knots-serve tune` and `ab promote` apply without a restart."""
         return self.book.choose(tasks, self.cfg.default_method)
 
     def selection(self, body: dict) -> Selection | None:

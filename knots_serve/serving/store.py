@@ -199,9 +199,11 @@ class RedisStore(Store):
     experiment, arm, score), feedback:{experiment} (hash ARM:n|s|ss)."""
 
     def __init__(self, url: str, prefix: str = "knots:"):
-        import redis
-
         self.location = re.sub(r"//[^/@]*@", "//", url)  # without user and password
+        try:
+            import redis
+        except ImportError:
+            raise MergeError(f"store {self.location}: needs the redis client: pip install knots-serve[redis]") from None
         self.prefix, self._errors = prefix, redis.RedisError
         self.db = redis.Redis.from_url(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2)
         self._record = self.db.register_script(RECORD)
