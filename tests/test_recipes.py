@@ -196,7 +196,6 @@ def test_an_arm_is_promoted_only_when_its_interval_lies_above_every_other_arms()
 def scored(server, experiment, arm, scores):
     for i, s in enumerate(scores):
         server.outcomes.remember(f"{experiment}-{arm}-{i}", experiment, arm)
-        server.outcomes.flush()  # the response's arm is remembered in the store by a thread
         server.outcomes.record(f"{experiment}-{arm}-{i}", s)
 
 

@@ -105,6 +105,7 @@ class Outcomes:
         """One score per response: (experiment, arm, recorded). The same score again is a retry (recorded
         False); another score is a Conflict. KeyError for an id not served (or forgotten). Blocking (it
         writes the store): call it off the event loop. A failed write changes nothing (StoreUnavailable)."""
+        self.flush()  # a response this replica just served is remembered first: its feedback never races it
         experiment, arm, before = self.store.record(response_id, score)
         if before is not None and before != score:
             raise Conflict(
