@@ -180,7 +180,7 @@ def serve(config: Path = typer.Option(Path("configs/default.yaml"), help="serve 
     plugins = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p]
     os.environ["VLLM_PLUGINS"] = ",".join(dict.fromkeys(plugins + ["knots_serve"]))
     local = {a.name: a.path for a in loaded}
-    argv = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", *vllm_argv(cfg, local)]
+    argv = [sys.executable, "-m", "knots_serve.serving.launch", *vllm_argv(cfg, local)]
     typer.echo(f"knots-serve: {len(tasks)} tasks, base {cfg.model}, on http://{cfg.host}:{cfg.port}", err=True)
     os.execv(sys.executable, argv)
 

@@ -60,13 +60,27 @@ def test_serve_accepts_only_the_tested_vllm():
         check_vllm(None)
 
 
-@pytest.mark.parametrize("args", [["--api-server-count", "2"], ["-asc=4"], ["--data-parallel-size", "2"], ["-dp", "3"]])
-def test_serve_refuses_the_modes_it_would_serve_inconsistently(tmp_path, args):
-    """vLLM's launcher accepts --api-server-count 2 and started one API server anyway; several processes
-    would each hold their own registry, cache, drain gate and pins. A CLI error, before anything starts."""
+@pytest.mark.parametrize(
+    "args",
+    [["--headless"], ["--data-parallel-size-local", "1"], ["-dpa=10.0.0.2"], ["-dpe"], ["--nnodes", "2"], ["-n=2"]],
+)
+def test_serve_refuses_engines_or_api_servers_on_other_hosts(tmp_path, args):
+    """Engines on another host could not read the merges this host composes (files on its tmpfs), API servers
+    there could not join its group: a CLI error naming the flag, before anything starts."""
     from server_process import CLI
 
     path = write_config(tmp_path, vllm_args=["--dtype", "float32", *args])
     r = subprocess.run([CLI, "serve", "--config", str(path)], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "does not run" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    load_config(write_config(tmp_path, vllm_args=["--api-server-count", "1", "-dp=1"]))  # one of each: fine
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    flag = "--nnodes" if args[0].startswith("-n") else args[0].partition("=")[0]  # -n is --nnodes
+    assert f"vllm_args {flag}: knots-serve runs vLLM's engines and API servers on one host" in r.stderr
+    load_config(write_config(tmp_path, vllm_args=["--nnodes", "1", "--no-data-parallel-hybrid-lb"]))  # one host: fine
+
+
+@pytest.mark.parametrize("args", [["--api-server-count", "2"], ["-asc=4"], ["--data-parallel-size", "2"], ["-dp", "3"]])
+def test_several_api_servers_need_a_store_they_can_share(tmp_path, args):
+    """The files store keeps A/B response ids in one process: feedback sent to another would not find them."""
+    with pytest.raises(MergeError, match=r"API server processes \(vllm_args\) share their state through the store"):
+        load_config(write_config(tmp_path, vllm_args=args))
+    assert load_config(write_config(tmp_path, vllm_args=args, store="sqlite")).store == "sqlite"
+    load_config(write_config(tmp_path, vllm_args=["--api-server-count", "1", "-dp=1"]))  # one of each: any store

@@ -18,10 +18,12 @@ cached is lost, and merges already cached, the base and the adapters keep servin
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
 import itertools
+import json
 import os
 import re
 import shutil
@@ -38,7 +40,8 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from ..adapters import padded_rank, save_adapter
+from ..adapters import CONFIG_NAME, save_adapter
+from ..atomic import atomic_write_dir
 from ..methods import resolve
 from . import metrics
 from .basis_store import BasisStore, UnknownTask
@@ -119,7 +122,9 @@ class AdapterCache:
         workers: int = 2,
         max_pending: int = 16,
         max_bytes: int = 8 << 30,
+        group: Path | None = None,
     ):
+        self.group = group  # with several API servers: their group's directory (group.py), for _group_lock
         self.store, self.cache_bytes, self.max_lora_rank = store, cache_bytes, max_lora_rank
         self.max_pending, self.max_bytes = max_pending, max_bytes  # max_bytes: one compose's working set
         self.on_evict: Callable[[Composed], None] = lambda c: None  # called before c's files are deleted
@@ -232,46 +237,94 @@ class AdapterCache:
         return hit
 
     def _compose(self, sel: Selection, generation: int, hold: bool) -> Composed:
+        t0 = time.perf_counter()
+        while True:
+            path, pool = self._make(sel)
+            composed = self._add(sel, path, generation, pool, hold, t0)
+            if composed is not None:
+                return composed
+            generation = self._generation  # made in a pool that has since been replaced: again, in the new one
+
+    def _make(self, sel: Selection) -> tuple[Path, str]:
+        """The merge's files (composed, or linked from another API server of the group) and the pool's id."""
         metrics.COMPOSE_QUEUE.inc()
         with self._slots:
             metrics.COMPOSE_QUEUE.dec()
             metrics.COMPOSE_RUNNING.inc()
             try:
-                t0 = time.perf_counter()
-                lora = self.store.merge(sel)  # never truncated silently: refused below instead
-                return self._write(sel, lora, generation, hold, t0)
+                pool = self.store.pool_id
+                key = self._key(sel, pool)
+                with self._group_lock(key):
+                    path = self.cache_dir / f"{key}-{next(self._serial)}"
+                    if not self._link_from_group(key, path):
+                        self._save(self.store.merge(sel), path, sel.canonical)  # never truncated silently
+                return path, pool
             finally:
                 metrics.COMPOSE_RUNNING.dec()
 
-    def _write(self, sel: Selection, lora, generation: int, hold: bool, t0: float) -> Composed:
-        rank = padded_rank(max((B.shape[1] for B, _ in lora.values()), default=1))
-        digest = hashlib.sha256(sel.canonical.encode()).hexdigest()[:20]
-        path = self.cache_dir / f"{digest}-g{generation}-{next(self._serial)}"
-        path = self._save(lora, path, self.store.base_model, sel.canonical)
-        composed = Composed(sel.canonical, path, _dir_bytes(path), rank)
+    def _key(self, sel: Selection, pool: str) -> str:
+        """What a merge's files are named by: the merge, the pool it was composed in and, with several API
+        servers, their group (group.py), whose members find each other's files by it (_link_from_group)."""
+        what = f"{sel.canonical}\0{pool}\0{self.group or self.cache_dir}"
+        return hashlib.sha256(what.encode()).hexdigest()[:20]
+
+    @contextlib.contextmanager
+    def _group_lock(self, key: str):
+        """With several API servers, one of them composes a new merge while the others wait, then link its
+        files: a merge is composed once per group, not once per process."""
+        if self.group is None:
+            yield
+            return
+        fd = os.open(self.group / f"compose-{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # in a compose thread: the wait holds up no event loop
+            yield
+        finally:
+            os.close(fd)
+
+    def _link_from_group(self, key: str, path: Path) -> bool:
+        """Another group member's files of this merge, hard-linked at `path`: the bytes are shared, the names
+        are each process's own, so its eviction there deletes nothing here. False if there are none (or they
+        were deleted meanwhile)."""
+        if self.group is None:
+            return False
+        for found in self.root.glob(f"knots-*/{key}-*"):
+            if found.parent == self.cache_dir:
+                continue
+            try:
+                atomic_write_dir(path, lambda tmp, found=found: [os.link(f, tmp / f.name) for f in found.iterdir()])
+                metrics.CACHE.labels("linked").inc()
+                return True
+            except FileNotFoundError:  # evicted by its owner meanwhile
+                continue
+        return False
+
+    def _add(self, sel: Selection, path: Path, generation: int, pool: str, hold: bool, t0: float) -> Composed | None:
+        """Cache the merge's files; None (and the files deleted) if they were made in a pool since replaced."""
+        composed = Composed(sel.canonical, path, _dir_bytes(path), json.loads((path / CONFIG_NAME).read_text())["r"])
         metrics.COMPOSE_SECONDS.observe(time.perf_counter() - t0)
         with self._lock:
-            stale, retry = generation != self._generation, self._generation
+            stale = generation != self._generation or pool != self.store.pool_id
             if not stale:
                 self._cache[sel.canonical] = self._hold(composed) if hold else composed
                 evicted = self._over_bound(keep=sel.canonical)
-        if stale:  # composed against a pool that has since been replaced: again, in the new one
+        if stale:
             shutil.rmtree(path, ignore_errors=True)
             try:
                 self.store.check(sel.tasks)
             except UnknownTask as e:
                 raise UnknownTask(f"{e} (unregistered while the merge was composed)") from None
-            return self._write(sel, self.store.merge(sel), retry, hold, time.perf_counter())
+            return None
         for c in evicted:
             self._evict(c)
         metrics.CACHE_BYTES.set(self.cached_bytes())
         return composed
 
-    def _save(self, lora, path: Path, base_model, name: str) -> Path:
+    def _save(self, lora, path: Path, name: str) -> Path:
         """Write the adapter; if cache_dir is full, drop every merge not in use and try once more."""
         for attempt in (1, 2):
             try:
-                return save_adapter(lora, path, base_model, metadata={"model": name})
+                return save_adapter(lora, path, self.store.base_model, metadata={"model": name})
             except (OSError, SafetensorError) as e:  # safetensors reports ENOSPC as its own error
                 full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in str(e)
                 with self._lock:

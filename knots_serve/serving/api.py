@@ -4,6 +4,7 @@ recipes, pins) and a /v1/models that also lists every task as `tasks:NAME` and t
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import asdict
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
@@ -11,6 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..compose import MergeError
+from . import pins
 from .auth import admin_refusal
 from .errors import ERRORS, BadRequest, Conflict, NotFound, error_response
 from .experiments import Experiment
@@ -194,9 +196,16 @@ async def list_recipes(request: Request):
 
 @router.get("/admin/store", dependencies=[Depends(admin)])
 async def show_store(request: Request):
-    """Where the shared state is, how often this server polls it, and why its last sync failed, if it did."""
+    """Where the shared state is, how often this server polls it, why its last sync failed (if it did), and
+    which API server process answers (with several, group.py)."""
     s = server(request)
-    return {"store": s.store.location, "poll_s": s.cfg.store_poll_s, "error": s.store_sync.error}
+    group = {"index": s.group.index, "of": s.group.count} if s.group else {"index": 0, "of": 1}
+    return {
+        "store": s.store.location,
+        "poll_s": s.cfg.store_poll_s,
+        "error": s.store_sync.error,
+        "api_server": group | {"pid": os.getpid()},
+    }
 
 
 class Feedback(BaseModel):
@@ -231,7 +240,7 @@ async def show_pin(request: Request):
 @router.post("/admin/pin", dependencies=[Depends(admin)])
 async def pin(body: Pin, request: Request):
     try:
-        return {"pinned": await server(request).pin(body.model)}
+        return {"pinned": await pins.pin(server(request), body.model)}
     except ERRORS as e:
         return error_response(e)
 
@@ -239,7 +248,7 @@ async def pin(body: Pin, request: Request):
 @router.delete("/admin/pin", dependencies=[Depends(admin)])
 async def unpin(request: Request):
     try:
-        return await server(request).unpin()
+        return await pins.unpin(server(request))
     except ERRORS as e:
         return error_response(e)
 

@@ -116,6 +116,11 @@ class BasisStore:
         return basis
 
     @property
+    def pool_id(self) -> str:
+        """Changes with the pool: the fingerprint of its shared basis (of every task's factors)."""
+        return self._pool_id
+
+    @property
     def base_model(self) -> str | None:
         return next((a.base_model for a in self.adapters.values() if a.base_model), None)
 

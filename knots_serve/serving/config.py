@@ -19,6 +19,24 @@ from .names import PREFIX, check_task_name, parse_model
 CONFIG_ENV = "KNOTS_SERVE_CONFIG"
 # the vLLM whose internals plugin.py, lora_fix.py and pinning.py are written against (pyproject pins it)
 TESTED_VLLM = "0.32.0"
+# vLLM flags for engines or API servers on other hosts (multi-node data parallelism, external load balancing)
+OTHER_HOSTS = {
+    "--headless",
+    "--data-parallel-size-local",
+    "-dpl",
+    "--data-parallel-rank",
+    "-dpn",
+    "--data-parallel-start-rank",
+    "-dpr",
+    "--data-parallel-address",
+    "-dpa",
+    "--data-parallel-external-lb",
+    "-dpe",
+    "--data-parallel-hybrid-lb",
+    "-dph",
+    "--data-parallel-multi-port-external-lb",
+    "-dpm",
+}
 BUILTIN = "builtin:"  # how the vLLM plugin (in the API server process) finds the config
 
 
@@ -159,25 +177,20 @@ class ServeConfig(BaseModel):
 
     @field_validator("vllm_args")
     @classmethod
-    def _one_api_server(cls, args):
-        """Refuse the modes in which a registration, pin or experiment change through one process would not be
-        seen by the others (their registry, cache, drain gate and pin state are per process): never serve
-        inconsistently. docs/ARCHITECTURE.md, "Parallel modes"."""
-        for flags, what in (
-            (("--api-server-count", "-asc"), "several API server processes"),
-            (("--data-parallel-size", "-dp", "--data-parallel-size-local", "-dpl"), "data-parallel engines"),
-        ):
-            for i, arg in enumerate(args):
-                name, eq, value = arg.partition("=")
-                if name in flags:
-                    value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
-                    if value.strip() not in ("", "0", "1"):
-                        raise ValueError(
-                            f"vllm_args {name} {value}: knots-serve does not run {what} yet (the "
-                            "merge registry, cache, drain gate and pins live in one API server "
-                            "process, and another would serve without them); use one, and "
-                            "--tensor-parallel-size for a larger model"
-                        )
+    def _one_host(cls, args):
+        """Several API servers and data-parallel engines run on one host (launch.py, group.py). Refused: the
+        modes with engines or API servers on other hosts, which cannot read the merges this host composes
+        (files on its tmpfs) nor join its group: replicas on a shared store scale past one host instead
+        (docs/DEPLOY.md)."""
+        other = [a.partition("=")[0] for a in args if a.partition("=")[0] in OTHER_HOSTS]
+        if flag(args, ("--nnodes", "-n")) not in (None, "1"):
+            other.append("--nnodes")
+        if other:
+            raise ValueError(
+                f"vllm_args {other[0]}: knots-serve runs vLLM's engines and API servers on one host (the "
+                "merges it composes are files on that host's tmpfs); past one host, run replicas on a "
+                "shared store (docs/DEPLOY.md, 'Several hosts')"
+            )
         return args
 
     @model_validator(mode="after")
@@ -194,6 +207,12 @@ class ServeConfig(BaseModel):
                 raise ValueError(f"pin {self.pin!r} needs pinning, which this config turns off (pinning: false)")
             if self.pin is not None and self.pin not in self.merges:
                 parse_model(self.pin, self.default_method)
+            if self.store == "files" and api_server_count(self.vllm_args) > 1:
+                raise ValueError(
+                    f"{api_server_count(self.vllm_args)} API server processes (vllm_args) share their state through "
+                    "the store: use store: sqlite (one host) or redis://…; the files store keeps A/B response ids "
+                    "in one process's memory"
+                )
         except (MergeError, ValueError) as e:
             raise ValueError(str(e)) from None
         return self
@@ -280,6 +299,27 @@ def builtin_model(model: str) -> Path:
         return prepare_base()
     except BaseModelError as e:
         raise MergeError(str(e)) from None
+
+
+def flag(args: list[str], names) -> str | None:
+    """A flag's value in a vLLM command line (`--x V` or `--x=V`; the last one counts), or None."""
+    value = None
+    for i, arg in enumerate(args):
+        name, eq, v = arg.partition("=")
+        if name in names:
+            value = v if eq else (args[i + 1] if i + 1 < len(args) else "")
+    return value
+
+
+def api_server_count(args: list[str]) -> int:
+    """The API server processes vLLM starts for these arguments (launch.api_servers, before vLLM parses
+    them): --api-server-count, else one per data-parallel engine."""
+    count = flag(args, ("--api-server-count", "-asc"))
+    count = count if count is not None else flag(args, ("--data-parallel-size", "-dp"))
+    try:
+        return int(count) if count is not None else 1
+    except ValueError:
+        return 1  # vLLM's parser refuses it, with its own message
 
 
 def vllm_argv(cfg: ServeConfig, tasks: dict[str, str | Path]) -> list[str]:

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
-from . import lora_fix, pinning
+from . import launch, lora_fix, pinning, pins
 from .config import pinning_enabled
+from .group import Group, StripedIds
+from .launch import GROUP_ENV
 from .middleware import KnotsMiddleware
 
 log = logging.getLogger("vllm.knots_serve")  # under vLLM's logger: its handler and level apply
@@ -43,6 +46,17 @@ def register() -> None:
     log.info("knots_serve: %s", lora_fix.apply())
 
 
+async def join_group(server, models, engine_client, args) -> None:
+    """Several API server processes (group.py): LoRA ids taken in turns, runtime LoRA loading on for this
+    process (launch.py turned it off for vLLM's check), then in step with the others."""
+    count, index = launch.api_servers(args), engine_client.engine_core.client_index
+    models.lora_id_counter = StripedIds(models.lora_id_counter.value, index, count)
+    os.environ[launch.RUNTIME_LORA] = "1"  # read per request by vLLM's API server (never cached there)
+    server.group = Group(Path(os.environ[GROUP_ENV]), index, count, server)
+    server.cache.group = server.group.path  # a new merge composed by one of them, linked by the others
+    await server.group.join()
+
+
 class KnotsEndpoint:
     name = "knots_serve"
     required_tasks = None
@@ -64,8 +78,10 @@ class KnotsEndpoint:
         # the API keys vLLM checks on /v1/* (its --api-key wins over VLLM_API_KEY); auth.py checks them everywhere
         server.api_keys = [digest(k) for k in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if k]
         state.knots = KnotsMiddleware.server = server
-        if server.cfg.pin:
-            log.info("knots_serve: pinned %s", await server.pin(server.cfg.pin))
+        if os.environ.get(GROUP_ENV):  # one of several API server processes (launch.py)
+            await join_group(server, state.openai_serving_models, engine_client, args)
+        if server.cfg.pin and (server.group is None or server.group.index == 0):  # one pin writes every engine
+            log.info("knots_serve: pinned %s", await pins.pin(server, server.cfg.pin))
         log.info(
             "knots_serve: %d tasks, basis ready on %s (%.1f MiB resident)",
             len(server.bases.adapters),

@@ -7,16 +7,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..adapters import WEIGHTS_NAME, AdapterError, adapter_dir, is_hub_ref, load_adapter, parse_hub_ref
-from ..atomic import atomic_write_file
 from ..compose import MergeError
-from ..methods import resolve
 from ..recipes import Choice
 from . import metrics
 from .adapter_cache import AdapterCache, Composed
@@ -27,7 +23,6 @@ from .experiments import Experiment, Outcomes, assign, check_experiment, promoti
 from .gate import Gate
 from .limits import RateLimit
 from .names import PREFIX, TASK_NAME, Selection, check_task_name, parse_field, parse_model, recipe_model
-from .pinning import save_factors
 from .registry import experiment_table, task_table
 from .store import open_store
 from .sync import StoreSync
@@ -84,10 +79,13 @@ class KnotsServer:
             check_experiment(name, exp, self.check_model)
         self.outcomes = Outcomes(self.store)
         self.new_merges = RateLimit(cfg.new_merge_rate, cfg.new_merge_burst)
-        self._pins = itertools.count()
+        self.pin_serial = itertools.count()  # pins.py: a new factors file per pin
+        self.group = None  # with several API server processes, the others (group.py; set by the endpoint plugin)
         self.store_sync.start()
 
     def close(self) -> None:
+        if self.group is not None:
+            self.group.close()
         self.store_sync.stop()
         self.cache.close()
         self.store.close()
@@ -219,63 +217,19 @@ class KnotsServer:
     def check_model(self, model: str) -> None:
         check_model(model, self.cfg, self.bases.adapters, self.choose)
 
-    # --- pinning (admin API) ----------------------------------------------------------------------------
-    async def pin(self, model: str) -> dict:
-        """Write the merge into the engine's weights (every worker). The merge is composed first, while
-        requests are served (in the compose pool, as for a request; a dense-space merge in the workers);
-        only the weight write drains requests."""
-        if not self.cfg.pinning:
-            raise Conflict("pinning is disabled in this server's config (pinning: false)", param=None)
-        sel = self.selection({"model": model})
-        if sel is None or sel.spec is None:
-            raise BadRequest(f"{model!r} is not a merge: pin a tasks:A+B[@METHOD] string or a named merge")
-        self.bases.check(sel.tasks)
-        t0 = time.perf_counter()
-        if resolve(sel.spec.method)[0] == "full":  # full-rank: composed where the weights are
-            basis = await asyncio.to_thread(self.bases.basis_file_for, sel, self.cache.cache_dir)
-            args = ("basis", str(basis), json.dumps(dataclasses.asdict(sel.spec)))
-        else:
-            path = self.cache.cache_dir / f"pin-{next(self._pins)}.safetensors"
-            lora = await self.loop.run_in_executor(self.compose_pool, self.bases.merge, sel)
-            await asyncio.to_thread(atomic_write_file, path, lambda tmp: save_factors(lora, tmp))
-            args = ("factors", str(path))
+    async def in_step(self) -> None:
+        """After an admin change this process wrote to the store: with several API server processes, answer
+        only once every other one serves it too (group.py)."""
+        if self.group is None:
+            return
         try:
-            try:
-                prepared = await self.engine.collective_rpc("knots_prepare", args=args)
-            except Exception as e:  # the weights are untouched: nothing to restore
-                raise Unavailable(f"preparing the pin of {model!r} failed, nothing changed: {e}") from None
-            t1 = time.perf_counter()
-            async with self.gate.exclusive(self.cfg.drain_timeout_s):
-                t2 = time.perf_counter()
-                try:
-                    written = await self.engine.collective_rpc("knots_pin")
-                except Exception as e:  # back to the base weights on every worker: never half a merge
-                    await self.engine.collective_rpc("knots_unpin")
-                    self.pinned = None
-                    raise Unavailable(f"pinning {model!r} failed, base weights restored: {e}", param=None) from None
-                finally:
-                    await self.engine.reset_prefix_cache()  # cached KV blocks were computed with the old weights
-                self.pinned = {"model": sel.canonical, "requested": model}
-        finally:
-            if args[0] == "factors":
-                Path(args[1]).unlink(missing_ok=True)
-        self.pinned |= {
-            "prepare_s": t1 - t0,
-            "drain_s": t2 - t1,
-            "swap_s": time.perf_counter() - t2,
-            "workers": [p | w for p, w in zip(prepared, written)],
-        }
-        return self.pinned
-
-    async def unpin(self) -> dict:
-        if self.pinned is None:
-            raise NotFound("no merge is pinned")
-        async with self.gate.exclusive(self.cfg.drain_timeout_s):
-            t0 = time.perf_counter()
-            results = await self.engine.collective_rpc("knots_unpin")
-            await self.engine.reset_prefix_cache()
-            was, self.pinned = self.pinned, None
-        return {"unpinned": was["model"], "swap_s": time.perf_counter() - t0, "workers": results}
+            await self.group.sync(self.cfg.drain_timeout_s + 60)
+        except Unavailable as e:
+            raise Unavailable(
+                f"the change is saved and served by this API server, but not yet by every other one: {e}; "
+                f"they apply it from the store within store_poll_s ({self.cfg.store_poll_s:g} s) once they can",
+                param=None,
+            ) from None
 
     # --- experiments (admin API) ------------------------------------------------------------------------
     async def put_experiment(self, name: str, exp: Experiment) -> None:
@@ -293,6 +247,7 @@ class KnotsServer:
         async with self.state_lock:
             await asyncio.to_thread(self.experiment_store.put, name, exp.model_dump())
             self.experiments = self.experiments | {name: exp}  # swap, never mutate: requests in flight keep theirs
+        await self.in_step()
 
     async def set_weights(self, name: str, weights: dict[str, float]) -> Experiment:
         if name not in self.experiments:
@@ -317,6 +272,7 @@ class KnotsServer:
             self.book = await asyncio.to_thread(self.store.put_recipes, [recipe])
         except MergeError as e:  # unreadable recipes, a full disk, the store away: nothing written
             raise Unavailable(f"cannot save the recipe to {self.store.where('recipes')}: {e}") from None
+        await self.in_step()
         return {"recipe": dataclasses.asdict(recipe), "model": recipe_model(recipe)}
 
     async def delete_experiment(self, name: str) -> None:
@@ -325,6 +281,7 @@ class KnotsServer:
         async with self.state_lock:
             await asyncio.to_thread(self.experiment_store.delete, name)
             self.experiments = {n: e for n, e in self.experiments.items() if n != name}
+        await self.in_step()
 
     def resolve(self, name: str) -> Path | None:
         """For the vLLM resolver: where a routed merge's adapter is — only while a request holds it, so
@@ -343,6 +300,7 @@ class KnotsServer:
             if name in self.bases.adapters:
                 raise Conflict(f"task {name!r} is already registered; unregister it first")
             await self.change_pool({name: source}, set(), lambda: self.tasks.put(name, source))
+        await self.in_step()
         return self.describe(name)
 
     def admitted(self, path: str) -> str:
@@ -366,6 +324,7 @@ class KnotsServer:
             if name not in self.bases.adapters:
                 raise UnknownTask(f"unknown task {name!r}")
             await self.change_pool({}, {name}, lambda: self.tasks.delete(name))
+        await self.in_step()
 
     async def change_pool(self, add: dict[str, str], remove: set[str], write=None) -> None:
         """Every pool change, under the registry lock. While requests are served: the new adapters fetched (a

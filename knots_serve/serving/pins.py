@@ -1,0 +1,96 @@
+"""Pinning through the admin API (POST/DELETE /admin/pin): a merge written into the engine's base weights on
+every worker of every data-parallel engine (pinning.py does the write in the workers). The merge is composed
+and prepared while requests are served; only the write drains them — those of every API server process of
+this vLLM (group.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from ..atomic import atomic_write_file
+from ..methods import resolve
+from .errors import BadRequest, Conflict, NotFound, Unavailable
+from .pinning import save_factors
+
+
+async def pin(server, model: str) -> dict:
+    if not server.cfg.pinning:
+        raise Conflict("pinning is disabled in this server's config (pinning: false)", param=None)
+    sel = server.selection({"model": model})
+    if sel is None or sel.spec is None:
+        raise BadRequest(f"{model!r} is not a merge: pin a tasks:A+B[@METHOD] string or a named merge")
+    server.bases.check(sel.tasks)
+    t0 = time.perf_counter()
+    if resolve(sel.spec.method)[0] == "full":  # full-rank: composed where the weights are
+        basis = await asyncio.to_thread(server.bases.basis_file_for, sel, server.cache.cache_dir)
+        args = ("basis", str(basis), json.dumps(dataclasses.asdict(sel.spec)))
+    else:
+        path = server.cache.cache_dir / f"pin-{next(server._pins)}.safetensors"
+        lora = await server.loop.run_in_executor(server.compose_pool, server.bases.merge, sel)
+        await asyncio.to_thread(atomic_write_file, path, lambda tmp: save_factors(lora, tmp))
+        args = ("factors", str(path))
+    engine = server.engine
+    try:
+        try:
+            prepared = await rpc(engine, "knots_prepare", args)
+        except Exception as e:  # the weights are untouched: nothing to restore
+            raise Unavailable(f"preparing the pin of {model!r} failed, nothing changed: {e}") from None
+        t1 = time.perf_counter()
+        async with drained(server):
+            t2 = time.perf_counter()
+            try:
+                written = await rpc(engine, "knots_pin")
+            except Exception as e:  # back to the base weights on every worker: never half a merge
+                await rpc(engine, "knots_unpin")
+                server.pinned = None
+                raise Unavailable(f"pinning {model!r} failed, base weights restored: {e}", param=None) from None
+            finally:
+                await engine.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+            server.pinned = {
+                "model": sel.canonical,
+                "requested": model,
+                "prepare_s": t1 - t0,
+                "drain_s": t2 - t1,
+                "swap_s": time.perf_counter() - t2,
+                "workers": [p | w for p, w in zip(prepared, written)],
+            }
+    finally:
+        if args[0] == "factors":
+            Path(args[1]).unlink(missing_ok=True)
+    return server.pinned
+
+
+async def unpin(server) -> dict:
+    if server.pinned is None:
+        raise NotFound("no merge is pinned")
+    async with drained(server):
+        t0 = time.perf_counter()
+        results = await rpc(server.engine, "knots_unpin")
+        await server.engine.reset_prefix_cache()
+        was, server.pinned = server.pinned, None
+    return {"unpinned": was["model"], "swap_s": time.perf_counter() - t0, "workers": results}
+
+
+@contextlib.asynccontextmanager
+async def drained(server):
+    """No request in flight and none let in, in this API server and in every other one of the group, which
+    learns the pin state the block leaves when it is released."""
+    timeout = server.cfg.drain_timeout_s
+    async with contextlib.AsyncExitStack() as stack:
+        if server.group is not None:
+            await stack.enter_async_context(server.group.drained(timeout, lambda: server.pinned))
+        await stack.enter_async_context(server.gate.exclusive(timeout))
+        yield
+
+
+async def rpc(engine, method: str, args: tuple = ()) -> list:
+    """A PinWorker method on every worker of every engine, their answers in order. vLLM's own collective_rpc
+    runs it on every data-parallel engine but answers with the first engine's workers only."""
+    core = engine.engine_core
+    per_engine = await core.call_utility_all_async("collective_rpc", method, None, args, None)
+    return [answer for answers in per_engine for answer in answers]
