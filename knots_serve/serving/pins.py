@@ -30,7 +30,7 @@ async def pin(server, model: str) -> dict:
         basis = await asyncio.to_thread(server.bases.basis_file_for, sel, server.cache.cache_dir)
         args = ("basis", str(basis), json.dumps(dataclasses.asdict(sel.spec)))
     else:
-        path = server.cache.cache_dir / f"pin-{next(server._pins)}.safetensors"
+        path = server.cache.cache_dir / f"pin-{next(server.pin_serial)}.safetensors"
         lora = await server.loop.run_in_executor(server.compose_pool, server.bases.merge, sel)
         await asyncio.to_thread(atomic_write_file, path, lambda tmp: save_factors(lora, tmp))
         args = ("factors", str(path))
