@@ -126,6 +126,31 @@ def test_processes_writing_at_once_lose_no_update(tmp_path):
     store.close()
 
 
+def open_and_write(state_dir, start, results):
+    start.wait()
+    try:
+        store = SqliteStore(state_dir)
+        store.put("tasks", str(multiprocessing.current_process().pid), "/adapters/x")
+        results.put(sqlite3.connect(store.path).execute("PRAGMA journal_mode").fetchone()[0])
+    except StoreUnavailable as e:
+        results.put(str(e))
+
+
+def test_processes_opening_a_new_database_at_once_all_open_it_in_wal_mode(tmp_path):
+    """8 processes start on a state dir without a database, 20 times (each can be refused the switch to WAL
+    while another makes it): every one opens it, in WAL mode, and writes."""
+    ctx = multiprocessing.get_context("fork")  # started at once and fast: nothing of SQLite is open here yet
+    for attempt in range(20):
+        start, results = ctx.Barrier(8), ctx.Queue()
+        procs = [ctx.Process(target=open_and_write, args=(tmp_path / str(attempt), start, results)) for _ in range(8)]
+        for p in procs:
+            p.start()
+        assert [results.get(timeout=30) for _ in procs] == ["wal"] * 8
+        for p in procs:
+            p.join(timeout=10)
+        assert len(SqliteStore(tmp_path / str(attempt)).overlay("tasks")[0]) == 8
+
+
 def test_a_write_that_cannot_take_the_lock_is_a_503_naming_the_database_and_changes_nothing(tmp_path):
     store = SqliteStore(tmp_path, busy_timeout_s=0.1)
     store.put("tasks", "a", "/adapters/a")

@@ -311,7 +311,7 @@ class RedisStore(Store):
         self.db.close()
 
 
-SCHEMA_VERSION = 1  # PRAGMA user_version of the databases this code reads; a new one migrates from the older
+SCHEMA_VERSION = 1  # PRAGMA user_version of the databases this code writes; a change migrates the older ones
 SCHEMA = (
     "CREATE TABLE versions (kind TEXT PRIMARY KEY, version INTEGER NOT NULL)",
     "CREATE TABLE added (kind TEXT, name TEXT, value TEXT NOT NULL, PRIMARY KEY (kind, name))",
@@ -338,18 +338,31 @@ class SqliteStore(Store):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level None: no transaction opened behind our back; each write opens its own
             self.db = sqlite3.connect(self.path, busy_timeout_s, isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")  # readers wait neither for the writer nor it for them
+            self._wal(time.monotonic() + busy_timeout_s)
         with self._transaction("create the tables") as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise MergeError(
-                    f"store {self.location}: schema version {version}, newer than this knots-serve's "
-                    f"({SCHEMA_VERSION}): upgrade knots-serve"
-                )
             if version == 0:
                 for statement in SCHEMA:
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if version > SCHEMA_VERSION:
+            self.db.close()
+            raise MergeError(
+                f"store {self.location}: schema version {version}, newer than this knots-serve's "
+                f"({SCHEMA_VERSION}): upgrade knots-serve"
+            )
+
+    def _wal(self, deadline: float) -> None:
+        """WAL: readers wait neither for the writer nor it for them. Processes opening a new database at once
+        can be refused the switch without SQLite waiting on the lock (it would deadlock): try again."""
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     @contextmanager
     def _errors(self, what: str):
