@@ -6,6 +6,10 @@ import asyncio
 import json
 import types
 
+import httpx
+from fastapi import FastAPI
+
+from knots_serve.serving.api import router
 from knots_serve.serving.config import load_config
 from knots_serve.serving.middleware import KnotsMiddleware
 from knots_serve.serving.server import KnotsServer
@@ -71,3 +75,13 @@ async def call(mw, model=None, path="/v1/chat/completions", body=None, headers=(
     scope = {"type": "http", "method": "POST", "path": path, "headers": list(headers), "client": client}
     await mw(scope, receive, send)
     return sent[0]["status"], dict(sent[0]["headers"]), json.loads(sent[1]["body"])
+
+
+async def admin(server, method, path, json=None, key=None):
+    """One call to the admin routes (api.py) of `server`, with `key` as the bearer token: (status, JSON body)."""
+    app = FastAPI()
+    app.include_router(router)
+    app.state.knots = server
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://server") as client:
+        r = await client.request(method, path, json=json, headers={"authorization": f"Bearer {key}"})
+    return r.status_code, r.json()

@@ -9,17 +9,15 @@ import shutil
 import subprocess
 import time
 
-import httpx
 import pytest
 import yaml
 from asgi_edge import Engine, call, make_server
+from asgi_edge import admin as admin_call
 from conftest import ADMIN_KEY, ENGINE_ARGS
-from fastapi import FastAPI
 from server_process import CLI, start_server
 from test_serving import PROMPTS, complete, http
 
 from knots_serve.compose import MergeError
-from knots_serve.serving.api import router
 from knots_serve.serving.config import load_config
 from knots_serve.serving.experiments import Experiment, assign
 from knots_serve.serving.middleware import KnotsMiddleware
@@ -88,13 +86,7 @@ def replicas(tmp_path, tiny_adapters, redis, monkeypatch):
                 return await call(KnotsMiddleware(engine), body=body, headers=headers)
 
             async def admin(replica, method, path, json=None):
-                app = FastAPI()
-                app.include_router(router)
-                app.state.knots = replica
-                transport = httpx.ASGITransport(app)
-                async with httpx.AsyncClient(transport=transport, base_url="http://replica") as client:
-                    r = await client.request(method, path, json=json, headers={"authorization": f"Bearer {KEY}"})
-                return r.status_code, r.json()
+                return await admin_call(replica, method, path, json, KEY)
 
             try:
                 await test(a, b, on, admin)

@@ -70,7 +70,8 @@ class ServeConfig(BaseModel):
     store: str = Field(
         "files",
         description="where the runtime changes (tasks, experiments, recipes, A/B feedback) are kept: files (JSON "
-        "in state_dir, one host) or redis://HOST:PORT/DB, shared by replicas (docs/DEPLOY.md)",
+        "in state_dir, one server process), sqlite (state_dir/knots.sqlite3, shared by the server processes of "
+        "one host) or redis://HOST:PORT/DB, shared by replicas on several hosts (docs/DEPLOY.md)",
     )
     store_poll_s: float = Field(
         1.0, gt=0, le=3600, description="how often a server applies what other replicas changed in the store"

@@ -7,6 +7,8 @@ A tiny abstract class and its backends, chosen by the config's `store`:
 - `files` (the default, one host): JSON files in state_dir (tasks.json, experiments.json, recipes.json,
   feedback.json), each written atomically (atomic.py); response ids in this process's memory (the last
   MAX_IDS).
+- `sqlite` (one host, several server processes): one SQLite database, state_dir/knots.sqlite3 (WAL); each
+  write is one transaction; response ids kept RESPONSE_TTL_S.
 - `redis://HOST:PORT/DB` (`rediss://`, `unix:///PATH?db=N`), many hosts: every replica on one Redis (not a
   Cluster); each write is one transaction (MULTI/EXEC or a Lua script); response ids expire after
   RESPONSE_TTL_S.
@@ -21,9 +23,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,7 +40,7 @@ from .errors import Unavailable
 KINDS = ("tasks", "experiments", "recipes")  # what servers poll for, in the order they apply it
 REMOTE = ("redis://", "rediss://", "unix://")
 MAX_IDS = 100_000  # response ids a file store remembers for feedback
-RESPONSE_TTL_S = 7 * 24 * 3600  # how long a Redis store accepts feedback for a response
+RESPONSE_TTL_S = 7 * 24 * 3600  # how long a Redis or SQLite store accepts feedback for a response
 
 
 class StoreUnavailable(Unavailable):
@@ -90,13 +95,30 @@ class Store(ABC):
 
 
 def check_store(spec: str) -> str:
-    if spec != "files" and not spec.startswith(REMOTE):
-        raise ValueError(f"store {spec!r}: use 'files' (JSON in state_dir, one host) or redis://HOST:PORT/DB")
+    if spec not in ("files", "sqlite") and not spec.startswith(REMOTE):
+        raise ValueError(
+            f"store {spec!r}: use 'files' (JSON in state_dir, one process), 'sqlite' (state_dir/knots.sqlite3, "
+            "the processes of one host) or redis://HOST:PORT/DB"
+        )
     return spec
 
 
 def open_store(spec: str, state_dir: Path) -> Store:
-    return FileStore(state_dir) if check_store(spec) == "files" else RedisStore(spec)
+    if check_store(spec) == "files":
+        return FileStore(state_dir)
+    return SqliteStore(state_dir) if spec == "sqlite" else RedisStore(spec)
+
+
+def recipe_rows(recipes) -> dict[str, str]:
+    """A database's rows for recipes: subset key -> JSON of the recipe."""
+    return {r.key: json.dumps(asdict(r)) for r in recipes}
+
+
+def book_of_rows(rows, where: str) -> RecipeBook:
+    try:
+        return RecipeBook.from_json({"version": VERSION, "recipes": [json.loads(v) for v in rows]})
+    except ValueError as e:  # MergeError is a ValueError
+        raise MergeError(f"unreadable recipes in {where}: {e}") from None
 
 
 def read_json(path: Path, default):
@@ -255,13 +277,10 @@ class RedisStore(Store):
 
     def recipes(self):
         rows = self._run("read the recipes", lambda: self.db.hgetall(self._key("recipes")))
-        try:
-            return RecipeBook.from_json({"version": VERSION, "recipes": [json.loads(v) for v in rows.values()]})
-        except ValueError as e:  # MergeError is a ValueError
-            raise MergeError(f"unreadable recipes in {self.where('recipes')}: {e}") from None
+        return book_of_rows(rows.values(), self.where("recipes"))
 
     def put_recipes(self, recipes):
-        docs = {r.key: json.dumps(asdict(r)) for r in recipes}
+        docs = recipe_rows(recipes)
         self._write("save the recipes", "recipes", lambda p: p.hset(self._key("recipes"), mapping=docs))
         return self.recipes()
 
@@ -290,6 +309,154 @@ class RedisStore(Store):
 
     def close(self):
         self.db.close()
+
+
+SCHEMA_VERSION = 1  # PRAGMA user_version of the databases this code writes; a change migrates the older ones
+SCHEMA = (
+    "CREATE TABLE versions (kind TEXT PRIMARY KEY, version INTEGER NOT NULL)",
+    "CREATE TABLE added (kind TEXT, name TEXT, value TEXT NOT NULL, PRIMARY KEY (kind, name))",
+    "CREATE TABLE removed (kind TEXT, name TEXT, PRIMARY KEY (kind, name))",
+    "CREATE TABLE recipes (subset TEXT PRIMARY KEY, recipe TEXT NOT NULL)",
+    "CREATE TABLE responses (id TEXT PRIMARY KEY, experiment TEXT NOT NULL, arm TEXT NOT NULL, score REAL,"
+    " at REAL NOT NULL)",
+    "CREATE INDEX responses_at ON responses (at)",  # pruning old ids: a range of the index, most often empty
+    "CREATE TABLE feedback (experiment TEXT, arm TEXT, n INTEGER NOT NULL, s REAL NOT NULL, ss REAL NOT NULL,"
+    " PRIMARY KEY (experiment, arm))",
+)
+
+
+class SqliteStore(Store):
+    """state_dir/knots.sqlite3, shared by the server processes of one host. Tables: versions (kind -> counter,
+    bumped in the transaction of every write), added (kind, name -> JSON), removed (kind, name), recipes
+    (subset -> JSON), responses (id -> experiment, arm, score, time), feedback ((experiment, arm) -> n, s, ss)."""
+
+    def __init__(self, state_dir: Path, busy_timeout_s: float = 5.0):
+        self.path = Path(state_dir) / "knots.sqlite3"
+        self.location = str(self.path)
+        self._lock = threading.Lock()  # one connection, taken in turn by the server's worker threads
+        with self._errors("open the database"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level None: no transaction opened behind our back; each write opens its own
+            self.db = sqlite3.connect(self.path, busy_timeout_s, isolation_level=None, check_same_thread=False)
+            self._wal(time.monotonic() + busy_timeout_s)
+        with self._transaction("create the tables") as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                for statement in SCHEMA:
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if version > SCHEMA_VERSION:
+            self.db.close()
+            raise MergeError(
+                f"store {self.location}: schema version {version}, newer than this knots-serve's "
+                f"({SCHEMA_VERSION}): upgrade knots-serve"
+            )
+
+    def _wal(self, deadline: float) -> None:
+        """WAL: readers wait neither for the writer nor it for them. Processes opening a new database at once
+        can be refused the switch without SQLite waiting on the lock (it would deadlock): try again."""
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
+    @contextmanager
+    def _errors(self, what: str):
+        try:
+            yield
+        except (sqlite3.Error, OSError) as e:  # locked past the busy timeout, disk full, not a database
+            raise StoreUnavailable(f"store {self.location}: cannot {what}: {e}") from None
+
+    @contextmanager
+    def _transaction(self, what: str):
+        """BEGIN IMMEDIATE takes the write lock before the first read, so no other process writes between what
+        a transaction reads and what it writes; an error rolls all of it back."""
+        with self._lock, self._errors(what):
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.rollback()
+                raise
+
+    @contextmanager
+    def _write(self, what: str, kind: str):
+        """A transaction that bumps the kind's version with what it writes: the polls see every write."""
+        with self._transaction(what) as db:
+            yield db
+            bump = "INSERT INTO versions VALUES (?, 1) ON CONFLICT (kind) DO UPDATE SET version = version + 1"
+            db.execute(bump, (kind,))
+
+    def _read(self, what: str, query: str, *args) -> list:
+        with self._lock, self._errors(what):
+            return self.db.execute(query, args).fetchall()
+
+    def versions(self):
+        return dict(self._read("read the versions", "SELECT kind, version FROM versions"))
+
+    def overlay(self, kind):
+        # one statement, so one snapshot of both tables; a removed name comes with the value NULL
+        query = "SELECT name, value FROM added WHERE kind = ?1 UNION ALL SELECT name, NULL FROM removed WHERE kind = ?1"
+        rows = self._read(f"read the {kind}", query, kind)
+        return {n: json.loads(v) for n, v in rows if v is not None}, {n for n, v in rows if v is None}
+
+    def put(self, kind, name, value):
+        with self._write(f"save {kind} {name!r}", kind) as db:
+            db.execute("INSERT OR REPLACE INTO added VALUES (?, ?, ?)", (kind, name, json.dumps(value)))
+            db.execute("DELETE FROM removed WHERE kind = ? AND name = ?", (kind, name))
+
+    def delete(self, kind, name, tombstone):
+        with self._write(f"remove {kind} {name!r}", kind) as db:
+            db.execute("DELETE FROM added WHERE kind = ? AND name = ?", (kind, name))
+            if tombstone:
+                db.execute("INSERT OR IGNORE INTO removed VALUES (?, ?)", (kind, name))
+
+    def recipes(self):
+        rows = self._read("read the recipes", "SELECT recipe FROM recipes")
+        return book_of_rows([recipe for (recipe,) in rows], self.where("recipes"))
+
+    def put_recipes(self, recipes):
+        with self._write("save the recipes", "recipes") as db:
+            db.executemany("INSERT OR REPLACE INTO recipes VALUES (?, ?)", recipe_rows(recipes).items())
+        return self.recipes()
+
+    def remember(self, response_id, experiment, arm):
+        now = time.time()
+        with self._transaction("remember the response") as db:
+            db.execute(
+                "INSERT INTO responses VALUES (?, ?, ?, NULL, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+                (response_id, experiment, arm, now),
+            )
+            db.execute("DELETE FROM responses WHERE at < ?", (now - RESPONSE_TTL_S,))
+
+    def record(self, response_id, score):
+        score = float(score)
+        with self._transaction("save the feedback") as db:
+            row = db.execute("SELECT experiment, arm, score FROM responses WHERE id = ?", (response_id,)).fetchone()
+            if row is None:
+                raise KeyError(response_id)
+            experiment, arm, before = row
+            if before is None:
+                db.execute("UPDATE responses SET score = ? WHERE id = ?", (score, response_id))
+                db.execute(
+                    "INSERT INTO feedback VALUES (?, ?, 1, ?, ?) ON CONFLICT (experiment, arm) DO UPDATE"
+                    " SET n = n + 1, s = s + excluded.s, ss = ss + excluded.ss",
+                    (experiment, arm, score, score * score),
+                )
+        return experiment, arm, before
+
+    def feedback(self, experiment):
+        query = "SELECT arm, n, s, ss FROM feedback WHERE experiment = ?"
+        return {arm: [n, s, ss] for arm, n, s, ss in self._read("read the feedback", query, experiment)}
+
+    def close(self):
+        with self._lock:
+            self.db.close()
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:
