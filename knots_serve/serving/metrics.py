@@ -12,7 +12,8 @@ COMPOSE_QUEUE = Gauge("knots_compose_queue_depth", "new merges waiting for a com
 COMPOSE_BUSY = Counter("knots_compose_busy", "new merges refused (503, Retry-After) because too many were pending")
 CACHE = Counter(
     "knots_compose_cache",
-    "composed-adapter cache lookups (hit, miss, wait: joined a compose already under way)",
+    "composed-adapter cache lookups (hit, miss, wait: joined a compose already under way; linked: a miss served "
+    "by another API server's compose of it, group.py)",
     ["result"],
 )
 CACHE_BYTES = Gauge("knots_compose_cache_bytes", "bytes of composed adapters in the tmpfs cache")
