@@ -48,6 +48,7 @@ def main() -> None:
         os.environ.pop(RUNTIME_LORA, None)
         GROUPS.mkdir(exist_ok=True)
         group, _lock = owned_dirs.claim(GROUPS)  # the lock is held until this process ends
+        group.chmod(0o700)  # its sockets drain and resync the server: this user's processes only
         owned_dirs.remove_dead(GROUPS, group)
         os.environ[GROUP_ENV] = str(group)
     serve.cmd(args)
