@@ -193,10 +193,9 @@ class AdapterCache:
         return hit
 
     def _compose(self, sel: Selection, generation: int, hold: bool) -> Composed:
-        t0 = time.perf_counter()
         while True:
             path, pool = self._make(sel)
-            composed = self._add(sel, path, generation, pool, hold, t0)
+            composed = self._add(sel, path, generation, pool, hold)
             if composed is not None:
                 return composed
             generation = self._generation  # made in a pool that has since been replaced: again, in the new one
@@ -213,7 +212,9 @@ class AdapterCache:
                 with self._group_lock(key):
                     path = self.cache_dir / f"{key}-{next(self._serial)}"
                     if not self._link_from_group(key, path):
+                        t0 = time.perf_counter()
                         self._save(self.store.merge(sel), path, sel.canonical)  # never truncated silently
+                        metrics.COMPOSE_SECONDS.observe(time.perf_counter() - t0)
                 return path, pool
             finally:
                 metrics.COMPOSE_RUNNING.dec()
@@ -255,10 +256,9 @@ class AdapterCache:
                 continue
         return False
 
-    def _add(self, sel: Selection, path: Path, generation: int, pool: str, hold: bool, t0: float) -> Composed | None:
+    def _add(self, sel: Selection, path: Path, generation: int, pool: str, hold: bool) -> Composed | None:
         """Cache the merge's files; None (and the files deleted) if they were made in a pool since replaced."""
         composed = Composed(sel.canonical, path, _dir_bytes(path), json.loads((path / CONFIG_NAME).read_text())["r"])
-        metrics.COMPOSE_SECONDS.observe(time.perf_counter() - t0)
         with self._lock:
             stale = generation != self._generation or pool != self.store.pool_id
             if not stale:
