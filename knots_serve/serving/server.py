@@ -27,6 +27,8 @@ from .registry import experiment_table, task_table
 from .store import open_store
 from .sync import StoreSync
 
+SYNC_S = 600  # beyond the drain: what another API server may take to apply a change (a pool's basis build)
+
 
 @dataclass(frozen=True)
 class Route:
@@ -223,7 +225,7 @@ class KnotsServer:
         if self.group is None:
             return
         try:
-            await self.group.sync(self.cfg.drain_timeout_s + 60)
+            await self.group.sync(self.cfg.drain_timeout_s + SYNC_S)
         except Unavailable as e:
             raise Unavailable(
                 f"the change is saved and served by this API server, but not yet by every other one: {e}; "
