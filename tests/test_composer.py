@@ -11,6 +11,7 @@ import torch
 from tiny import random_adapter
 
 from knots_serve.adapters import load_adapter
+from knots_serve.basis import Basis
 from knots_serve.compose import MergeError
 from knots_serve.serving import metrics
 from knots_serve.serving.adapter_cache import AdapterCache
@@ -137,6 +138,28 @@ def test_shared_basis_is_loaded_from_its_file_when_the_pool_matches(tmp_path):
     assert all(torch.equal(a.modules[m].A, b.modules[m].A) for m in a.modules)
     new_cache(pool(3), tmp_path / "c", 1 << 20, 64, basis_file=file)
     assert file.stat().st_mtime_ns != mtime  # another pool: rebuilt and saved
+
+
+def test_a_pool_change_loads_the_basis_another_process_saved_for_that_pool_and_only_that_pool(tmp_path):
+    """Several API servers (group.py): the one that changed the pool saves its new basis; the others load it
+    instead of building it, but never for another pool."""
+    first, second = BasisStore(pool(3), "cpu"), BasisStore(pool(3), "cpu")
+    first.set_pool(pool(4))
+    saved = Basis.load(first.save_basis(tmp_path))
+    module = next(iter(saved.modules))
+    saved.modules[module].coef[0].add_(1.0)  # a mark only a load can carry (the fingerprint is kept)
+    saved.save(tmp_path / "marked.safetensors")
+
+    def coef(prepared):
+        return prepared["_bases"]["knots"].modules[module].coef[0]
+
+    assert torch.equal(
+        coef(second.prepare(pool(4), basis_from=tmp_path / "marked.safetensors")), saved.modules[module].coef[0]
+    )
+    assert not torch.equal(coef(second.prepare(pool(4))), saved.modules[module].coef[0])  # built: no mark
+    other = second.prepare(pool(5), basis_from=tmp_path / "marked.safetensors")  # another pool: built
+    assert other["_bases"]["knots"].fingerprint != saved.fingerprint
+    assert second.save_basis(tmp_path) is not None and BasisStore({}, "cpu").save_basis(tmp_path) is None
 
 
 def test_servers_sharing_a_cache_dir_remove_only_dead_servers_files(tmp_path):

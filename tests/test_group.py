@@ -67,6 +67,8 @@ def test_a_registration_through_one_api_server_is_served_by_the_other_when_the_c
     async def test(a, b, on, engine):
         await a.register("delta", str(tmp_path / "adapters" / "delta"))
         assert "delta" in b.bases.adapters  # applied by b before a's call returned
+        assert b.bases.pool_id == a.bases.pool_id
+        assert not list(a.cache.cache_dir.glob("basis-*"))  # the basis a saved for b: gone once b applied it
         assert (await on(b, "tasks:alpha+delta@knots-ta"))[0] == 200
         await b.unregister("delta")
         assert "delta" not in a.bases.adapters

@@ -73,14 +73,15 @@ class BasisStore:
     def set_pool(self, adapters: dict[str, LoraAdapter]) -> None:
         self.install(self.prepare(adapters))
 
-    def prepare(self, adapters: dict[str, LoraAdapter]) -> dict:
-        """A new pool, ready to install: checked, its shared KnOTS basis built (or loaded) on the device, its
-        factors there. The slow part of a pool change; requests keep being served from the old pool
-        meanwhile. Raises AdapterError for an incompatible pool."""
+    def prepare(self, adapters: dict[str, LoraAdapter], basis_from: Path | None = None) -> dict:
+        """A new pool, ready to install: checked, its shared KnOTS basis built (or loaded: from `basis_from`,
+        another process's save_basis of this pool, or from basis_file) on the device, its factors there. The
+        slow part of a pool change; requests keep being served from the old pool meanwhile. Raises
+        AdapterError for an incompatible pool."""
         pool = list(adapters.values())
         if pool:
             check_compatible(pool)
-        knots = self._load_or_build(pool) if pool else None
+        knots = self._load_or_build(pool, basis_from) if pool else None
         on_device = {
             n: LoraAdapter(
                 a.name,
@@ -104,11 +105,12 @@ class BasisStore:
             self.__dict__.update(prepared)
             self._subset: OrderedDict[tuple, Basis] = OrderedDict()
 
-    def _load_or_build(self, pool: list[LoraAdapter]) -> Basis:
-        if self.basis_file and self.basis_file.exists():
-            saved = Basis.load(self.basis_file)
-            if saved.fingerprint == fingerprint(pool, "knots", DEFAULT_RTOL):
-                return saved.to(self.device)
+    def _load_or_build(self, pool: list[LoraAdapter], basis_from: Path | None = None) -> Basis:
+        for path in (basis_from, self.basis_file):
+            if path and path.exists():
+                saved = Basis.load(path)
+                if saved.fingerprint == fingerprint(pool, "knots", DEFAULT_RTOL):  # never another pool's
+                    return saved.to(self.device)
         basis = build_basis(pool, "knots", device=self.device)
         if self.basis_file:
             self.basis_file.parent.mkdir(parents=True, exist_ok=True)
@@ -200,6 +202,16 @@ class BasisStore:
         else:
             lora = merge_lora(self.basis(space, sel.basis, sel.tasks), sel.spec, max_rank=None)
         return to_host(lora)
+
+    def save_basis(self, directory: Path) -> Path | None:
+        """The pool's shared basis saved under `directory`, for another process with this pool to load
+        instead of building it (prepare's basis_from); None for an empty pool."""
+        knots = self._bases.get("knots")
+        if knots is None:
+            return None
+        path = directory / f"basis-knots-{knots.fingerprint}.safetensors"
+        knots.to("cpu").save(path)
+        return path
 
     def basis_file_for(self, sel: Selection, directory: Path) -> Path:
         """The basis a merge is composed in, saved under `directory` (for the engine's workers to load)."""

@@ -219,19 +219,24 @@ class KnotsServer:
     def check_model(self, model: str) -> None:
         check_model(model, self.cfg, self.bases.adapters, self.choose)
 
-    async def in_step(self) -> None:
+    async def in_step(self, pool_changed: bool = False) -> None:
         """After an admin change this process wrote to the store: with several API server processes, answer
-        only once every other one serves it too (group.py)."""
+        only once every other one serves it too (group.py). After a pool change they load the new pool's
+        basis this process built rather than build it again."""
         if self.group is None:
             return
+        basis = await asyncio.to_thread(self.bases.save_basis, self.cache.cache_dir) if pool_changed else None
         try:
-            await self.group.sync(self.cfg.drain_timeout_s + SYNC_S)
+            await self.group.sync(self.cfg.drain_timeout_s + SYNC_S, basis)
         except Unavailable as e:
             raise Unavailable(
                 f"the change is saved and served by this API server, but not yet by every other one: {e}; "
                 f"they apply it from the store within store_poll_s ({self.cfg.store_poll_s:g} s) once they can",
                 param=None,
             ) from None
+        finally:
+            if basis is not None:
+                basis.unlink(missing_ok=True)
 
     # --- experiments (admin API) ------------------------------------------------------------------------
     async def put_experiment(self, name: str, exp: Experiment) -> None:
@@ -302,7 +307,7 @@ class KnotsServer:
             if name in self.bases.adapters:
                 raise Conflict(f"task {name!r} is already registered; unregister it first")
             await self.change_pool({name: source}, set(), lambda: self.tasks.put(name, source))
-        await self.in_step()
+        await self.in_step(pool_changed=True)
         return self.describe(name)
 
     def admitted(self, path: str) -> str:
@@ -326,9 +331,9 @@ class KnotsServer:
             if name not in self.bases.adapters:
                 raise UnknownTask(f"unknown task {name!r}")
             await self.change_pool({}, {name}, lambda: self.tasks.delete(name))
-        await self.in_step()
+        await self.in_step(pool_changed=True)
 
-    async def change_pool(self, add: dict[str, str], remove: set[str], write=None) -> None:
+    async def change_pool(self, add: dict[str, str], remove: set[str], write=None, basis_from=None) -> None:
         """Every pool change, under the registry lock. While requests are served: the new adapters fetched (a
         Hub download) and loaded, the new pool's basis built. Then drained: the new adapters loaded into vLLM,
         the change written to the store (`write`; one applied from another replica is there already), the new
@@ -337,7 +342,7 @@ class KnotsServer:
         stamps = {n: _stamp(p / WEIGHTS_NAME) for n, p in local.items()}
         loaded = {n: await asyncio.to_thread(load_adapter, p, n) for n, p in local.items()}
         pool = {n: a for n, a in self.bases.adapters.items() if n not in remove} | loaded
-        prepared = await asyncio.to_thread(self.bases.prepare, pool)
+        prepared = await asyncio.to_thread(self.bases.prepare, pool, basis_from)
         async with self.gate.exclusive(self.cfg.drain_timeout_s):  # drained, like a pin: docs/RELIABILITY.md
             table = self.models.lora_requests
             dropped = {n: table.pop(n) for n in remove if n in table}
