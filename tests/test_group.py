@@ -117,6 +117,23 @@ def test_a_drain_closes_every_api_server_of_the_group_and_hands_the_pin_state_ov
     group(test, drain_timeout_s=0.3)
 
 
+def test_one_pin_at_a_time_in_the_group(group):
+    """A pin prepares its merge in the workers, then writes it: another pin, through any API server, waits."""
+
+    async def test(a, b, on, engine):
+        async def pin_through_b():
+            async with pins.one_at_a_time(b):
+                pass
+
+        async with pins.one_at_a_time(a):
+            other = asyncio.ensure_future(pin_through_b())
+            await asyncio.sleep(0.2)
+            assert not other.done()  # waits for a's to end
+        await asyncio.wait_for(other, 5)
+
+    group(test)
+
+
 def test_a_new_merge_is_composed_once_for_the_group_and_each_process_owns_its_files(group):
     def weights(server, name):
         return next(c.path for c in server.cache.cached() if c.name == name) / "adapter_model.safetensors"

@@ -12,8 +12,9 @@ process that takes an admin call tells the others, over their sockets, one JSON 
   the pin state after the swap) or until the caller's connection drops, so a caller that dies never leaves the
   others closed.
 
-One swap at a time in the group (a flock on `swap.lock`): two processes pinning at once would each wait for
-the other's gate.
+One pin at a time in the group (`swap_lock`, a flock on `swap.lock`; pins.py): a pin prepares its merge in the
+workers, then writes it; another pin in between would change what is written (and two drains at once would
+each wait for the other's gate).
 """
 
 from __future__ import annotations
@@ -91,20 +92,19 @@ class Group:
     @contextlib.asynccontextmanager
     async def drained(self, timeout: float, pinned):
         """Every other API server drained and closed for the block; released with `pinned()` (the pin state
-        the block leaves), also when the block fails."""
-        async with self._swap_lock(timeout):
-            conns = await self._connect()
+        the block leaves), also when the block fails. Under swap_lock."""
+        conns = await self._connect()
+        try:
+            await self._ask(conns, {"op": "drain", "timeout": timeout}, timeout + 5)
             try:
-                await self._ask(conns, {"op": "drain", "timeout": timeout}, timeout + 5)
-                try:
-                    yield
-                finally:
-                    await self._ask(conns, {"op": "release", "pinned": pinned()}, 60)
+                yield
             finally:
-                _close(conns)
+                await self._ask(conns, {"op": "release", "pinned": pinned()}, 60)
+        finally:
+            _close(conns)
 
     @contextlib.asynccontextmanager
-    async def _swap_lock(self, timeout: float):
+    async def swap_lock(self, timeout: float):
         fd = os.open(self.path / "swap.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             deadline = time.monotonic() + timeout
@@ -115,7 +115,7 @@ class Group:
                 except BlockingIOError:
                     if time.monotonic() > deadline:
                         raise Unavailable(
-                            f"another API server's weight swap did not end within {timeout:g} s; try again",
+                            f"another API server's pin did not end within {timeout:g} s; try again",
                             retry_after=1,
                             param=None,
                         ) from None

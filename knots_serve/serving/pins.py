@@ -17,6 +17,8 @@ from ..methods import resolve
 from .errors import BadRequest, Conflict, NotFound, Unavailable
 from .pinning import save_factors
 
+PIN_WAIT_S = 600  # beyond the drain: how long a pin waits for another one (its prepare) to end
+
 
 async def pin(server, model: str) -> dict:
     if not server.cfg.pinning:
@@ -36,44 +38,57 @@ async def pin(server, model: str) -> dict:
         args = ("factors", str(path))
     engine = server.engine
     try:
-        try:
-            prepared = await rpc(engine, "knots_prepare", args)
-        except Exception as e:  # the weights are untouched: nothing to restore
-            raise Unavailable(f"preparing the pin of {model!r} failed, nothing changed: {e}") from None
-        t1 = time.perf_counter()
-        async with drained(server):
-            t2 = time.perf_counter()
+        async with one_at_a_time(server):
             try:
-                written = await rpc(engine, "knots_pin")
-            except Exception as e:  # back to the base weights on every worker: never half a merge
-                await rpc(engine, "knots_unpin")
-                server.pinned = None
-                raise Unavailable(f"pinning {model!r} failed, base weights restored: {e}", param=None) from None
-            finally:
-                await engine.reset_prefix_cache()  # cached KV blocks were computed with the old weights
-            server.pinned = {
-                "model": sel.canonical,
-                "requested": model,
-                "prepare_s": t1 - t0,
-                "drain_s": t2 - t1,
-                "swap_s": time.perf_counter() - t2,
-                "workers": [p | w for p, w in zip(prepared, written)],
-            }
+                prepared = await rpc(engine, "knots_prepare", args)
+            except Exception as e:  # the weights are untouched: nothing to restore
+                raise Unavailable(f"preparing the pin of {model!r} failed, nothing changed: {e}") from None
+            t1 = time.perf_counter()
+            async with drained(server):
+                t2 = time.perf_counter()
+                try:
+                    written = await rpc(engine, "knots_pin")
+                except Exception as e:  # back to the base weights on every worker: never half a merge
+                    await rpc(engine, "knots_unpin")
+                    server.pinned = None
+                    raise Unavailable(f"pinning {model!r} failed, base weights restored: {e}", param=None) from None
+                finally:
+                    await engine.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+                pinned = server.pinned = {
+                    "model": sel.canonical,
+                    "requested": model,
+                    "prepare_s": t1 - t0,
+                    "drain_s": t2 - t1,
+                    "swap_s": time.perf_counter() - t2,
+                    "workers": [p | w for p, w in zip(prepared, written)],
+                }
     finally:
         if args[0] == "factors":
             Path(args[1]).unlink(missing_ok=True)
-    return server.pinned
+    return pinned
 
 
 async def unpin(server) -> dict:
-    if server.pinned is None:
-        raise NotFound("no merge is pinned")
-    async with drained(server):
-        t0 = time.perf_counter()
-        results = await rpc(server.engine, "knots_unpin")
-        await server.engine.reset_prefix_cache()
-        was, server.pinned = server.pinned, None
+    async with one_at_a_time(server):
+        if server.pinned is None:
+            raise NotFound("no merge is pinned")
+        async with drained(server):
+            t0 = time.perf_counter()
+            results = await rpc(server.engine, "knots_unpin")
+            await server.engine.reset_prefix_cache()
+            was, server.pinned = server.pinned, None
     return {"unpinned": was["model"], "swap_s": time.perf_counter() - t0, "workers": results}
+
+
+@contextlib.asynccontextmanager
+async def one_at_a_time(server):
+    """One pin or unpin at a time, in this API server and in its group: knots_prepare leaves its merge in the
+    workers for the knots_pin that follows, and another pin in between would change what is written."""
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(server.pin_lock)
+        if server.group is not None:
+            await stack.enter_async_context(server.group.swap_lock(server.cfg.drain_timeout_s + PIN_WAIT_S))
+        yield
 
 
 @contextlib.asynccontextmanager

@@ -82,6 +82,7 @@ class KnotsServer:
         self.outcomes = Outcomes(self.store)
         self.new_merges = RateLimit(cfg.new_merge_rate, cfg.new_merge_burst)
         self.pin_serial = itertools.count()  # pins.py: a new factors file per pin
+        self.pin_lock = asyncio.Lock()  # pins.py: one pin or unpin at a time
         self.group = None  # with several API server processes, the others (group.py; set by the endpoint plugin)
         self.store_sync.start()
 
