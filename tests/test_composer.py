@@ -15,7 +15,7 @@ from knots_serve.basis import Basis
 from knots_serve.compose import MergeError
 from knots_serve.serving import metrics
 from knots_serve.serving.adapter_cache import AdapterCache
-from knots_serve.serving.basis_store import BasisStore, UnknownTask
+from knots_serve.serving.basis_store import SHARED_BASIS, BasisStore, UnknownTask
 from knots_serve.serving.names import parse_field, parse_model
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (32, 32), "model.layers.0.self_attn.v_proj": (16, 32)}
@@ -140,26 +140,28 @@ def test_shared_basis_is_loaded_from_its_file_when_the_pool_matches(tmp_path):
     assert file.stat().st_mtime_ns != mtime  # another pool: rebuilt and saved
 
 
-def test_a_pool_change_loads_the_basis_another_process_saved_for_that_pool_and_only_that_pool(tmp_path):
-    """Several API servers (group.py): the one that changed the pool saves its new basis; the others load it
-    instead of building it, but never for another pool."""
-    first, second = BasisStore(pool(3), "cpu"), BasisStore(pool(3), "cpu")
-    first.set_pool(pool(4))
-    saved = Basis.load(first.save_basis(tmp_path))
+def test_a_pool_change_loads_the_basis_another_api_server_saved_for_that_pool_and_only_that_pool(tmp_path):
+    """Several API servers (group.py): the one that changes the pool saves its new basis in its cache dir; the
+    others find it there by the pool's fingerprint and load it instead of building it, never for another pool."""
+    owner = tmp_path / "knots-1-000000000000"  # another server's instance dir under the shared cache_dir
+    owner.mkdir()
+    path = BasisStore.save_basis(BasisStore(pool(3), "cpu").prepare(pool(4)), owner)
+    saved = Basis.load(path)
     module = next(iter(saved.modules))
     saved.modules[module].coef[0].add_(1.0)  # a mark only a load can carry (the fingerprint is kept)
-    saved.save(tmp_path / "marked.safetensors")
+    saved.save(path)
+    other = BasisStore(pool(3), "cpu")
 
     def coef(prepared):
         return prepared["_bases"]["knots"].modules[module].coef[0]
 
-    assert torch.equal(
-        coef(second.prepare(pool(4), basis_from=tmp_path / "marked.safetensors")), saved.modules[module].coef[0]
-    )
-    assert not torch.equal(coef(second.prepare(pool(4))), saved.modules[module].coef[0])  # built: no mark
-    other = second.prepare(pool(5), basis_from=tmp_path / "marked.safetensors")  # another pool: built
-    assert other["_bases"]["knots"].fingerprint != saved.fingerprint
-    assert second.save_basis(tmp_path) is not None and BasisStore({}, "cpu").save_basis(tmp_path) is None
+    assert not torch.equal(coef(other.prepare(pool(4))), saved.modules[module].coef[0])  # not shared: built
+    other.shared_root = tmp_path
+    assert torch.equal(coef(other.prepare(pool(4))), saved.modules[module].coef[0])  # loaded
+    five = other.prepare(pool(5))["_bases"]["knots"].fingerprint
+    path.rename(owner / SHARED_BASIS.format(five))  # pool 4's basis under pool 5's name
+    assert other.prepare(pool(5))["_bases"]["knots"].fingerprint == five  # refused: built
+    assert BasisStore.save_basis(BasisStore({}, "cpu").prepare({}), owner) is None  # an empty pool
 
 
 def test_servers_sharing_a_cache_dir_remove_only_dead_servers_files(tmp_path):

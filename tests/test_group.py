@@ -40,10 +40,7 @@ def group(tmp_path, tiny_adapters):
                 (tmp_path / str(i)).mkdir()
                 servers.append(make_server(tmp_path / str(i), tiny_adapters, **shared))
             (tmp_path / "group").mkdir()
-            for i, s in enumerate(servers):
-                s.group = Group(tmp_path / "group", i, 2, s)
-                s.cache.group = s.group.path
-            await asyncio.gather(*(s.group.join() for s in servers))
+            await asyncio.gather(*(s.join(Group(tmp_path / "group", i, 2, s)) for i, s in enumerate(servers)))
             engine = Engine()
 
             async def on(server: KnotsServer, model: str):

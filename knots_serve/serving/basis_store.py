@@ -22,6 +22,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ..adapters import LoraAdapter, check_compatible
 from ..basis import DEFAULT_RTOL, Basis, build_basis, fingerprint
@@ -29,6 +30,8 @@ from ..compose import adapter_factors, linear_merge, merge_lora, to_host
 from ..methods import resolve
 from .errors import NotFound
 from .names import Selection
+
+SHARED_BASIS = "basis-knots-{}.safetensors"  # a pool's shared basis by its fingerprint (save_basis)
 
 
 class UnknownTask(NotFound):
@@ -67,21 +70,22 @@ class BasisStore:
         subset_bases: int = 8,
     ):
         self.device, self.basis_file, self.subset_bases = torch.device(device), basis_file, subset_bases
+        self.shared_root: Path | None = None  # with several API servers: cache_dir, where they save_basis
         self._lock = threading.Lock()
         self.set_pool(adapters)
 
     def set_pool(self, adapters: dict[str, LoraAdapter]) -> None:
         self.install(self.prepare(adapters))
 
-    def prepare(self, adapters: dict[str, LoraAdapter], basis_from: Path | None = None) -> dict:
-        """A new pool, ready to install: checked, its shared KnOTS basis built (or loaded: from `basis_from`,
-        another process's save_basis of this pool, or from basis_file) on the device, its factors there. The
-        slow part of a pool change; requests keep being served from the old pool meanwhile. Raises
-        AdapterError for an incompatible pool."""
+    def prepare(self, adapters: dict[str, LoraAdapter]) -> dict:
+        """A new pool, ready to install: checked, its shared KnOTS basis built (or loaded: from basis_file, or
+        another API server's save_basis of this very pool) on the device, its factors there. The slow part of
+        a pool change; requests keep being served from the old pool meanwhile. Raises AdapterError for an
+        incompatible pool."""
         pool = list(adapters.values())
         if pool:
             check_compatible(pool)
-        knots = self._load_or_build(pool, basis_from) if pool else None
+        knots = self._load_or_build(pool) if pool else None
         on_device = {
             n: LoraAdapter(
                 a.name,
@@ -105,11 +109,16 @@ class BasisStore:
             self.__dict__.update(prepared)
             self._subset: OrderedDict[tuple, Basis] = OrderedDict()
 
-    def _load_or_build(self, pool: list[LoraAdapter], basis_from: Path | None = None) -> Basis:
-        for path in (basis_from, self.basis_file):
+    def _load_or_build(self, pool: list[LoraAdapter]) -> Basis:
+        fp = fingerprint(pool, "knots", DEFAULT_RTOL) if self.basis_file or self.shared_root else None
+        shared = sorted(self.shared_root.glob(f"knots-*/{SHARED_BASIS.format(fp)}")) if self.shared_root else []
+        for path in [self.basis_file, *shared]:
             if path and path.exists():
-                saved = Basis.load(path)
-                if saved.fingerprint == fingerprint(pool, "knots", DEFAULT_RTOL):  # never another pool's
+                try:
+                    saved = Basis.load(path)
+                except (OSError, SafetensorError):  # another API server's, deleted as it was read: build it
+                    continue
+                if saved.fingerprint == fp:  # never another pool's
                     return saved.to(self.device)
         basis = build_basis(pool, "knots", device=self.device)
         if self.basis_file:
@@ -203,13 +212,14 @@ class BasisStore:
             lora = merge_lora(self.basis(space, sel.basis, sel.tasks), sel.spec, max_rank=None)
         return to_host(lora)
 
-    def save_basis(self, directory: Path) -> Path | None:
-        """The pool's shared basis saved under `directory`, for another process with this pool to load
-        instead of building it (prepare's basis_from); None for an empty pool."""
-        knots = self._bases.get("knots")
+    @staticmethod
+    def save_basis(prepared: dict, directory: Path) -> Path | None:
+        """A prepared pool's shared basis saved under `directory`, where the other API servers of a group, whose
+        shared_root holds it, load it instead of building it again; None for an empty pool."""
+        knots = prepared["_bases"].get("knots")
         if knots is None:
             return None
-        path = directory / f"basis-knots-{knots.fingerprint}.safetensors"
+        path = directory / SHARED_BASIS.format(knots.fingerprint)
         knots.to("cpu").save(path)
         return path
 

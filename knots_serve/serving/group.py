@@ -6,8 +6,7 @@ swap drains them all (docs/DEPLOY.md, "Several API servers").
 They meet in a directory (launch.py sets GROUP_ENV): each listens on a unix socket there, `<index>.sock`. The
 process that takes an admin call tells the others, over their sockets, one JSON line a message:
 
-- `sync`: apply what changed in the store now (sync.py: tasks, experiments, recipes; after a pool change, with
-  the path of the new pool's basis the caller built, to load instead of building it); answered once applied.
+- `sync`: apply what changed in the store now (sync.py: tasks, experiments, recipes); answered once applied.
 - `drain`: close your gate and answer once your requests are done; stay closed until `release` (which carries
   the pin state after the swap) or until the caller's connection drops, so a caller that dies never leaves the
   others closed.
@@ -81,11 +80,11 @@ class Group:
             self.socket(self.index).unlink(missing_ok=True)
 
     # --- the caller's side --------------------------------------------------------------------------------
-    async def sync(self, timeout: float, basis: Path | None = None) -> None:
+    async def sync(self, timeout: float) -> None:
         """Every other API server has applied the store's state (after a change this one wrote)."""
         conns = await self._connect()
         try:
-            await self._ask(conns, {"op": "sync", "basis": basis and str(basis)}, timeout)
+            await self._ask(conns, {"op": "sync"}, timeout)
         finally:
             _close(conns)
 
@@ -156,8 +155,7 @@ class Group:
             while line := await reader.readline():
                 message = json.loads(line)
                 if message["op"] == "sync":
-                    basis = message.get("basis")
-                    await self._answer(writer, self.server.store_sync.apply(basis and Path(basis)))
+                    await self._answer(writer, self.server.store_sync.apply())
                 elif message["op"] == "drain":
                     await self._hold_drained(reader, writer, message["timeout"])
         except (ConnectionError, asyncio.IncompleteReadError):

@@ -52,9 +52,7 @@ async def join_group(server, models, engine_client, args) -> None:
     count, index = launch.api_servers(args), engine_client.engine_core.client_index
     models.lora_id_counter = StripedIds(models.lora_id_counter.value, index, count)
     os.environ[launch.RUNTIME_LORA] = "1"  # read per request by vLLM's API server (never cached there)
-    server.group = Group(Path(os.environ[GROUP_ENV]), index, count, server)
-    server.cache.group = server.group.path  # a new merge composed by one of them, linked by the others
-    await server.group.join()
+    await server.join(Group(Path(os.environ[GROUP_ENV]), index, count, server))
 
 
 class KnotsEndpoint:

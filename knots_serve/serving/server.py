@@ -5,6 +5,7 @@ server, made by the endpoint plugin."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 from concurrent.futures import ThreadPoolExecutor
@@ -85,6 +86,12 @@ class KnotsServer:
         self.pin_lock = asyncio.Lock()  # pins.py: one pin or unpin at a time
         self.group = None  # with several API server processes, the others (group.py; set by the endpoint plugin)
         self.store_sync.start()
+
+    async def join(self, group) -> None:
+        """Become one of several API server processes (group.py): what one of them composes or builds, the
+        others reuse (a new merge's files, a new pool's basis), and they wait for each other to listen."""
+        self.group, self.cache.group, self.bases.shared_root = group, group.path, self.cache.root
+        await group.join()
 
     def close(self) -> None:
         if self.group is not None:
@@ -220,15 +227,13 @@ class KnotsServer:
     def check_model(self, model: str) -> None:
         check_model(model, self.cfg, self.bases.adapters, self.choose)
 
-    async def in_step(self, pool_changed: bool = False) -> None:
+    async def in_step(self, shared_basis: Path | None = None) -> None:
         """After an admin change this process wrote to the store: with several API server processes, answer
-        only once every other one serves it too (group.py). After a pool change they load the new pool's
-        basis this process built rather than build it again."""
-        if self.group is None:
-            return
-        basis = await asyncio.to_thread(self.bases.save_basis, self.cache.cache_dir) if pool_changed else None
+        only once every other one serves it too (group.py). `shared_basis`: the new pool's basis this process
+        saved for them (change_pool), deleted once they have applied the change."""
         try:
-            await self.group.sync(self.cfg.drain_timeout_s + SYNC_S, basis)
+            if self.group is not None:
+                await self.group.sync(self.cfg.drain_timeout_s + SYNC_S)
         except Unavailable as e:
             raise Unavailable(
                 f"the change is saved and served by this API server, but not yet by every other one: {e}; "
@@ -236,8 +241,8 @@ class KnotsServer:
                 param=None,
             ) from None
         finally:
-            if basis is not None:
-                basis.unlink(missing_ok=True)
+            if shared_basis is not None:
+                shared_basis.unlink(missing_ok=True)
 
     # --- experiments (admin API) ------------------------------------------------------------------------
     async def put_experiment(self, name: str, exp: Experiment) -> None:
@@ -307,8 +312,8 @@ class KnotsServer:
         async with self.registry_lock:
             if name in self.bases.adapters:
                 raise Conflict(f"task {name!r} is already registered; unregister it first")
-            await self.change_pool({name: source}, set(), lambda: self.tasks.put(name, source))
-        await self.in_step(pool_changed=True)
+            shared_basis = await self.change_pool({name: source}, set(), lambda: self.tasks.put(name, source))
+        await self.in_step(shared_basis)
         return self.describe(name)
 
     def admitted(self, path: str) -> str:
@@ -331,35 +336,44 @@ class KnotsServer:
         async with self.registry_lock:
             if name not in self.bases.adapters:
                 raise UnknownTask(f"unknown task {name!r}")
-            await self.change_pool({}, {name}, lambda: self.tasks.delete(name))
-        await self.in_step(pool_changed=True)
+            shared_basis = await self.change_pool({}, {name}, lambda: self.tasks.delete(name))
+        await self.in_step(shared_basis)
 
-    async def change_pool(self, add: dict[str, str], remove: set[str], write=None, basis_from=None) -> None:
+    async def change_pool(self, add: dict[str, str], remove: set[str], write=None) -> Path | None:
         """Every pool change, under the registry lock. While requests are served: the new adapters fetched (a
         Hub download) and loaded, the new pool's basis built. Then drained: the new adapters loaded into vLLM,
         the change written to the store (`write`; one applied from another replica is there already), the new
-        pool installed. A failure anywhere changes nothing."""
+        pool installed. A failure anywhere changes nothing. With several API servers, a change this process
+        writes saves the new basis for the others to load before the write, and returns its path (in_step
+        deletes it)."""
         local = {n: await asyncio.to_thread(adapter_dir, s) for n, s in add.items()}
         stamps = {n: _stamp(p / WEIGHTS_NAME) for n, p in local.items()}
         loaded = {n: await asyncio.to_thread(load_adapter, p, n) for n, p in local.items()}
         pool = {n: a for n, a in self.bases.adapters.items() if n not in remove} | loaded
-        prepared = await asyncio.to_thread(self.bases.prepare, pool, basis_from)
-        async with self.gate.exclusive(self.cfg.drain_timeout_s):  # drained, like a pin: docs/RELIABILITY.md
-            table = self.models.lora_requests
-            dropped = {n: table.pop(n) for n in remove if n in table}
-            try:
-                for n, path in local.items():
-                    await self._load_plain(n, path)
-                if write is not None:
-                    await asyncio.to_thread(write)
-            except BaseException:
-                for n in local:
-                    table.pop(n, None)
-                table.update(dropped)
-                raise
-            self._install(prepared)
+        prepared = await asyncio.to_thread(self.bases.prepare, pool)
+        share = self.group is not None and write is not None
+        shared_basis = await asyncio.to_thread(self.bases.save_basis, prepared, self.cache.cache_dir) if share else None
+        with contextlib.ExitStack() as undo:
+            if shared_basis is not None:
+                undo.callback(shared_basis.unlink, missing_ok=True)  # deleted if the change fails
+            async with self.gate.exclusive(self.cfg.drain_timeout_s):  # drained, like a pin: docs/RELIABILITY.md
+                table = self.models.lora_requests
+                dropped = {n: table.pop(n) for n in remove if n in table}
+                try:
+                    for n, path in local.items():
+                        await self._load_plain(n, path)
+                    if write is not None:
+                        await asyncio.to_thread(write)
+                except BaseException:
+                    for n in local:
+                        table.pop(n, None)
+                    table.update(dropped)
+                    raise
+                self._install(prepared)
+            undo.pop_all()
         self.sources = {n: s for n, s in self.sources.items() if n not in remove} | add
         self._stamps = {n: s for n, s in self._stamps.items() if n not in remove} | stamps
+        return shared_basis
 
     def _install(self, prepared: dict) -> None:
         self.bases.install(prepared)

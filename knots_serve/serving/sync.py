@@ -52,17 +52,16 @@ class StoreSync:
             else:
                 self.error = None
 
-    async def apply(self, basis_from=None) -> None:
-        """Apply what changed in the store since the last time (what each poll does). `basis_from`: the new
-        pool's basis, saved by the API server process that changed the pool (group.py), loaded if it fits."""
+    async def apply(self) -> None:
+        """Apply what changed in the store since the last time (what each poll does)."""
         versions = await asyncio.to_thread(self.server.store.versions)
-        apply = {"tasks": lambda: self._tasks(basis_from), "experiments": self._experiments, "recipes": self._recipes}
+        apply = {"tasks": self._tasks, "experiments": self._experiments, "recipes": self._recipes}
         for kind in KINDS:
             if versions.get(kind) != self.seen.get(kind):
                 await apply[kind]()
                 self.seen[kind] = versions.get(kind)
 
-    async def _tasks(self, basis_from=None) -> None:
+    async def _tasks(self) -> None:
         s = self.server
         async with s.registry_lock:
             await asyncio.to_thread(s.tasks.reload)
@@ -73,7 +72,7 @@ class StoreSync:
                 s.admitted(src)  # this replica's adapter_dirs and adapter_repos bound what the store may add
             if add or remove:
                 log.info("knots_serve: from the store: tasks %s added, %s removed", sorted(add), sorted(remove))
-                await s.change_pool(add, remove, basis_from=basis_from)
+                await s.change_pool(add, remove)
 
     async def _experiments(self) -> None:
         s = self.server
