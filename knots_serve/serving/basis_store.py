@@ -116,8 +116,10 @@ class BasisStore:
             if path and path.exists():
                 try:
                     saved = Basis.load(path)
-                except (OSError, SafetensorError):  # another API server's, deleted as it was read: build it
-                    continue
+                except (OSError, SafetensorError):
+                    if path == self.basis_file:
+                        raise
+                    continue  # another API server's, deleted as it was read: build it
                 if saved.fingerprint == fp:  # never another pool's
                     return saved.to(self.device)
         basis = build_basis(pool, "knots", device=self.device)
