@@ -68,6 +68,21 @@ def test_a_failed_registry_write_changes_nothing(tmp_path, monkeypatch):
     assert [p.name for p in state.iterdir()] == ["tasks.json"]  # no temporary left
 
 
+def test_a_state_file_this_server_wrote_and_an_operator_removed_before_the_next_poll_is_read_again(edge):
+    """The files store's versions are file stamps: no file, a file, no file again between two polls would look
+    unchanged, and the server would keep serving what it wrote (a flaky test fixture found it)."""
+    from knots_serve.serving.experiments import Experiment
+
+    async def test(server, mw, engine):
+        arms = {"arms": {"a": {"model": "alpha", "weight": 1}, "b": {"model": "beta", "weight": 1}}}
+        await server.put_experiment("ab", Experiment.model_validate(arms))
+        server.store.path("experiments").unlink()  # removed by hand before the server polled
+        await server.store_sync.apply()
+        assert "ab" not in server.experiments
+
+    edge(test)
+
+
 def test_a_held_merge_is_never_evicted_and_a_dropped_one_is_deleted_by_its_last_release(tmp_path):
     composer = new_cache(pool(), tmp_path / "cache", cache_bytes=1, max_lora_rank=64)
     a = composer.get(sel("tasks:t0+t1"), hold=True)

@@ -323,6 +323,35 @@ def test_known_vllm_5xx_on_a_grammar_the_vocabulary_cannot_spell(server, path, b
     assert r.status_code < 500, (r.status_code, r.text[:300])
 
 
+ASSISTANT_ITEMS = [
+    {"type": "message", "role": "assistant", "id": "m1", "status": "completed", "content": []},
+    {"type": "message", "role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]},
+]
+
+
+@pytest.mark.parametrize("item", ASSISTANT_ITEMS, ids=["empty", "refusal"])
+def test_an_assistant_message_vllm_cannot_read_in_responses_input_is_a_400_not_a_500(server, item):
+    """Found by the fuzzer: vLLM 0.32 reads content[0].text of an assistant output message in `input` (500 for
+    an empty content or a refusal first). The middleware answers 400 naming the item; a readable one passes."""
+    body = {"model": "tiny", "max_output_tokens": 2, "input": [item, {"role": "user", "content": "one"}]}
+    r = httpx.post(f"{server.url}/v1/responses", json=body, timeout=120)
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("input[0]: an assistant message"), r.text
+    readable = dict(item, content=[{"type": "output_text", "text": "w1", "annotations": []}])
+    r = httpx.post(f"{server.url}/v1/responses", json=body | {"input": [readable, body["input"][1]]}, timeout=120)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("item", ASSISTANT_ITEMS, ids=["empty", "refusal"])
+def test_known_vllm_crash_on_an_assistant_message_it_cannot_read(item):
+    """The vLLM bug the guard above stands for; when vLLM reads these, this fails: drop the guard."""
+    from openai.types.responses import ResponseOutputMessage
+    from vllm.entrypoints.openai.responses.utils import _construct_message_from_response_item
+
+    message = ResponseOutputMessage.model_validate({"id": "m1", "status": "completed"} | item)
+    with pytest.raises((AttributeError, IndexError)):
+        _construct_message_from_response_item(message)
+
+
 def test_generation_budgets_are_capped():
     body = {
         "model": "m",

@@ -71,6 +71,9 @@ class KnotsMiddleware:
                 )
                 return await self._refuse(send, e)
             return await self.app(scope, _replay(body, receive), send)
+        unreadable = _unreadable_responses_input(doc) if scope["path"] == "/v1/responses" else None
+        if unreadable:
+            return await self._refuse(send, BadRequest(unreadable, param="input"))
         async with server.gate.shared():  # held until the response is sent: no weight swap meanwhile
             route = Route(None)
             if isinstance(doc, dict):
@@ -118,6 +121,22 @@ class KnotsMiddleware:
             raise
         finally:
             labeller.done()
+
+
+def _unreadable_responses_input(doc) -> str | None:
+    """vLLM 0.32 answers 500 to a Responses API `input` holding an assistant output message (type "message")
+    whose content is empty or does not start with text (a refusal): it reads content[0].text. A 400 naming the
+    item instead (pinned: tests/test_fuzz.py)."""
+    items = doc.get("input") if isinstance(doc, dict) else None
+    for i, item in enumerate(items if isinstance(items, list) else []):
+        if isinstance(item, dict) and item.get("type") == "message" and item.get("role") == "assistant":
+            content = item.get("content")
+            if isinstance(content, list) and not (content and isinstance(content[0], dict) and "text" in content[0]):
+                return (
+                    f"input[{i}]: an assistant message whose content is empty or does not start with an "
+                    "output_text part cannot be read by this vLLM (0.32); put its text part first"
+                )
+    return None
 
 
 async def _read(receive, limit: int) -> bytes | int | None:

@@ -259,6 +259,7 @@ class KnotsServer:
         check_experiment(name, exp, self.check_model)
         async with self.state_lock:
             await asyncio.to_thread(self.experiment_store.put, name, exp.model_dump())
+            self.store_sync.written("experiments")
             self.experiments = self.experiments | {name: exp}  # swap, never mutate: requests in flight keep theirs
         await self.in_step()
 
@@ -283,6 +284,7 @@ class KnotsServer:
         recipe = promotion(name, exp, report, self.selection)
         try:
             self.book = await asyncio.to_thread(self.store.put_recipes, [recipe])
+            self.store_sync.written("recipes")
         except MergeError as e:  # unreadable recipes, a full disk, the store away: nothing written
             raise Unavailable(f"cannot save the recipe to {self.store.where('recipes')}: {e}") from None
         await self.in_step()
@@ -293,6 +295,7 @@ class KnotsServer:
             raise NotFound(f"unknown experiment {name!r}")
         async with self.state_lock:
             await asyncio.to_thread(self.experiment_store.delete, name)
+            self.store_sync.written("experiments")
             self.experiments = {n: e for n, e in self.experiments.items() if n != name}
         await self.in_step()
 
@@ -364,6 +367,7 @@ class KnotsServer:
                         await self._load_plain(n, path)
                     if write is not None:
                         await asyncio.to_thread(write)
+                        self.store_sync.written("tasks")
                 except BaseException:
                     for n in local:
                         table.pop(n, None)

@@ -23,6 +23,7 @@ from .experiments import Experiment
 from .store import KINDS, StoreUnavailable
 
 log = logging.getLogger("vllm.knots_serve")
+STALE = object()  # a version no store reports: the kind is read again at the next poll
 
 
 class StoreSync:
@@ -32,6 +33,12 @@ class StoreSync:
         self.seen = server.store.versions()
         self.error: str | None = None
         self._task: asyncio.Task | None = None
+
+    def written(self, kind: str) -> None:
+        """This server wrote `kind` to the store itself: read it again at the next poll. The files store's
+        versions are file stamps, so a file written here and removed (or restored) by hand before the next poll
+        would otherwise look unchanged, and this server would keep serving what it wrote."""
+        self.seen[kind] = STALE
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._poll())
