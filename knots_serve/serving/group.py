@@ -147,7 +147,9 @@ class Group:
         try:
             await asyncio.wait_for(asyncio.gather(*(ask(i, *c) for i, c in conns.items())), timeout)
         except asyncio.TimeoutError:
-            raise Unavailable(f"the other API servers did not answer {message['op']!r} in {timeout:g} s") from None
+            raise Unavailable(
+                f"the other API servers did not answer {message['op']!r} in {timeout:g} s", param=None
+            ) from None
 
     # --- the other side -------------------------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
