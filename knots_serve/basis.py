@@ -284,18 +284,22 @@ def _range(M: torch.Tensor, rtol: float) -> torch.Tensor:
     return U[:, s > rtol * s[0]] if s.numel() and s[0] > 0 else U[:, :0]
 
 
-def _module_space(space: str, names: list[str], loras, rtol: float, device=None, dtype=F64) -> ModuleSpace:
+def _module_space(
+    space: str, names: list[str], loras, rtol: float, device=None, dtype=F64, store=torch.float32
+) -> ModuleSpace:
     shape = loras[0].shape
     tasks = {n: i for i, n in enumerate(names)}
     Bs, As, scales = [l.B.to(device) for l in loras], [l.A.to(device) for l in loras], [l.scale for l in loras]
     if space == "knots":
         U, _, coefs, qs = joint_svd(Bs, As, scales, max(rtol, rtol_for(dtype)), dtype)
-        return ModuleSpace(space, shape, tasks, U.float(), None, [c.float() for c in coefs], [q.float() for q in qs])
+        return ModuleSpace(
+            space, shape, tasks, U.to(store), None, [c.to(store) for c in coefs], [q.to(store) for q in qs]
+        )
     if space == "core":
         Ub = _range(torch.cat([B.to(F64) for B in Bs], dim=1), rtol)
         Va = _range(torch.cat([A.to(F64) for A in As], dim=0).T, rtol)
         cores = [s * (Ub.T @ B.to(F64)) @ (A.to(F64) @ Va) for B, A, s in zip(Bs, As, scales)]
-        return ModuleSpace(space, shape, tasks, Ub.float(), Va.float(), [c.float() for c in cores], [])
+        return ModuleSpace(space, shape, tasks, Ub.to(store), Va.to(store), [c.to(store) for c in cores], [])
     if space == "full":
         return ModuleSpace(
             space,
@@ -303,7 +307,7 @@ def _module_space(space: str, names: list[str], loras, rtol: float, device=None,
             tasks,
             None,
             None,
-            [s * (B.to(F64) @ A.to(F64)).float() for B, A, s in zip(Bs, As, scales)],
+            [s * (B.to(F64) @ A.to(F64)).to(store) for B, A, s in zip(Bs, As, scales)],
             [],
         )
     raise AdapterError(f"unknown merge space {space!r}; choose one of {', '.join(SPACES)}")
@@ -317,11 +321,13 @@ def build_basis(
     device: torch.device | str | None = None,
     dtype: torch.dtype = F64,
     fingerprint_as: str | None = None,
+    store: torch.dtype = torch.float32,
 ) -> Basis:
     """Build every module's space over all adapters (a task without a module contributes nothing there),
     on `device` (default: where the adapters are), where the basis stays, stored in float32. The KnOTS
     factorizations run in `dtype` (float64 for a pool's basis; float32 is enough for a per-request subset
-    basis). `fingerprint_as` names the basis instead of hashing every factor (for bases made per request)."""
+    basis). `fingerprint_as` names the basis instead of hashing every factor (for bases made per request).
+    `store` is the dtype it is kept in (float64 only where a test checks a compute path to round-off)."""
     check_compatible(adapters)
     module_names = sorted({m for a in adapters for m in a.modules})
     if progress:
@@ -331,6 +337,7 @@ def build_basis(
     modules = {}
     for m in module_names:
         have = [a for a in adapters if m in a.modules]
-        modules[m] = _module_space(space, [a.name for a in have], [a.modules[m] for a in have], rtol, device, dtype)
+        loras = [a.modules[m] for a in have]
+        modules[m] = _module_space(space, [a.name for a in have], loras, rtol, device, dtype, store)
     base = next((a.base_model for a in adapters if a.base_model), None)
     return Basis(space, [a.name for a in adapters], modules, base, fingerprint_as or fingerprint(adapters, space, rtol))

@@ -9,8 +9,10 @@ from typing import Literal
 import torch
 
 from .adapters import LoraAdapter
-from .basis import Basis, compact
-from .methods import PARAMS, resolve
+from .basis import F64, Basis, compact, compact_left
+from .methods import OPTIONS, PARAMS, factored, resolve
+from .methods.lines import lines_base, lines_scales
+from .methods.spectral import isotropic, isotropic_factors
 
 TrimScope = Literal["global", "module"]
 
@@ -21,8 +23,9 @@ class MergeError(ValueError):
 
 @dataclass(frozen=True)
 class MergeSpec:
-    """What to merge and how. `params` holds the method's numeric parameters (alpha, top_k, density);
-    missing ones take the registry defaults. `weights` are per-task (default 1)."""
+    """What to merge and how. `params` holds the method's numeric parameters (alpha, top_k, common, …, and
+    the options lines and isotropize); missing ones take the registry defaults. `weights` are per-task
+    (default 1)."""
 
     tasks: tuple[str, ...]
     method: str = "knots-ties"
@@ -46,11 +49,9 @@ class MergeSpec:
                 raise MergeError(
                     f"method {self.method!r} takes no parameter {name!r} (it takes {', '.join(method.params)})"
                 )
-            p = PARAMS[name]
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and p.low <= value <= p.high
-            if not ok or (p.low_open and value <= p.low):
-                bracket = "(" if p.low_open else "["
-                raise MergeError(f"{name}={value!r} is out of range {bracket}{p.low}, {p.high}]: {p.help}")
+            problem = PARAMS[name].check(value)
+            if problem:
+                raise MergeError(problem)
         for t, w in self.weights.items():
             if t not in self.tasks:
                 raise MergeError(f"weight given for {t!r}, which is not in the subset {list(self.tasks)}")
@@ -62,8 +63,12 @@ class MergeSpec:
             raise MergeError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
 
     def resolved_params(self) -> dict[str, float]:
+        """The method's own parameters, defaults spelled out, plus the options (LiNeS, isotropize) that are
+        on: a merge without options keeps the key, name and recipe it had before options existed."""
         _, method = resolve(self.method)
-        return {p: float(self.params.get(p, PARAMS[p].default)) for p in method.params}
+        own = {p: PARAMS[p].cast(self.params.get(p, PARAMS[p].default)) for p in method.own_params}
+        on = {p: PARAMS[p].cast(v) for p, v in self.params.items() if p in OPTIONS and v != PARAMS[p].default}
+        return own | on
 
     def key(self) -> str:
         """Canonical identity: equal merges (task order, default values spelled out or not) share one key."""
@@ -84,20 +89,24 @@ class MergeSpec:
 def merged_tensors(
     basis: Basis, spec: MergeSpec, progress: bool = False, dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
-    """Merge the subset's per-task tensors, module by module (or over all modules at once for a global
-    trim, whose threshold is per task over the whole model, as in the TIES and KnOTS references).
+    """Merge the subset's per-task tensors in the basis's space: a row method module by module (or over
+    all modules at once for a global trim, whose threshold is per task over the whole model, as in the TIES
+    and KnOTS references), a matrix method on every module's stack (n × p × q) at once.
     Runs in `dtype` (float32 serves; the float64 reference tests pass float64) on the basis's device."""
     space, method = resolve(spec.method)
     if basis.space != space:
         raise MergeError(f"method {spec.method!r} needs a {space!r} basis, this one is {basis.space!r}")
     _check_tasks(basis, spec)
     names, device = list(spec.tasks), basis.device
-    w = torch.tensor([float(spec.weights.get(t, 1.0)) for t in names], dtype=dtype, device=device)
+    w = _weights(spec, dtype, device)
     kwargs = dict(spec.resolved_params())
     if method.random:
         kwargs["generator"] = torch.Generator(device=device).manual_seed(spec.seed)
     modules = [m for m, ms in basis.modules.items() if any(t in ms.tasks for t in names)]
     shapes = {m: basis.modules[m].tensor_shape for m in modules}
+    if method.acts_on == "matrices":
+        stacks = [basis.modules[m].stack(names, dtype) for m in modules]
+        return dict(zip(modules, method.fn(stacks, w, trim_scope=spec.trim_scope, **kwargs)))
     if method.trims and spec.trim_scope == "global" and modules:
         # one buffer over all modules, filled in place (no per-module stacks, no concatenation)
         sizes = [shapes[m][0] * shapes[m][1] for m in modules]
@@ -114,6 +123,10 @@ def merged_tensors(
     return {m: method.fn(basis.modules[m].stack(names, dtype).flatten(1), w, **kwargs).view(shapes[m]) for m in items}
 
 
+def _weights(spec: MergeSpec, dtype: torch.dtype, device) -> torch.Tensor:
+    return torch.tensor([float(spec.weights.get(t, 1.0)) for t in spec.tasks], dtype=dtype, device=device)
+
+
 def merge_lora(
     basis: Basis,
     spec: MergeSpec,
@@ -126,15 +139,16 @@ def merge_lora(
 
     Exact in the knots and core spaces; in the dense space a merged ΔW of rank > max_rank is truncated
     to its top max_rank singular directions (None: never; use dense output for an exact dense merge).
-    A linear merge (TA) in the knots or core space goes straight from the tasks' factors (`linear_merge`)."""
-    space, method = resolve(spec.method)
-    if method.linear and space != "full" and basis.space == space:
+    TA and the spectral methods go straight from the factors a KnOTS or Core basis keeps (`merge_factors`),
+    whatever their space prefix: they give the same ΔW in every space."""
+    _, method = resolve(spec.method)
+    if factored(method) and basis.space != "full":
         _check_tasks(basis, spec)
-        factors = {m: {t: ms.task_factors(t) for t in spec.tasks if t in ms.tasks} for m, ms in basis.modules.items()}
-        return linear_merge(factors, spec, dtype)
+        return merge_factors(basis_factors(basis, spec.tasks), spec, dtype)
     merged = merged_tensors(basis, spec, progress, dtype)
     # a module whose merge is zero keeps rank 0 (written as zero padding): every adapted module stays listed
-    return {m: basis.modules[m].to_lora(X, max_rank) for m, X in merged.items()}
+    lora = {m: basis.modules[m].to_lora(X, max_rank) for m, X in merged.items()}
+    return finish(lora, spec, lambda: _basis_sum_norm2(basis, spec, dtype))
 
 
 def _check_tasks(basis: Basis, spec: MergeSpec) -> None:
@@ -158,8 +172,7 @@ def linear_merge(
     """TA (`ta`, `knots-ta`, `core-ta`: equal in every space) from factors {module: {task: (B_i, A_i)}}
     with ΔW_i = B_i·A_i: ΔW = α·Σ w_i B_i A_i = [α·w_1·B_1 | …]·[A_1; …], compacted once per module.
     No basis, no stacking: the cost is the subset's (Σr_i·(O+I) per module), whatever the pool."""
-    _, method = resolve(spec.method)
-    if not method.linear:
+    if not resolve(spec.method)[1].linear:
         raise MergeError(f"{spec.method!r} is not a linear merge")
     alpha = spec.resolved_params()["alpha"]
     out = {}
@@ -170,6 +183,99 @@ def linear_merge(
         A = torch.cat([A.to(dtype) for _, A in per_task.values()], dim=0)
         out[m] = compact(B, A)
     return out
+
+
+def core_merge(
+    factors: dict[str, dict[str, tuple]], spec: MergeSpec, dtype: torch.dtype = torch.float32
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A spectral method (Iso-C, Iso-CTS, TSV-M, CART) from factors {module: {task: (B_t, A_t)}}.
+
+    Per module, QRs of the stacked B's and of the stacked Aᵀ's give orthonormal frames P (O×Σr), Q (I×Σr)
+    with ΔW_t = P·C_t·Qᵀ, C_t = Rb_t·Ra_tᵀ (Σr × Σr). The method merges the C_t; as it commutes with
+    orthonormal changes of frame, P·merged·Qᵀ is its dense definition exactly. No O×I matrix is formed or
+    factored: the cost is the subset's, Σr·(O+I)·Σr per module, whatever the pool."""
+    _, method = resolve(spec.method)
+    if not method.invariant:
+        raise MergeError(f"{spec.method!r} is not a spectral merge")
+    names = list(spec.tasks)
+    frames, stacks = {}, []
+    for m, per_task in factors.items():
+        present = [t for t in names if t in per_task]
+        if not present:
+            continue
+        P, Rb = torch.linalg.qr(torch.cat([per_task[t][0].to(dtype) for t in present], dim=1))
+        Q, Ra = torch.linalg.qr(torch.cat([per_task[t][1].to(dtype).T for t in present], dim=1))
+        sizes = [per_task[t][0].shape[1] for t in present]
+        blocks = dict(zip(present, zip(Rb.split(sizes, dim=1), Ra.split(sizes, dim=1))))
+        zero = Rb.new_zeros(Rb.shape[0], Ra.shape[0])
+        stacks.append(torch.stack([blocks[t][0] @ blocks[t][1].T if t in blocks else zero for t in names]))
+        frames[m] = (P, Q)
+    if not frames:
+        return {}
+    w = _weights(spec, dtype, stacks[0].device)
+    merged = method.fn(stacks, w, **spec.resolved_params())
+    return {m: compact_left(P, X, Q) for (m, (P, Q)), X in zip(frames.items(), merged)}
+
+
+def merge_factors(
+    factors: dict[str, dict[str, tuple]], spec: MergeSpec, dtype: torch.dtype = torch.float32
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """TA or a spectral merge from the tasks' factors (`linear_merge`, `core_merge`), with the options on."""
+    lora = linear_merge(factors, spec, dtype) if resolve(spec.method)[1].linear else core_merge(factors, spec, dtype)
+    return finish(lora, spec, lambda: factor_sum_norm2(factors, spec))
+
+
+def basis_factors(basis: Basis, tasks) -> dict[str, dict[str, tuple]]:
+    """{module: {task: (B_t, A_t)}} of the named tasks, from a KnOTS or Core basis."""
+    out = {m: {t: ms.task_factors(t) for t in tasks if t in ms.tasks} for m, ms in basis.modules.items()}
+    return {m: per_task for m, per_task in out.items() if per_task}
+
+
+def _norm2(update) -> float:
+    """‖ΔW‖_F² of factors (B, A), from their small Gram matrices, or of a dense ΔW; in float64."""
+    if isinstance(update, tuple):
+        B, A = (t.to(F64) for t in update)
+        return float(((B.T @ B) * (A @ A.T)).sum())
+    return float(update.to(F64).square().sum())
+
+
+def factor_sum_norm2(factors: dict[str, dict[str, tuple]], spec: MergeSpec) -> float:
+    """‖Σ_t w_t ΔW_t‖_F² summed over modules, from the factors."""
+    total = 0.0
+    for per_task in factors.values():
+        ts = [t for t in spec.tasks if t in per_task]
+        if ts:
+            B = torch.cat([spec.weights.get(t, 1.0) * per_task[t][0].to(F64) for t in ts], dim=1)
+            total += _norm2((B, torch.cat([per_task[t][1].to(F64) for t in ts], dim=0)))
+    return total
+
+
+def _basis_sum_norm2(basis: Basis, spec: MergeSpec, dtype: torch.dtype) -> float:
+    """‖Σ_t w_t ΔW_t‖_F² over modules: every space's tensors are coordinates in orthonormal frames."""
+    w = _weights(spec, dtype, basis.device)
+    total = 0.0
+    for ms in basis.modules.values():
+        if any(t in ms.tasks for t in spec.tasks):
+            total += _norm2((w[:, None, None] * ms.stack(list(spec.tasks), dtype)).sum(0))
+    return total
+
+
+def finish(merged: dict, spec: MergeSpec, sum_norm2) -> dict:
+    """The options every method takes, on its merged update per module (factors (B, A) or a dense ΔW):
+    isotropize (the nonzero spectrum replaced by its mean), then LiNeS depth scaling (methods/lines.py;
+    `sum_norm2()` gives ‖Σ_t w_t ΔW_t‖² for its base scale, computed only when LiNeS is on)."""
+    params = spec.resolved_params()
+    if params.get("isotropize"):
+        merged = {
+            m: (isotropic_factors(*v) if v[0].shape[1] else v) if isinstance(v, tuple) else isotropic(v)
+            for m, v in merged.items()
+        }
+    beta = params.get("lines", 0.0)
+    if beta:
+        base = lines_base(sum_norm2(), sum(_norm2(v) for v in merged.values()), len(spec.tasks))
+        scale = lines_scales(merged, beta, base)
+        merged = {m: (scale[m] * v[0], v[1]) if isinstance(v, tuple) else scale[m] * v for m, v in merged.items()}
+    return merged
 
 
 def to_host(lora: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -186,5 +292,9 @@ def merge_dense(
     basis: Basis, spec: MergeSpec, progress: bool = False, dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
     """The merge as dense float64 ΔW per module (for writing a merged full model)."""
+    _, method = resolve(spec.method)
+    if factored(method) and basis.space != "full":
+        return {m: B.to(F64) @ A.to(F64) for m, (B, A) in merge_lora(basis, spec, None, progress, dtype).items()}
     merged = merged_tensors(basis, spec, progress, dtype)
-    return {m: basis.modules[m].to_dense(X) for m, X in merged.items()}
+    dense = {m: basis.modules[m].to_dense(X) for m, X in merged.items()}
+    return finish(dense, spec, lambda: _basis_sum_norm2(basis, spec, dtype))

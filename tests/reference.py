@@ -23,7 +23,7 @@ def ties_merge(Y):
     return np.where(agree, Y, 0).sum(0) / np.maximum(agree.sum(0), 1)
 
 
-def merge_rows(method, X, w, alpha=1.0, top_k=0.2, masks=None, density=1.0):
+def merge_rows(method, X, w, alpha=1.0, top_k=0.2, masks=None, density=1.0, **_):
     """X: n × d float64 rows; masks (optional, n × d of 0/1) is DARE's keep mask."""
     if masks is not None:
         X = X * masks / density
@@ -64,8 +64,31 @@ def space_tensors(space, factors):
     return [next(it) if f is not None else np.zeros_like(xs[0]) for f in factors], back
 
 
+def updates(modules, w):
+    """{module: per-task weighted dense ΔW, None for a task without the module}."""
+    return {m: [None if f is None else wi * f[2] * f[0] @ f[1] for wi, f in zip(w, fs)] for m, fs in modules.items()}
+
+
 def merge(space, method, modules, w, scope="global", **kw):
-    """modules: {name: per-task factors (see space_tensors)} -> {name: merged dense ΔW} (float64)."""
+    """modules: {name: per-task factors (see space_tensors)} -> {name: merged dense ΔW} (float64), with the
+    options applied: isotropize, then LiNeS (block l of L scaled by a + beta*l/(L-1), a = ‖Σ_t ΔW_t‖ / (T·‖merged‖),
+    Frobenius norms over all modules)."""
+    if method in SPECTRAL:  # the dense definition: the space does not matter
+        out = {m: SPECTRAL[method](ds, **kw) for m, ds in updates(modules, w).items()}
+    else:
+        out = _merge(space, method, modules, w, scope, **kw)
+    if kw.get("isotropize"):
+        out = {m: isotropic(d) for m, d in out.items()}
+    if kw.get("lines"):
+        total = sum((sum(dense(ds)) ** 2).sum() for ds in updates(modules, w).values())
+        base = np.sqrt(total) / (len(w) * np.sqrt(sum((d**2).sum() for d in out.values())))
+        blocks = {m: int(m.split(".layers.")[1].split(".")[0]) for m in out}
+        depth = max(blocks.values())
+        out = {m: (base + kw["lines"] * blocks[m] / depth) * d for m, d in out.items()}
+    return out
+
+
+def _merge(space, method, modules, w, scope="global", **kw):
     spaces = {m: space_tensors(space, f) for m, f in modules.items()}
     if scope == "global":
         flat = np.hstack([np.stack([x.ravel() for x in xs]) for xs, _ in spaces.values()])
@@ -80,3 +103,76 @@ def merge(space, method, modules, w, scope="global", **kw):
         m: back(merge_rows(method, np.stack([x.ravel() for x in xs]), w, **kw).reshape(xs[0].shape))
         for m, (xs, back) in spaces.items()
     }
+
+
+# --- the spectral methods, on dense per-task updates (None: the task does not adapt the module) -----------
+CUT = 1e-9  # numerical zeros: singular values below CUT·σ_max
+
+
+def svd(M):
+    U, s, Vh = np.linalg.svd(M, full_matrices=False)
+    r = int((s > CUT * s[0]).sum()) if s.size and s[0] > 0 else 0
+    return U[:, :r], s[:r], Vh[:r]
+
+
+def polar(M):
+    P, _, Qh = np.linalg.svd(M, full_matrices=False)
+    return P @ Qh
+
+
+def isotropic(M):
+    U, s, Vh = svd(M)
+    return s.mean() * U @ Vh if s.size else np.zeros_like(M)
+
+
+def dense(updates):
+    like = next(d for d in updates if d is not None)
+    return [np.zeros_like(like) if d is None else d for d in updates]
+
+
+def iso_c(updates, alpha=1.0, **_):
+    return alpha * isotropic(sum(dense(updates)))
+
+
+def iso_cts(updates, alpha=1.0, common=0.8, **_):
+    ds = dense(updates)
+    T = len(ds)
+    U, s, Vh = svd(sum(ds))
+    R = s.size
+    per = min(round((R - int(np.floor(common * R))) / T), R // T)
+    k = R - T * per
+    lefts, rights, sig = [U[:, :k]], [Vh[:k].T], [s[:k]]
+    for d in ds if per else []:
+        res = d - U[:, :k] @ (U[:, :k].T @ d)
+        Ur, sr, Vhr = np.linalg.svd(res, full_matrices=False)
+        j = min(per, int((sr > CUT * s[0]).sum()))
+        lefts.append(Ur[:, :j])
+        rights.append(Vhr[:j].T)
+        sig.append(sr[:j])
+    sig = np.concatenate(sig)
+    return alpha * sig.mean() * polar(np.hstack(lefts)) @ polar(np.hstack(rights)).T
+
+
+def tsv(updates, alpha=1.0, keep=1.0, **_):
+    lefts, rights, sig = [], [], []
+    for d in dense(updates):
+        U, s, Vh = svd(d)
+        k = max(1, int(np.floor(keep * s.size))) if s.size else 0
+        lefts.append(U[:, :k])
+        rights.append(Vh[:k].T)
+        sig.append(s[:k])
+    return alpha * polar(np.hstack(lefts)) @ np.diag(np.concatenate(sig)) @ polar(np.hstack(rights)).T
+
+
+def cart(updates, alpha=1.0, rank=0.08, **_):
+    ds = dense(updates)
+    m = sum(ds) / len(ds)
+    k = max(1, int(np.floor(rank * svd(np.hstack(ds))[1].size)))
+    out = m.copy()
+    for d in ds:
+        U, s, Vh = np.linalg.svd(d - m, full_matrices=False)
+        out += alpha * (U[:, :k] * s[:k]) @ Vh[:k]
+    return out
+
+
+SPECTRAL = {"iso-c": iso_c, "iso-cts": iso_cts, "tsv": tsv, "cart": cart}

@@ -50,7 +50,7 @@ def test_float32_compose_is_within_1e_4_of_the_float64_reference(method_id, scop
         )
         basis = build_basis(adapters, space).to(device)
         got = lora_dense(to_host(merge_lora(basis, spec, max_rank=None)))
-        if method.random:
+        if method.random or method.name == "doge":  # no independent reference: our own float64 merge
             want = merge_dense(build_basis(adapters, space), spec, dtype=torch.float64) if device == "cpu" else None
             if want is None:  # CUDA draws another mask: the merge is checked on the CPU
                 continue
