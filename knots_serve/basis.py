@@ -82,22 +82,20 @@ def compact_left(
     U: torch.Tensor, X: torch.Tensor, V: torch.Tensor | None = None, rtol: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """compact(U·X·Vᵀ) for U (and V) with orthonormal columns, without touching U's rows: only X is
-    factored. A merged X of full row rank (the usual case: TIES keeps entries everywhere) is already
-    minimal, which its small Gram matrix shows (k×k, in float64); only a rank-deficient X is re-factored
-    (a QR of Xᵀ, I×k, and an SVD of k×k; for Core, X is R×R and V adds its right factor)."""
+    factored, through its small Gram matrix (in float64). A merged X of full row rank (the usual case: TIES
+    keeps entries everywhere) is already minimal and kept as is; a rank-deficient one is cut to the
+    eigenvectors W of its Gram above (rtol·σ_max)²: X = W·(Wᵀ·X). An eigendecomposition, not an SVD of X:
+    LAPACK's SVD can fail to converge on the many equal singular values an isotropic merge has (Iso-C)."""
     rtol = rtol_for(X.dtype) if rtol is None else rtol
     X64 = X.to(F64)
-    eig = torch.linalg.eigvalsh(X64 @ X64.T) if X.shape[0] <= X.shape[1] else torch.zeros(0)
-    if eig.numel() and eig[0] > (rtol * 10) ** 2 * eig[-1]:  # σ_min > 10·rtol·σ_max: full rank, keep as is
+    tall = X.shape[0] > X.shape[1]
+    eig, vec = torch.linalg.eigh(X64.T @ X64 if tall else X64 @ X64.T)  # ascending
+    if not tall and eig.numel() and eig[0] > (rtol * 10) ** 2 * eig[-1]:  # σ_min > 10·rtol·σ_max: full rank
         return U, X if V is None else X @ V.T
-    if V is None:
-        Q, R = torch.linalg.qr(X.T)  # X = Rᵀ·Qᵀ
-        Uc, sigma, Vhc = torch.linalg.svd(R.T, full_matrices=False)
-    else:
-        Uc, sigma, Vhc = torch.linalg.svd(X, full_matrices=False)
-        Q = V
-    keep = sigma > rtol * sigma[0] if sigma.numel() and sigma[0] > 0 else torch.zeros_like(sigma, dtype=bool)
-    return U @ Uc[:, keep], (sigma[keep, None] * Vhc[keep]) @ Q.T
+    keep = eig > rtol**2 * eig[-1] if eig.numel() and eig[-1] > 0 else torch.zeros_like(eig, dtype=torch.bool)
+    W = vec[:, keep].to(X.dtype)
+    B, A = (U @ (X @ W), W.T) if tall else (U @ W, W.T @ X)  # X = (X·W)·Wᵀ, or W·(Wᵀ·X)
+    return B, A if V is None else A @ V.T
 
 
 @dataclass

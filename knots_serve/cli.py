@@ -3,6 +3,8 @@ themselves; every expected failure (bad adapter, bad merge spec) ends in one `er
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from pathlib import Path
 
@@ -10,13 +12,15 @@ import typer
 
 from .adapters import AdapterError, LoraAdapter, load_adapter, save_adapter, save_merged_model
 from .basis import DEFAULT_RTOL, SPACES, Basis, build_basis, fingerprint
-from .compose import MergeError, MergeSpec, merge_dense, merge_lora
-from .methods import METHODS, PARAMS, SPACE_PAPERS, resolve
+from .compose import MergeError, MergeSpec, adapter_factors, merge_dense, merge_factors, merge_lora
+from .methods import METHODS, OPTION_PAPERS, PARAMS, SPACE_PAPERS, factored, resolve
 
 app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     no_args_is_help=True,
+    # help texts are plain: '[@REVISION][/SUBFOLDER]' is syntax to show, not rich markup (it crashed --help)
+    rich_markup_mode=None,
     help="Serve and build merged LoRA models (KnOTS, Core Space, TIES, DARE, TA).",
 )
 
@@ -25,7 +29,13 @@ def _methods_help() -> str:
     lines = ["Method ids are METHOD (dense ΔW space) or SPACE-METHOD, e.g. ties, knots-ties, core-dare-ties."]
     lines += [f"{m.name}: {m.summary} (params: {', '.join(m.params)}). {m.paper}." for m in METHODS.values()]
     lines += [f"space {s}: {p}." for s, p in SPACE_PAPERS.items()]
+    lines += [f"option {o} (every method): {p}." for o, p in OPTION_PAPERS.items()]
+    lines += ["Parameters: " + "; ".join(f"{p.name} {_range(p)}: {p.help}" for p in PARAMS.values()) + "."]
     return "\n\n".join(lines)
+
+
+def _range(p) -> str:
+    return f"{'(' if p.low_open else '['}{p.low:g}, {p.high:g}] default {p.default:g}{' integer' if p.integer else ''}"
 
 
 def _pairs(values: list[str], what: str) -> dict[str, str]:
@@ -45,6 +55,27 @@ def _fail(e: Exception):
     raise typer.Exit(2)
 
 
+def with_param_options(command):
+    """One `--NAME` option per parameter in the method registry (methods.PARAMS), so a new method's
+    parameters reach the CLI by themselves; the command gets the ones given as `params` {name: value}."""
+    sig = inspect.signature(command, eval_str=True)
+    options = [
+        inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(None, help=p.help), annotation=float | None
+        )
+        for name, p in PARAMS.items()
+    ]
+
+    @functools.wraps(command)
+    def run(**kwargs):
+        given = {n: kwargs.pop(n) for n in PARAMS}
+        return command(params={n: v for n, v in given.items() if v is not None}, **kwargs)
+
+    kept = [p for n, p in sig.parameters.items() if n != "params"]
+    run.__signature__ = sig.replace(parameters=kept + options)
+    return run
+
+
 ADAPTER_HELP = (
     "NAME=PATH of a PEFT LoRA adapter dir, or NAME=hf://OWNER/NAME[@REVISION][/SUBFOLDER] of one on the Hugging "
     "Face Hub (into the HF cache; with HF_HUB_OFFLINE=1 from it only); repeat for each task"
@@ -56,13 +87,12 @@ def _load(adapter: list[str]) -> list[LoraAdapter]:
 
 
 @app.command(help="Merge LoRA adapters into one PEFT adapter (or a full model).\n\n" + _methods_help())
+@with_param_options
 def merge(
+    params: dict,
     adapter: list[str] = typer.Option(..., help=ADAPTER_HELP),
     method: str = typer.Option("knots-ties", help="merge method id (see above)"),
     out: Path = typer.Option(..., help="output directory"),
-    top_k: float | None = typer.Option(None, help=PARAMS["top_k"].help),
-    density: float | None = typer.Option(None, help=PARAMS["density"].help),
-    alpha: float | None = typer.Option(None, help=PARAMS["alpha"].help),
     weight: list[str] = typer.Option([], help="NAME=W per-task weight (default 1)"),
     seed: int = typer.Option(0, help="seed of DARE's random drop"),
     trim_scope: str = typer.Option("global", help="TIES trim threshold per task over all modules or per module"),
@@ -83,12 +113,12 @@ def merge(
         if torch_dtype is None:
             raise MergeError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
         adapters = _load(adapter)
-        params = {k: v for k, v in (("top_k", top_k), ("density", density), ("alpha", alpha)) if v is not None}
         weights = {k: _float(v, f"--weight {k}") for k, v in _pairs(weight, "--weight").items()}
         spec = MergeSpec(tuple(a.name for a in adapters), method, params, weights, seed, trim_scope)  # validates
-        space, _ = resolve(method)
+        space, m = resolve(method)
         t0 = time.perf_counter()
-        pool = _basis_for(adapters, space, basis)
+        # TA and the spectral methods need no basis: exact from the adapters' own factors, in any space
+        pool = None if factored(m) and basis is None else _basis_for(adapters, space, basis)
         t1 = time.perf_counter()
         meta = {
             "tasks": list(spec.tasks),
@@ -98,8 +128,14 @@ def merge(
             "seed": seed,
             "trim_scope": trim_scope,
         }
+        if pool is None:
+            lora = merge_factors(adapter_factors({a.name: a for a in adapters}, spec.tasks), spec)
+            base_model = next((a.base_model for a in adapters if a.base_model), None)
         if format == "full":
-            save_merged_model(base, merge_dense(pool, spec, progress=True), out)
+            dense = {k: B.double() @ A.double() for k, (B, A) in lora.items()} if pool is None else None
+            save_merged_model(base, dense or merge_dense(pool, spec, progress=True), out)
+        elif pool is None:
+            save_adapter(lora, out, base_model, torch_dtype, meta)
         else:
             save_adapter(merge_lora(pool, spec, max_rank, progress=True), out, pool.base_model, torch_dtype, meta)
         t2 = time.perf_counter()

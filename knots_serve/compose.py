@@ -139,12 +139,15 @@ def merge_lora(
 
     Exact in the knots and core spaces; in the dense space a merged ΔW of rank > max_rank is truncated
     to its top max_rank singular directions (None: never; use dense output for an exact dense merge).
-    TA and the spectral methods go straight from the factors a KnOTS or Core basis keeps (`merge_factors`),
-    whatever their space prefix: they give the same ΔW in every space."""
+    TA and the spectral methods go straight from the factors or cores a KnOTS or Core basis keeps, whatever
+    their space prefix: they give the same ΔW in every space."""
     _, method = resolve(spec.method)
     if factored(method) and basis.space != "full":
         _check_tasks(basis, spec)
-        return merge_factors(basis_factors(basis, spec.tasks), spec, dtype)
+        if method.linear:
+            return merge_factors(basis_factors(basis, spec.tasks), spec, dtype)
+        lora = core_merge(basis_cores(basis, spec.tasks, dtype), spec)
+        return finish(lora, spec, lambda: _basis_sum_norm2(basis, spec, dtype))
     merged = merged_tensors(basis, spec, progress, dtype)
     # a module whose merge is zero keeps rank 0 (written as zero padding): every adapted module stays listed
     lora = {m: basis.modules[m].to_lora(X, max_rank) for m, X in merged.items()}
@@ -185,22 +188,17 @@ def linear_merge(
     return out
 
 
-def core_merge(
-    factors: dict[str, dict[str, tuple]], spec: MergeSpec, dtype: torch.dtype = torch.float32
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """A spectral method (Iso-C, Iso-CTS, TSV-M, CART) from factors {module: {task: (B_t, A_t)}}.
+Cores = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # module -> (P, Q, stack of C_t)
 
-    Per module, QRs of the stacked B's and of the stacked Aᵀ's give orthonormal frames P (O×Σr), Q (I×Σr)
-    with ΔW_t = P·C_t·Qᵀ, C_t = Rb_t·Ra_tᵀ (Σr × Σr). The method merges the C_t; as it commutes with
-    orthonormal changes of frame, P·merged·Qᵀ is its dense definition exactly. No O×I matrix is formed or
-    factored: the cost is the subset's, Σr·(O+I)·Σr per module, whatever the pool."""
-    _, method = resolve(spec.method)
-    if not method.invariant:
-        raise MergeError(f"{spec.method!r} is not a spectral merge")
-    names = list(spec.tasks)
-    frames, stacks = {}, []
+
+def factor_cores(factors: dict[str, dict[str, tuple]], tasks, dtype: torch.dtype = torch.float32) -> Cores:
+    """The subset's smallest exact coordinates, from factors {module: {task: (B_t, A_t)}}: per module, QRs
+    of the stacked B's and of the stacked Aᵀ's give orthonormal frames P (O×Σr), Q (I×Σr) with
+    ΔW_t = P·C_t·Qᵀ, C_t = Rb_t·Ra_tᵀ (Σr × Σr; zeros for a task without the module). No O×I matrix is
+    formed: the cost is the subset's, Σr·(O+I)·Σr per module, whatever the pool."""
+    out = {}
     for m, per_task in factors.items():
-        present = [t for t in names if t in per_task]
+        present = [t for t in tasks if t in per_task]
         if not present:
             continue
         P, Rb = torch.linalg.qr(torch.cat([per_task[t][0].to(dtype) for t in present], dim=1))
@@ -208,20 +206,50 @@ def core_merge(
         sizes = [per_task[t][0].shape[1] for t in present]
         blocks = dict(zip(present, zip(Rb.split(sizes, dim=1), Ra.split(sizes, dim=1))))
         zero = Rb.new_zeros(Rb.shape[0], Ra.shape[0])
-        stacks.append(torch.stack([blocks[t][0] @ blocks[t][1].T if t in blocks else zero for t in names]))
-        frames[m] = (P, Q)
-    if not frames:
+        out[m] = (P, Q, torch.stack([blocks[t][0] @ blocks[t][1].T if t in blocks else zero for t in tasks]))
+    return out
+
+
+def basis_cores(basis: Basis, tasks, dtype: torch.dtype = torch.float32) -> Cores:
+    """The same from a basis: Core Space's own frames (U_B, V_A) and cores; KnOTS' U on the left and, on the
+    right, a QR of the subset's Q_i (X_i = coef_i·Q_iᵀ = coef_i·(Q_iᵀ·Q)·Qᵀ)."""
+    names, out = list(tasks), {}
+    for m, ms in basis.modules.items():
+        present = [t for t in names if t in ms.tasks]
+        if not present:
+            continue
+        if basis.space == "core":
+            out[m] = (ms.left.to(dtype), ms.right.to(dtype), ms.stack(names, dtype))
+            continue
+        qs = {t: ms.basis_q[ms.tasks[t]].to(dtype) for t in present}
+        Q, _ = torch.linalg.qr(torch.cat(list(qs.values()), dim=1))
+        zero = Q.new_zeros(ms.left.shape[1], Q.shape[1])
+        cs = [ms.coef[ms.tasks[t]].to(dtype) @ (qs[t].T @ Q) if t in qs else zero for t in names]
+        out[m] = (ms.left.to(dtype), Q, torch.stack(cs))
+    return out
+
+
+def core_merge(cores: Cores, spec: MergeSpec) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A spectral method (Iso-C, Iso-CTS, TSV-M, CART) on cores {module: (P, Q, C)}, ΔW_t = P·C_t·Qᵀ.
+    As the method commutes with orthonormal changes of frame, P·merged·Qᵀ is its dense definition exactly."""
+    _, method = resolve(spec.method)
+    if not method.invariant:
+        raise MergeError(f"{spec.method!r} is not a spectral merge")
+    if not cores:
         return {}
-    w = _weights(spec, dtype, stacks[0].device)
-    merged = method.fn(stacks, w, **spec.resolved_params())
-    return {m: compact_left(P, X, Q) for (m, (P, Q)), X in zip(frames.items(), merged)}
+    stacks = [C for _, _, C in cores.values()]
+    merged = method.fn(stacks, _weights(spec, stacks[0].dtype, stacks[0].device), **spec.resolved_params())
+    return {m: compact_left(P, X, Q) for (m, (P, Q, _)), X in zip(cores.items(), merged)}
 
 
 def merge_factors(
     factors: dict[str, dict[str, tuple]], spec: MergeSpec, dtype: torch.dtype = torch.float32
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """TA or a spectral merge from the tasks' factors (`linear_merge`, `core_merge`), with the options on."""
-    lora = linear_merge(factors, spec, dtype) if resolve(spec.method)[1].linear else core_merge(factors, spec, dtype)
+    if resolve(spec.method)[1].linear:
+        lora = linear_merge(factors, spec, dtype)
+    else:
+        lora = core_merge(factor_cores(factors, spec.tasks, dtype), spec)
     return finish(lora, spec, lambda: factor_sum_norm2(factors, spec))
 
 

@@ -32,7 +32,7 @@ from .basis import build_basis
 from .compose import MergeError, MergeSpec
 from .demo_tasks import normalize
 from .evaluate import DataError, Evaluator, Example, Merge, Scorer, TaskData
-from .methods import resolve
+from .methods import factored, resolve
 from .recipes import Recipe, subset_key, today
 from .serving.basis_store import auto_basis, lora_ranks
 
@@ -40,8 +40,12 @@ GRID: dict[str, tuple[float, ...]] = {
     "alpha": (0.1, 0.2, 0.3, 0.6, 1.0, 1.5, 2.0, 3.0),
     "top_k": (0.2, 0.1, 0.5),
     "density": (0.5, 0.3),
+    "common": (0.8, 0.5, 0.9),  # Iso-CTS: the authors' 0.8 first
+    "keep": (1.0, 0.5),  # TSV-M: a LoRA's whole rank (the Core Space choice), half of it
+    "rank": (0.08, 0.25, 0.5),  # CART: the authors' ~8% of the rank first
+    # not searched unless a grid names them: LiNeS beta, DOGE's eta/steps/lr/subspace/mask (alpha scales DOGE)
 }
-SEARCH_ORDER = ("alpha", "top_k", "density")
+SEARCH_ORDER = ("alpha", "top_k", "density", "common", "keep", "rank", "lines")
 
 
 # --- data and scorers ----------------------------------------------------------------------------------
@@ -258,6 +262,8 @@ class Tuner:
         """basis: shared (the whole pool), subset (the merged tasks alone), auto (the server's rule)."""
         space, m = resolve(method)
         spec = MergeSpec(tuple(tasks), method, {p: v for p, v in params.items() if p in m.params}, seed=seed)
+        if factored(m):  # the same ΔW from any basis with factors: the cheapest is the subset's Core basis
+            space, basis = "core", "subset"
         if basis == "auto":
             basis = auto_basis(tasks, lora_ranks(self.adapters))
         path, fp = self.basis(space, tasks if basis == "subset" else self.adapters)

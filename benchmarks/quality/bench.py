@@ -43,7 +43,10 @@ from knots_serve.methods import resolve
 from knots_serve.tune import GRID, Tuner
 
 REPO = Path(__file__).resolve().parents[2]
-METHODS = ("ta", "ties", "dare-ties", "knots-ties", "knots-dare-ties", "core-ties")
+OLD = ("ta", "ties", "dare-ties", "knots-ties", "knots-dare-ties", "core-ties")
+# the spectral methods are the same in every space (one id each); DOGE in the Core space, per-request sized
+NEW = ("iso-c", "iso-cts", "tsv", "cart", "core-doge")
+METHODS = OLD + NEW
 SUBSET_BASIS = ("knots-ties",)  # also in the subset's own basis and in the server's auto choice (scale run)
 QUICK_GRID = {"alpha": (1.0, 2.0), "top_k": (0.2,), "density": (0.5,)}
 SETTINGS = ("per_task", "joint")
@@ -76,9 +79,11 @@ class Bench:
     def score(self, merge: Merge, split: str, n: int) -> dict:
         return self.tuner.score(merge, self.data[split], n)
 
-    def search(self, method: str, setting: str) -> tuple[dict, float, list]:
+    def search(self, method: str, setting: str, tasks=None, n=None) -> tuple[dict, float, list]:
+        """The coordinate search on validation: of the all-task merge, or of one subset (scale run)."""
         grid = QUICK_GRID if self.args.quick else GRID
-        return self.tuner.search(method, self.tasks, self.data["val"], grid, setting, self.args.val_n, "shared")
+        tasks, n = tasks or self.tasks, n or self.args.val_n
+        return self.tuner.search(method, tasks, self.data["val"], grid, setting, n, "shared")
 
     def test(self, method: str, params: dict) -> list[dict]:
         seeds = range(self.args.seeds) if resolve(method)[1].random else [0]
@@ -182,6 +187,13 @@ def main(argv=None) -> int:
     p.add_argument("--ks", default="2,4,6", help="subset sizes of the scale run (all tasks is always added)")
     p.add_argument("--subsets", type=int, default=3, help="random subsets per size in the scale run")
     p.add_argument("--seeds", type=int, default=3, help="DARE seeds at test time")
+    p.add_argument("--scale-val-n", type=int, default=10, help="validation prompts per task, scale searches")
+    p.add_argument(
+        "--scale-tune",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="search each scale subset's parameters on its validation examples (else: the all-task ones)",
+    )
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--work", default="/tmp/knots-quality", help="bases and the evaluation cache (resumable)")
     p.add_argument("--out", help="results.json, results.md, scale.png (default: benchmarks/quality/results)")
@@ -236,18 +248,25 @@ def main(argv=None) -> int:
                 f"{mean_std([r[setting] for r in res['methods'][method][setting]['test']])}",
                 flush=True,
             )
+    res["scale_params"] = {}
     for k, subsets in bench.scale_subsets().items():
         for method in args.methods:
-            params = res["methods"][method]["per_task"]["params"]
+            if args.scale_tune and k < len(args.tasks):  # each subset searched on its own validation examples
+                chosen = [bench.search(method, "per_task", s, args.scale_val_n)[0] for s in subsets]
+            else:
+                chosen = [res["methods"][method]["per_task"]["params"]] * len(subsets)
+            res["scale_params"].setdefault(method, {})[str(k)] = chosen
             variants = [(method, "shared")] + [
                 (f"{method} ({b} basis)", b) for b in ("subset", "auto") if method in SUBSET_BASIS
             ]
             for name, basis in variants:
                 curve = res["scale"].setdefault(name, {})
-                curve[str(k)] = [
-                    bench.score(bench.merge(method, s, params, basis=basis), "test", args.scale_n)["per_task"]
-                    for s in subsets
+                runs = [
+                    bench.score(bench.merge(method, s, params, basis=basis), "test", args.scale_n)
+                    for s, params in zip(subsets, chosen)
                 ]
+                curve[str(k)] = [r["per_task"] for r in runs]
+                res.setdefault("scale_accuracy", {}).setdefault(name, {})[str(k)] = [r["accuracy"] for r in runs]
         print(
             f"scale k={k}: " + ", ".join(f"{n} {statistics.fmean(c[str(k)]):.3f}" for n, c in res["scale"].items()),
             flush=True,

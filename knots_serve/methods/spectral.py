@@ -21,7 +21,17 @@ from ..basis import rtol_for
 
 
 def _svd(M: torch.Tensor):
-    return torch.linalg.svd(M, full_matrices=False)
+    """Thin SVD of M, computed on its block of nonzero rows and columns (exact: zero rows and columns add
+    nothing). A task's core C_t = Rb_t·Ra_tᵀ is zero outside the leading rows and columns that the tasks up
+    to t span (Rb, Ra are triangular), so most of a subset's per-task SVDs are of small blocks."""
+    rows, cols = M.any(dim=1), M.any(dim=0)
+    if bool(rows.all()) and bool(cols.all()):
+        return torch.linalg.svd(M, full_matrices=False)
+    u, s, vh = torch.linalg.svd(M[rows][:, cols], full_matrices=False)
+    U = M.new_zeros(M.shape[0], s.numel())
+    Vh = M.new_zeros(s.numel(), M.shape[1])
+    U[rows], Vh[:, cols] = u, vh
+    return U, s, Vh
 
 
 def _rank(s: torch.Tensor, top) -> int:
@@ -108,11 +118,23 @@ def cart(X, w, *, alpha=1.0, rank=0.08, **_):
     rank-k approximation, k = max(1, ⌊rank·R'⌋), R' the rank of the stacked updates [ΔW_1 | … | ΔW_n]."""
     Y = _weighted(X, w)
     m = Y.mean(0)
-    stacked = torch.linalg.svdvals(torch.cat(list(Y), dim=1))
+    stacked = torch.cat(list(Y), dim=1)
+    stacked = torch.linalg.svdvals(stacked[:, stacked.any(dim=0)])  # zero columns (see _svd) add nothing
     R = _rank(stacked, stacked[0]) if stacked.numel() else 0
     k = max(1, math.floor(rank * R))
     out = m.clone()
     for Yt in Y:
-        U, s, Vh = _svd(Yt - m)
-        out += alpha * (U[:, :k] * s[:k]) @ Vh[:k]
+        out += alpha * best_rank(Yt - m, k)
     return out
+
+
+def best_rank(D: torch.Tensor, k: int) -> torch.Tensor:
+    """The best rank-k approximation U_k·U_kᵀ·D, U_k the top k eigenvectors of D·Dᵀ (p × p: cheaper than an
+    SVD of D; directions of a zero eigenvalue contribute nothing, whichever the solver returns)."""
+    if k >= min(D.shape):
+        return D
+    if D.shape[0] > D.shape[1]:
+        return best_rank(D.T, k).T
+    _, V = torch.linalg.eigh(D @ D.T)
+    Uk = V[:, -k:]
+    return Uk @ (Uk.T @ D)

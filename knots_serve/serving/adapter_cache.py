@@ -39,7 +39,7 @@ from safetensors import SafetensorError
 
 from ..adapters import CONFIG_NAME, save_adapter
 from ..atomic import atomic_write_dir
-from ..methods import resolve
+from ..methods import full_rank
 from . import metrics, owned_dirs
 from .basis_store import BasisStore, UnknownTask
 from .errors import BadRequest, Unavailable
@@ -154,7 +154,7 @@ class AdapterCache:
         """Refuse a merge this server would refuse after composing it, before any work (rank, memory)."""
         rank, module, nbytes = self.store.plan(sel)
         if rank > self.max_lora_rank:  # max_lora_rank is a vLLM rank: the padded rank fits iff the rank does
-            dense = resolve(sel.spec.method)[0] == "full"
+            dense = full_rank(sel.spec.method)
             why = (
                 f"the dense-space merge {sel.spec.method!r} is full-rank in general (up to {rank} in {module})"
                 if dense

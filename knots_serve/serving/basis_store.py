@@ -3,8 +3,8 @@
 - The pool's shared KnOTS basis is built (float64) when the pool changes — or loaded from basis_file when
   it was built from this same pool — and kept on the compose device in float32; other spaces' shared
   bases on first use.
-- Each task's factors (s_i·B_i, A_i) are kept on the device too: linear merges (TA in any space) are
-  composed straight from them, and a subset's own basis is built from them per request (cached, LRU).
+- Each task's factors (s_i·B_i, A_i) are kept on the device too: TA and the spectral merges (any space)
+  are composed straight from them, and a subset's own basis is built from them per request (cached, LRU).
 - `basis: auto` (the default) picks per merge: the subset's own basis when its tasks' summed rank is at
   most half the pool's, else the shared basis. In the shared basis every task tensor has the pool's rank
   in rows, so a 2-task merge in a large pool would cost what the pool costs; with the rule a merge never
@@ -26,8 +26,8 @@ from safetensors import SafetensorError
 
 from ..adapters import LoraAdapter, check_compatible
 from ..basis import DEFAULT_RTOL, Basis, build_basis, fingerprint
-from ..compose import adapter_factors, linear_merge, merge_lora, to_host
-from ..methods import resolve
+from ..compose import adapter_factors, merge_factors, merge_lora, to_host
+from ..methods import factored, resolve
 from .errors import NotFound
 from .names import Selection
 
@@ -185,7 +185,7 @@ class BasisStore:
         space, method = resolve(sel.spec.method)
         with self._lock:
             adapters, knots = self.adapters, self._bases.get("knots")
-        shared = not method.linear and self.choose(sel.basis, sel.tasks) == "shared"
+        shared = not factored(method) and self.choose(sel.basis, sel.tasks) == "shared"
         members = adapters.values() if shared else [adapters[t] for t in sel.tasks]
         rank, worst, sizes = 0, "", []
         for m in {m for t in sel.tasks for m in adapters[t].modules}:
@@ -193,23 +193,26 @@ class BasisStore:
             r = sum(a.modules[m].rank for a in members if m in a.modules)
             if space == "knots" and shared and knots is not None and m in knots.modules:
                 r = knots.modules[m].left.shape[1]  # the resident basis's own k
-            if method.linear or space != "full":
+            if factored(method):  # TA, spectral: the subset's Σr × Σr cores
+                bound, rows, cols = min(r, out, inp), r, r
+            elif space != "full":
                 bound, rows, cols = min(r, out, inp), r, (inp if space == "knots" else r)
             else:  # a trimmed (or dropped) dense ΔW is full-rank in general
                 bound, rows, cols = min(out, inp), out, inp
             sizes.append(0 if method.linear else (len(sel.tasks) + 1) * rows * cols * 4)
             if bound > rank:
                 rank, worst = bound, m
-        whole = method.trims and sel.spec.trim_scope == "global"  # one buffer over all modules
+        # one buffer over all modules: a global trim; a matrix method's stacks of every module
+        whole = (method.trims and sel.spec.trim_scope == "global") or method.acts_on == "matrices"
         return rank, worst, sum(sizes) if whole else max(sizes, default=0)
 
     def merge(self, sel: Selection) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The merge's exact LoRA factors on the host, composed on the device."""
         space, method = resolve(sel.spec.method)
-        if method.linear:  # TA (ta, knots-ta, core-ta): the same in every space and basis, from the factors
+        if factored(method):  # TA and the spectral merges: the same in every space and basis, from the factors
             with self._lock:
                 adapters = self._device_adapters
-            lora = linear_merge(adapter_factors(adapters, sel.tasks), sel.spec)
+            lora = merge_factors(adapter_factors(adapters, sel.tasks), sel.spec)
         else:
             lora = merge_lora(self.basis(space, sel.basis, sel.tasks), sel.spec, max_rank=None)
         return to_host(lora)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 from ..compose import MergeError, MergeSpec
-from ..methods import PARAMS, resolve
+from ..methods import PARAMS, factored, resolve
 from ..recipes import Choice
 
 PREFIX = "tasks:"
@@ -54,7 +54,7 @@ class Selection:
             query.append(("seed", s.seed))
         if method.trims and s.trim_scope != "global":
             query.append(("trim_scope", s.trim_scope))
-        if self.basis != "auto" and not method.linear:  # a linear merge is the same in every basis
+        if self.basis != "auto" and not factored(method):  # TA and spectral merges: the same in every basis
             query.append(("basis", self.basis))
         q = "&".join(f"{k}={_fmt(v)}" for k, v in query)
         return f"{PREFIX}{'+'.join(sorted(s.tasks))}@{s.method}" + (f"?{q}" if q else "")

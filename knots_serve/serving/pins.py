@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ..atomic import atomic_write_file
-from ..methods import resolve
+from ..methods import full_rank
 from .errors import BadRequest, Conflict, NotFound, Unavailable
 from .pinning import save_factors
 
@@ -28,7 +28,7 @@ async def pin(server, model: str) -> dict:
         raise BadRequest(f"{model!r} is not a merge: pin a tasks:A+B[@METHOD] string or a named merge")
     server.bases.check(sel.tasks)
     t0 = time.perf_counter()
-    if resolve(sel.spec.method)[0] == "full":  # full-rank: composed where the weights are
+    if full_rank(sel.spec.method):  # a dense ΔW: composed where the weights are
         basis = await asyncio.to_thread(server.bases.basis_file_for, sel, server.cache.cache_dir)
         args = ("basis", str(basis), json.dumps(dataclasses.asdict(sel.spec)))
     else:
