@@ -122,3 +122,23 @@ def test_project_kernels_do_not_shadow_hugging_face_kernels(tmp_path):
     for cwd in (repo, tmp_path):
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=300)
         assert r.stdout.strip() == "ok", r.stderr
+
+
+def test_merge_takes_every_registry_parameter_and_refuses_bad_ones_in_one_line(tiny_adapters, tmp_path):
+    adapters = [f"--adapter={n}={p}" for n, p in tiny_adapters.items()]
+    r = run("merge", *adapters, "--method", "iso-cts", "--common", "0.5", "--lines", "0.3", "--out", tmp_path / "m")
+    assert r.returncode == 0, r.stderr
+    meta = load_adapter(tmp_path / "m")
+    assert meta.modules and all(lora.scale == 1.0 for lora in meta.modules.values())
+    for flags, words in (
+        (("--method", "tsv", "--keep", "0"), "keep=0.0 is out of range (0, 1]"),
+        (("--method", "cart", "--rank", "-0.5"), "rank=-0.5 is out of range (0, 1]"),
+        (("--method", "iso-c", "--keep", "0.5"), "takes no parameter 'keep'"),
+        (("--method", "core-doge", "--steps", "2.5"), "steps=2.5 must be an integer"),
+    ):
+        r = run("merge", *adapters, *flags, "--out", tmp_path / "bad")
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (flags, r.stderr)
+    r = run("methods")
+    assert r.returncode == 0 and all(f"{m}:" in r.stdout for m in ("iso-c", "iso-cts", "tsv", "cart", "doge"))
+    assert "arXiv:2502.04959" in r.stdout and "LiNeS" in r.stdout
+    assert run("merge", "--help").returncode == 0  # help texts with [/SUBFOLDER] once crashed rich markup

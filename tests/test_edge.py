@@ -264,3 +264,41 @@ def test_streamed_experiment_events_are_labelled_whatever_their_sse_shape():
     head, data = responses.split(b"\n")
     assert head == b"event: response.created" and json.loads(data[len(b"data: ") :])["knots"]["arm"] == "a"
     assert labeller._event(b"data: [DONE]") == b"data: [DONE]"
+
+
+def test_the_spectral_methods_are_served_per_request_and_doge_is_refused_up_front(edge):
+    async def test(server, mw, engine):
+        ok = [
+            {"model": "tasks:alpha+beta@knots-iso-c?alpha=1.3"},
+            {"model": "tasks:alpha+beta@iso-cts?common=0.5&isotropize=1"},
+            {"model": "tiny", "knots": {"tasks": ["alpha", "beta"], "method": "cart", "params": {"rank": 0.25}}},
+            {"model": "exp"},  # arms: tsv, core-iso-c with LiNeS
+        ]
+        for body in ok:
+            status, _, error = await call(mw, body=body | {"messages": [{"role": "user", "content": "hi"}]})
+            assert status == 200, (body, error)
+        assert engine.seen[0]["body"]["model"] == "tasks:alpha+beta@knots-iso-c?alpha=1.3"
+        bad = {
+            "tasks:alpha+beta@tsv?keep=0": ["keep=0.0", "(0, 1]"],
+            "tasks:alpha+beta@iso-cts?common=1.5": ["common=1.5", "[0, 1]"],
+            "tasks:alpha+beta@cart?rank=-1": ["rank=-1.0", "(0, 1]"],
+            "tasks:alpha+beta@iso-c?top_k=0.3": ["takes no parameter 'top_k'"],
+            "tasks:alpha+beta@core-doge": ["not composed per request", "POST /admin/pin", "knots-serve merge"],
+        }
+        seen = len(engine.seen)
+        for model, words in bad.items():
+            status, _, error = await call(mw, body={"model": model, "messages": [{"role": "user", "content": "x"}]})
+            assert status == 400 and all(w in error["error"]["message"] for w in words), (model, error)
+        assert len(engine.seen) == seen  # refused before any work reached vLLM
+
+    edge(
+        test,
+        experiments={
+            "exp": {
+                "arms": {
+                    "a": {"model": "tasks:alpha+beta@tsv?keep=0.5", "weight": 1},
+                    "b": {"model": "tasks:alpha+beta@core-iso-c?lines=0.5", "weight": 1},
+                }
+            }
+        },
+    )

@@ -13,9 +13,13 @@ Every number is exact-match accuracy of greedy answers from vLLM with the merge 
 - Hyperparameters: one coordinate search for every method on the validation split only (alpha over its
   grid, then top_k, then DARE density; ties keep the earlier value), once per setting. DARE methods
   search with seed 0 and report the test mean ± std over --seeds seeds. The test split is only scored.
-- Scale: merges of k = 2, 4, 6 tasks (--subsets random subsets each, fixed seeds) and of all tasks, each
-  with the all-task per-task hyperparameters; KnOTS-TIES also with a basis built from the subset alone, and
-  in the basis the server's `basis: auto` picks (subset when it spans at most half the pool's rank).
+- Scale: merges of k = 2, 4, 6 tasks (--subsets random subsets each, fixed seeds) and of all tasks; each
+  subset's parameters searched on its own validation examples (--scale-val-n per task; --no-scale-tune:
+  the all-task per-task parameters for every size). KnOTS-TIES also with a basis built from the subset
+  alone, and in the basis the server's `basis: auto` picks (subset when it spans at most half the pool's
+  rank).
+- Methods: the classic ones, KnOTS/Core TIES, and the spectral ones (iso-c, iso-cts, tsv, cart: the same
+  merge in every space, one id each) and core-doge; grids in knots_serve/tune.py (GRID).
 """
 
 from __future__ import annotations

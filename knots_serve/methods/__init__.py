@@ -91,6 +91,7 @@ class Method:
     random: bool = False  # uses DARE's seeded random drop
     linear: bool = False  # a weighted sum of the task updates: merged straight from the factors
     invariant: bool = False  # commutes with orthonormal changes of basis: merged on the smallest exact core
+    per_request: bool = True  # cheap enough to compose for a request (DOGE is not: pin or precompute it)
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -191,6 +192,7 @@ METHODS: dict[str, Method] = {
             "data-free Adam on a shared correction, projected off the tasks' shared subspace, then masked",
             acts_on="matrices",
             trims=True,
+            per_request=False,
         ),
     )
 }

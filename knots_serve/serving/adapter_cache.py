@@ -43,7 +43,7 @@ from ..methods import full_rank
 from . import metrics, owned_dirs
 from .basis_store import BasisStore, UnknownTask
 from .errors import BadRequest, Unavailable
-from .names import Selection
+from .names import Selection, check_per_request
 
 
 class CacheUnavailable(Unavailable):
@@ -151,7 +151,8 @@ class AdapterCache:
                 self._inflight.pop(name, None)
 
     def _check_plan(self, sel: Selection) -> None:
-        """Refuse a merge this server would refuse after composing it, before any work (rank, memory)."""
+        """Refuse a merge this server would refuse after composing it, before any work (cost, rank, memory)."""
+        check_per_request(sel)  # a MergeError: 400
         rank, module, nbytes = self.store.plan(sel)
         if rank > self.max_lora_rank:  # max_lora_rank is a vLLM rank: the padded rank fits iff the rank does
             dense = full_rank(sel.spec.method)

@@ -60,6 +60,19 @@ class Selection:
         return f"{PREFIX}{'+'.join(sorted(s.tasks))}@{s.method}" + (f"?{q}" if q else "")
 
 
+def check_per_request(sel: Selection) -> None:
+    """A merge the server composes per request must be cheap enough to: DOGE's optimization costs 4-140x a
+    knots-ties compose (docs/BENCHMARKS.md, "Compose cost per method"), so it is refused up front, saying how
+    to get it instead."""
+    if sel.spec is not None and not resolve(sel.spec.method)[1].per_request:
+        raise MergeError(
+            f"{sel.canonical!r} is not composed per request: {sel.spec.method} optimizes every module (Adam, "
+            f"{sel.spec.resolved_params().get('steps')} steps), many times a knots-ties compose; pin it "
+            "(POST /admin/pin), or precompute it with `knots-serve merge --method "
+            f"{sel.spec.method} --out DIR` and add DIR as a task"
+        )
+
+
 def recipe_model(recipe) -> str:
     """The canonical name of the merge a recipe (recipes.Recipe) serves: what responses name in `model`."""
     return Selection(recipe.tasks, recipe.spec()).canonical

@@ -23,7 +23,16 @@ from .errors import BadRequest, Conflict, NotFound, Unavailable
 from .experiments import Experiment, Outcomes, assign, check_experiment, promotion
 from .gate import Gate
 from .limits import RateLimit
-from .names import PREFIX, TASK_NAME, Selection, check_task_name, parse_field, parse_model, recipe_model
+from .names import (
+    PREFIX,
+    TASK_NAME,
+    Selection,
+    check_per_request,
+    check_task_name,
+    parse_field,
+    parse_model,
+    recipe_model,
+)
 from .registry import experiment_table, task_table
 from .store import open_store
 from .sync import StoreSync
@@ -413,9 +422,11 @@ def check_model(model: str, cfg: ServeConfig, tasks, choose) -> None:
         return
     if not model.startswith(PREFIX):
         raise UnknownTask(f"unknown model {model!r}")
-    unknown = [t for t in parse_model(model, choose).tasks if t not in tasks]
+    sel = parse_model(model, choose)
+    unknown = [t for t in sel.tasks if t not in tasks]
     if unknown:
         raise UnknownTask(f"unknown task(s): {', '.join(unknown)}")
+    check_per_request(sel)  # an arm is served per request
 
 
 class FilesChanged(Unavailable):
