@@ -324,13 +324,17 @@ def methods():
 @app.command(
     help="Tune merge recipes on your own validation data: per subset, the KnOTS paper's coordinate search over "
     "each method's parameters (alpha, then top_k, then density), every merge scored through the pinning path "
-    "the server uses. Writes the best recipe per subset to STATE_DIR/recipes.json (a running server serves it "
-    "for tasks:A+B without @METHOD) and a report. Resumable: evaluations are cached in --work."
+    "the server uses. Writes a recipe per subset to STATE_DIR/recipes.json (a running server serves it for "
+    "tasks:A+B without @METHOD): the best point found where its gain over the config's default_method on the "
+    "same examples is significant (paired bootstrap), else the default; and a report. Resumable: evaluations "
+    "are cached in --work."
 )
 def tune(
     config: Path = typer.Option(Path("configs/default.yaml"), help="serve config (YAML): base model, tasks, state"),
     data: Path = typer.Option(..., help="directory of validation data: one <task>.jsonl per task"),
-    subsets: list[str] = typer.Option(["pairs"], help="pairs | all | K:N (N random subsets of K tasks) | A+B[+C]"),
+    subsets: list[str] = typer.Option(
+        ["pairs"], help="pairs | all | K:N (N random subsets of K tasks) | A+B[+C]; a comma list, or repeat the flag"
+    ),
     methods: str = typer.Option("", help="comma-separated method ids (default: the config's default_method,ta,ties)"),
     scorer: list[str] = typer.Option([], help="TASK=exact|contains|regex|py:module:function (default: exact)"),
     budget_s: float | None = typer.Option(None, help="stop starting evaluations after this many seconds"),

@@ -10,8 +10,10 @@ and method, through the pinning path the server uses (evaluate.py); the result i
   path: a 1-task TA merge at alpha 1 is the adapter itself), averaged over the subset's tasks ("normalized
   accuracy", as in the paper). A task whose own LoRA scores 0 counts unnormalized.
 - Search, per method: alpha over its grid, then top_k, then density (ties keep the earlier value), from the
-  first grid value of each; DARE with seed 0. The subset's recipe is the best (method, parameters) found,
-  or the config default when nothing beats it.
+  first grid value of each; DARE with seed 0.
+- Choice: the best (method, parameters) found replaces the config default only when its gain over the
+  default on the same examples is significant (a paired bootstrap over the examples, one-sided 95%: the
+  5th percentile of the resampled gains is above 0); small validation sets otherwise pick noise.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import random
 import re
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from .adapters import LoraAdapter
 from .basis import build_basis
@@ -46,6 +50,9 @@ GRID: dict[str, tuple[float, ...]] = {
     # not searched unless a grid names them: LiNeS beta, DOGE's eta/steps/lr/subspace/mask (alpha scales DOGE)
 }
 SEARCH_ORDER = ("alpha", "top_k", "density", "common", "keep", "rank", "lines")
+RESAMPLES = 2000  # bootstrap resamples per comparison (seeded, so a rerun decides the same)
+KEPT = "kept default: gain not significant"
+REPLACED = "replaced the default"
 
 
 # --- data and scorers ----------------------------------------------------------------------------------
@@ -179,32 +186,41 @@ def _digest(*parts: bytes) -> str:
 # --- subsets ---------------------------------------------------------------------------------------------
 def subsets(specs: Iterable[str], tasks: list[str], seed: int = 0) -> list[tuple[str, ...]]:
     """`pairs` (every pair), `all` (the whole pool), `K:N` (N random subsets of K tasks, seeded) or
-    `A+B+C` (that subset); duplicates dropped, order kept."""
+    `A+B+C` (that subset), each spec one of these or a comma-separated list of them; duplicates dropped,
+    order kept."""
     out: dict[str, tuple[str, ...]] = {}
-    for spec in specs:
-        if spec == "pairs":
-            found = list(itertools.combinations(sorted(tasks), 2))
-        elif spec == "all":
-            found = [tuple(sorted(tasks))]
-        elif re.fullmatch(r"\d+:\d+", spec):
-            k, n = map(int, spec.split(":"))
-            if not 2 <= k <= len(tasks):
-                raise MergeError(f"--subsets {spec}: size {k} is not in 2..{len(tasks)} (the pool)")
-            combos = list(itertools.combinations(sorted(tasks), k))
-            found = random.Random(f"tune:{seed}:{k}").sample(combos, min(n, len(combos)))
-        else:
-            found = [tuple(sorted(spec.split("+")))]
-            unknown = [t for t in found[0] if t not in tasks]
-            if unknown or len(found[0]) < 2 or len(set(found[0])) < len(found[0]):
-                raise MergeError(
-                    f"--subsets {spec!r}: expected pairs, all, K:N or A+B[+…] of 2+ distinct known tasks"
-                    + (f"; unknown task(s): {', '.join(unknown)}" if unknown else "")
-                )
-        for s in found:
-            out.setdefault(subset_key(s), s)
+    for given in specs:
+        entries = [e.strip() for e in given.split(",")]
+        if "" in entries:  # else it would read as a subset of one task named ''
+            raise MergeError(f"--subsets {given!r}: an empty entry")
+        for spec in entries:
+            for s in _subset_spec(spec, tasks, seed):
+                out.setdefault(subset_key(s), s)
     if not out:
         raise MergeError("no subsets to tune: give --subsets (pairs, all, K:N or A+B)")
     return list(out.values())
+
+
+def _subset_spec(spec: str, tasks: list[str], seed: int) -> list[tuple[str, ...]]:
+    """The subsets one entry of --subsets names (subsets)."""
+    if spec == "pairs":
+        return list(itertools.combinations(sorted(tasks), 2))
+    if spec == "all":
+        return [tuple(sorted(tasks))]
+    if re.fullmatch(r"\d+:\d+", spec):
+        k, n = map(int, spec.split(":"))
+        if not 2 <= k <= len(tasks):
+            raise MergeError(f"--subsets {spec}: size {k} is not in 2..{len(tasks)} (the pool)")
+        combos = list(itertools.combinations(sorted(tasks), k))
+        return random.Random(f"tune:{seed}:{k}").sample(combos, min(n, len(combos)))
+    found = tuple(sorted(spec.split("+")))
+    unknown = [t for t in found if t not in tasks]
+    if unknown or len(found) < 2 or len(set(found)) < len(found):
+        raise MergeError(
+            f"--subsets {spec!r}: expected pairs, all, K:N or A+B[+…] of 2+ distinct known tasks"
+            + (f"; unknown task(s): {', '.join(unknown)}" if unknown else "")
+        )
+    return [found]
 
 
 def search_space(method: str, grid: dict[str, tuple[float, ...]] = GRID) -> list[str]:
@@ -230,6 +246,63 @@ def coordinate_search(params: list[str], grid: dict, score: Callable[[dict], flo
             current[p] = best[1]
         best_score = best[0]
     return current, best_score, trail
+
+
+# --- significance ----------------------------------------------------------------------------------------
+Scores = dict[str, Sequence[float]]  # per task, one score per example, in the data's order
+
+
+def normalized(got: Scores, lora: Scores) -> float:
+    """A merge's score on a subset: per task, its summed score over the task's own LoRA's (unnormalized where
+    the LoRA scores 0), averaged over the tasks."""
+    return statistics.fmean(sum(got[t]) / sum(lora[t]) if sum(lora[t]) > 0 else statistics.fmean(got[t]) for t in lora)
+
+
+def resampled(got: Scores, lora: Scores, n: int = RESAMPLES, seed: int = 0) -> np.ndarray:
+    """`normalized` on each of n bootstrap resamples (each task's examples drawn with replacement). The draws
+    depend on the seed and the tasks' sizes only, so two merges scored on the same examples get the same
+    draws: their differences are paired."""
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for t in sorted(lora):
+        size = len(lora[t])
+        idx = rng.integers(0, size, (n, size))
+        g, ref = np.asarray(got[t], float)[idx].sum(1), np.asarray(lora[t], float)[idx].sum(1)
+        ratios.append(np.divide(g, ref, out=g / size, where=ref > 0))
+    return np.mean(ratios, axis=0)
+
+
+def interval(got: Scores, lora: Scores, n: int = RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """The 95% bootstrap interval (2.5th and 97.5th percentiles) of a merge's normalized score."""
+    low, high = np.percentile(resampled(got, lora, n, seed), [2.5, 97.5])
+    return float(low), float(high)
+
+
+def paired_bootstrap(a: Scores, b: Scores, lora: Scores, n: int = RESAMPLES, seed: int = 0):
+    """-> (normalized score of a minus b's, and the 5th and 95th percentiles of that difference over n
+    resamples that draw the same examples for both). The gain of a over b is significant (one-sided 95%)
+    when the 5th percentile is above 0."""
+    diffs = resampled(a, lora, n, seed) - resampled(b, lora, n, seed)
+    low, high = np.percentile(diffs, [5, 95])
+    return normalized(a, lora) - normalized(b, lora), float(low), float(high)
+
+
+def versus_default(best: Scores, default: Scores, lora: Scores, n: int = RESAMPLES, seed: int = 0) -> dict:
+    """The best point found against the default on the same examples: each one's score and 95% interval,
+    the gain with its paired 5th-95th percentiles, and whether the best replaces the default. The search
+    chose `best` as the maximum of many points on these very examples, so even this test flatters it; it
+    still refuses the gains that a few lucky examples carry."""
+    gain = paired_bootstrap(best, default, lora, n, seed)
+    return {
+        "score": _rounded(normalized(best, lora), *interval(best, lora, n, seed)),
+        "default": _rounded(normalized(default, lora), *interval(default, lora, n, seed)),
+        "gain": _rounded(*gain),
+        "replaced": gain[1] > 0,
+    }
+
+
+def _rounded(*xs: float) -> list[float]:
+    return [round(x, 4) for x in xs]
 
 
 class BudgetSpent(Exception):
@@ -279,14 +352,13 @@ class Tuner:
         return {t: self.scores(self.merge("knots-ta", [t], {"alpha": 1.0}), {t: d}, n)[t] for t, d in data.items()}
 
     def score(self, merge: Merge, data: dict[str, TaskData], n: int | None = None) -> dict:
-        """per_task: mean over tasks of (merge's mean score / the LoRA's); joint: pooled score / pooled
-        LoRA score; accuracy: the merge's mean score per task."""
+        """per_task: `normalized`; joint: pooled score / pooled LoRA score; accuracy: the merge's mean score
+        per task."""
         tasks = list(merge.spec.tasks)
         got, lora = self.scores(merge, {t: data[t] for t in tasks}, n), self.lora({t: data[t] for t in tasks}, n)
-        ratio = [sum(got[t]) / sum(lora[t]) if sum(lora[t]) > 0 else statistics.fmean(got[t]) for t in tasks]
         pooled = sum(sum(lora[t]) for t in tasks)
         return {
-            "per_task": statistics.fmean(ratio),
+            "per_task": normalized(got, lora),
             "joint": sum(sum(got[t]) for t in tasks) / pooled if pooled else 0.0,
             "accuracy": {t: statistics.fmean(v) for t, v in got.items()},
         }
@@ -312,7 +384,8 @@ class Tuner:
         progress: bool = True,
     ) -> tuple[list[Recipe], list[dict]]:
         """Search every method on every subset; -> (one recipe per finished subset, the log of every
-        search). Stops starting evaluations once `budget_s` is spent (finished subsets are kept)."""
+        search). The best search of a finished subset carries `versus_default` and the outcome (REPLACED
+        or KEPT). Stops starting evaluations once `budget_s` is spent (finished subsets are kept)."""
         from tqdm import tqdm
 
         self.deadline = time.monotonic() + budget_s if budget_s else float("inf")
@@ -323,22 +396,32 @@ class Tuner:
             for tasks in subsets:
                 bar.set_postfix_str(subset_key(tasks)[:40])
                 sub = {t: data[t] for t in tasks}
-                default = self.score(self.merge(default_method, tasks, {}), sub)["per_task"]
-                best = (default, default_method, {})  # the default is kept unless something beats it
+                lora, default = self.lora(sub), self.scores(self.merge(default_method, tasks, {}), sub)
+                searched = []  # (log entry, per-example scores of its best point)
                 for method in methods:
                     params, s, trail = self.search(method, tasks, sub, grid)
-                    log.append({"tasks": list(tasks), "method": method, "params": params, "score": s, "trail": trail})
+                    entry = {"tasks": list(tasks), "method": method, "params": params, "score": s, "trail": trail}
+                    log.append(entry)
                     bar.update(max(1, len(trail)))
-                    if s > best[0]:
-                        best = (s, method, params)
-                spec = MergeSpec(tasks, best[1], best[2])
+                    # straight from the evaluator: the search just scored this point, so it is cached and
+                    # must not be refused by the budget
+                    searched.append((entry, self.eval.scores(self.merge(method, tasks, params), sub)))
+                # a recipe is served per request: DOGE is searched and logged, never a recipe (pin it); with
+                # nothing servable searched, the default is compared with itself and stands
+                servable = [e for e in searched if resolve(e[0]["method"])[1].per_request] or [
+                    ({"score": float("-inf")}, default)
+                ]
+                best, got = max(servable, key=lambda e: e[0]["score"])  # ties: the earlier method
+                versus = versus_default(got, default, lora)
+                best |= {"versus_default": versus, "outcome": REPLACED if versus["replaced"] else KEPT}
+                method, params = (best["method"], best["params"]) if versus["replaced"] else (default_method, {})
                 recipes.append(
                     Recipe(
                         tasks,
-                        best[1],
-                        spec.resolved_params(),
-                        score=round(best[0], 4),
-                        default_score=round(default, 4),
+                        method,
+                        MergeSpec(tasks, method, params).resolved_params(),
+                        score=versus["score" if versus["replaced"] else "default"][0],
+                        default_score=versus["default"][0],
                         data=_digest(*(data[t].fingerprint.encode() for t in sorted(tasks))),
                         date=today(),
                     )
@@ -357,14 +440,26 @@ def report_markdown(recipes: list[Recipe], log: list[dict], meta: dict) -> str:
         "",
         f"Validation data: {meta['data']}; methods searched: {', '.join(meta['methods'])}; "
         f"default: {meta['default_method']} at its registry defaults. Scores are normalized (merge / each "
-        f"task's own LoRA, averaged over the subset's tasks). Wall time {meta['wall_s']:.0f} s.",
+        f"task's own LoRA, averaged over the subset's tasks), with 95% bootstrap intervals over the examples. "
+        f"The gain is the best point found minus the default on the same examples, with the 5th and 95th "
+        f"percentiles of {RESAMPLES} paired resamples; the best point replaces the default only when the 5th "
+        f"percentile is above 0 (one-sided 95%). Wall time {meta['wall_s']:.0f} s.",
         "",
-        "| subset | recipe | params | val score | default's val score |",
-        "|---|---|---|---|---|",
+        "| subset | recipe | params | val score [95%] | default's [95%] | gain [5%, 95%] | outcome |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in recipes:
-        params = ", ".join(f"{k}={v:g}" for k, v in r.params.items())
-        lines.append(f"| {r.key} | {r.method} | {params} | {r.score:.3f} | {r.default_score:.3f} |")
+        best = next(e for e in log if "outcome" in e and tuple(e["tasks"]) == r.tasks)
+        versus = best["versus_default"]
+        score = versus["score" if versus["replaced"] else "default"]
+        outcome = best["outcome"]
+        if not versus["replaced"]:
+            found = " ".join(filter(None, (best["method"], _params(best["params"]))))
+            outcome += f" (best found: {found}, {_ci(versus['score'])})"
+        lines.append(
+            f"| {r.key} | {r.method} | {_params(r.params)} | {_ci(score)} | {_ci(versus['default'])} "
+            f"| {_ci(versus['gain'], '+.3f')} | {outcome} |"
+        )
     by_size: dict[tuple[int, str], list[float]] = {}
     for entry in log:
         by_size.setdefault((len(entry["tasks"]), entry["method"]), []).append(entry["score"])
@@ -375,6 +470,16 @@ def report_markdown(recipes: list[Recipe], log: list[dict], meta: dict) -> str:
     if meta.get("unfinished"):
         lines += ["", f"Not tuned (time budget spent): {', '.join(meta['unfinished'])}."]
     return "\n".join(lines) + "\n"
+
+
+def _params(params: dict) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in params.items())
+
+
+def _ci(stat: list[float], fmt: str = ".3f") -> str:
+    """[value, low, high] as 'value [low, high]'."""
+    value, low, high = stat
+    return f"{value:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
 
 
 def plot(recipes: list[Recipe], path: Path) -> None:

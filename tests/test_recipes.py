@@ -148,8 +148,8 @@ def test_a_parameter_the_chosen_method_does_not_take_says_where_the_method_came_
     with pytest.raises(MergeError) as e:
         parse_model("tasks:a+b?top_k=0.3", choose)
     assert str(e.value) == (
-        "a+b is merged with knots-ta (the subset's recipe), which takes no parameter 'top_k' (it takes alpha); "
-        "name a method that takes it (@METHOD)"
+        "a+b is merged with knots-ta (the subset's recipe), which takes no parameter 'top_k' (it takes alpha, "
+        "lines, isotropize); name a method that takes it (@METHOD)"
     )
     with pytest.raises(MergeError, match=r"knots-ties \(default_method\), which takes no parameter 'density'"):
         parse_field({"tasks": ["a", "c"], "params": {"density": 0.5}}, chooser(RecipeBook()))

@@ -1,5 +1,6 @@
 """`knots-serve tune`: validation data and scorers (bad input named by file and line, nothing written), the
-subset specs, the coordinate search, and one real run on the tiny model (recipes, report, resume)."""
+subset specs, the coordinate search, the paired bootstrap that decides whether a tuned point replaces the
+default, the report, and one real run on the tiny model (recipes, report, resume)."""
 
 import json
 import os
@@ -13,8 +14,21 @@ import yaml
 from knots_serve.compose import MergeError
 from knots_serve.demo_tasks import TASKS, jsonl, task_data
 from knots_serve.evaluate import DataError
-from knots_serve.recipes import load_recipes
-from knots_serve.tune import coordinate_search, load_data, scorer, search_space, subsets
+from knots_serve.recipes import Recipe, load_recipes
+from knots_serve.tune import (
+    KEPT,
+    REPLACED,
+    coordinate_search,
+    interval,
+    load_data,
+    normalized,
+    paired_bootstrap,
+    report_markdown,
+    scorer,
+    search_space,
+    subsets,
+    versus_default,
+)
 
 HERE = Path(__file__).resolve().parent
 POOL = ("alpha", "beta", "gamma")
@@ -126,6 +140,17 @@ def test_subset_specs():
             subsets([bad], tasks)
 
 
+def test_a_subsets_spec_may_be_a_comma_list_and_bad_entries_are_named():
+    tasks = ["a", "b", "c", "d"]
+    assert subsets(["pairs,3:2, all"], tasks, seed=1) == subsets(["pairs", "3:2", "all"], tasks, seed=1)
+    assert subsets(["a+b,c+d", "b+a"], tasks) == [("a", "b"), ("c", "d")]
+    with pytest.raises(MergeError, match=r"--subsets 'a\+x': .*unknown task\(s\): x"):
+        subsets(["pairs,a+x"], tasks)
+    for bad in ("pairs,,all", "pairs,", ","):
+        with pytest.raises(MergeError, match=f"--subsets '{bad}': an empty entry"):
+            subsets([bad], tasks)
+
+
 def test_coordinate_search_walks_one_parameter_at_a_time_and_keeps_the_earlier_value_on_ties():
     grid = {"alpha": (0.5, 1.0, 2.0), "top_k": (0.2, 0.1, 0.5)}
     seen = []
@@ -141,6 +166,76 @@ def test_coordinate_search_walks_one_parameter_at_a_time_and_keeps_the_earlier_v
     assert search_space("knots-dare-ties") == ["alpha", "top_k", "density"] and search_space("ta") == ["alpha"]
 
 
+LORA = {"x": [1.0] * 20, "y": [1.0] * 10 + [0.5] * 10}
+HALF = {"x": [1.0, 0.0] * 10, "y": [1.0, 0.0] * 10}
+
+
+def test_normalized_is_per_task_sum_over_the_loras_averaged_and_unnormalized_where_the_lora_scores_0():
+    assert normalized(HALF, LORA) == pytest.approx((10 / 20 + 10 / 15) / 2)
+    assert normalized({"x": [1.0, 0.0, 1.0], "y": [0.5, 0.0]}, {"x": [1.0] * 3, "y": [0.0, 0.0]}) == pytest.approx(
+        (2 / 3 + 0.25) / 2
+    )
+
+
+def test_paired_bootstrap_finds_a_clear_win_significant_and_a_one_example_win_not():
+    clear = {"x": [1.0] * 20, "y": [1.0] * 20}
+    gain, low, high = paired_bootstrap(clear, HALF, LORA)
+    assert gain == pytest.approx(normalized(clear, LORA) - normalized(HALF, LORA)) and 0 < low < gain < high
+    one = {"x": [1.0, 1.0] + HALF["x"][2:], "y": HALF["y"]}  # one example more right, out of 40
+    gain, low, high = paired_bootstrap(one, HALF, LORA)
+    assert gain > 0 and low <= 0 < high  # a third of the resamples leave that example out: not significant
+    mixed = {"x": [0.0, 1.0] * 10, "y": HALF["y"]}  # as many wins as losses: the same score, not a win
+    gain, low, high = paired_bootstrap(mixed, HALF, LORA)
+    assert gain == 0 and low < 0 < high
+
+
+def test_paired_bootstrap_of_identical_scores_has_zero_width_and_is_deterministic_for_a_seed():
+    assert paired_bootstrap(HALF, HALF, LORA) == (0.0, 0.0, 0.0)
+    noisy = {"x": [1.0, 0.0, 0.0, 1.0] * 5, "y": [0.5, 1.0] * 10}
+    assert paired_bootstrap(noisy, HALF, LORA, seed=3) == paired_bootstrap(noisy, HALF, LORA, seed=3)
+    assert paired_bootstrap(noisy, HALF, LORA, seed=3) != paired_bootstrap(noisy, HALF, LORA, seed=4)
+    low, high = interval(HALF, LORA)
+    assert low < normalized(HALF, LORA) < high and interval(LORA, LORA) == (1.0, 1.0)
+
+
+def test_versus_default_replaces_the_default_on_a_significant_gain_only():
+    won = versus_default({"x": [1.0] * 20, "y": [1.0] * 20}, HALF, LORA)
+    assert won["replaced"] and won["gain"][1] > 0 and won["default"][0] == round(normalized(HALF, LORA), 4)
+    lucky = versus_default({"x": [1.0, 1.0] + HALF["x"][2:], "y": HALF["y"]}, HALF, LORA)
+    assert not lucky["replaced"] and lucky["gain"][0] > 0 and lucky["score"][0] > lucky["default"][0]
+    for stat in (lucky["score"], lucky["default"], lucky["gain"]):  # [value, low, high]
+        assert len(stat) == 3 and stat[1] <= stat[0] <= stat[2]
+
+
+def test_the_report_gives_each_recipe_its_intervals_the_gain_and_whether_it_replaced_the_default():
+    clear = {"x": [1.0] * 20, "y": [1.0] * 20}
+    lucky = {"x": [1.0, 1.0] + HALF["x"][2:], "y": HALF["y"]}
+    won, kept = versus_default(clear, HALF, LORA), versus_default(lucky, HALF, LORA)
+    log = [
+        {"tasks": ["a", "b"], "method": "knots-ta", "params": {"alpha": 1.5}, "score": won["score"][0]}
+        | {"versus_default": won, "outcome": REPLACED},
+        {"tasks": ["a", "c"], "method": "knots-ties", "params": {"alpha": 1.0, "top_k": 0.2}, "score": 0.5},
+        {"tasks": ["a", "c"], "method": "ta", "params": {"alpha": 1.5}, "score": kept["score"][0]}
+        | {"versus_default": kept, "outcome": KEPT},
+    ]
+    recipes = [
+        Recipe(("a", "b"), "knots-ta", {"alpha": 1.5}, score=won["score"][0], default_score=won["default"][0]),
+        Recipe(("a", "c"), "knots-ties", {"alpha": 1.0, "top_k": 0.2}, score=kept["default"][0]),
+    ]
+    meta = {"date": "2025-01-01", "data": "DATA", "methods": ["knots-ties", "ta"], "default_method": "knots-ties"}
+    text = report_markdown(recipes, log, meta | {"wall_s": 1.0})
+    row = next(ln for ln in text.splitlines() if ln.startswith("| a+b |"))
+    w = {k: won[k] for k in ("score", "default", "gain")}
+    assert f"| {w['score'][0]:.3f} [{w['score'][1]:.3f}, {w['score'][2]:.3f}] |" in row
+    assert f"| {w['default'][0]:.3f} [{w['default'][1]:.3f}, {w['default'][2]:.3f}] |" in row
+    assert f"| {w['gain'][0]:+.3f} [{w['gain'][1]:+.3f}, {w['gain'][2]:+.3f}] | replaced the default |" in row
+    row = next(ln for ln in text.splitlines() if ln.startswith("| a+c |"))
+    assert row.startswith("| a+c | knots-ties | alpha=1, top_k=0.2 | ")
+    assert f"| {kept['default'][0]:.3f} [{kept['default'][1]:.3f}, {kept['default'][2]:.3f}] |" in row
+    k = kept["score"]
+    assert f"kept default: gain not significant (best found: ta alpha=1.5, {k[0]:.3f} [{k[1]:.3f}, {k[2]:.3f}])" in row
+
+
 def test_cli_errors_name_the_problem_and_write_nothing(tmp_path, tiny_adapters):
     state = tmp_path / "state"
     cfg = tmp_path / "serve.yaml"
@@ -154,6 +249,9 @@ def test_cli_errors_name_the_problem_and_write_nothing(tmp_path, tiny_adapters):
     cases = [
         (["--subsets", "alpha+beta"], f"{data / 'alpha.jsonl'}:2: not JSON"),
         (["--subsets", "alpha+omega"], "unknown task(s): omega"),
+        (["--subsets", "pairs,alpha+omega"], "--subsets 'alpha+omega'"),  # each entry of a comma list is read
+        (["--subsets", "pairs", "--subsets", "all,alpha+omega"], "--subsets 'alpha+omega'"),  # and each flag
+        (["--subsets", "pairs,,all"], "--subsets 'pairs,,all': an empty entry"),
         (["--subsets", "alpha+beta", "--methods", "knots-nope"], "knots-nope"),
     ]
     for extra, message in cases:
@@ -221,13 +319,20 @@ def test_tune_end_to_end_on_the_tiny_model_writes_recipes_and_a_report_and_resum
     (search,) = doc["log"]
     assert [p for p, _ in search["trail"]] == [{"alpha": a} for a in (0.1, 0.2, 0.3, 0.6, 1.0, 1.5, 2.0, 3.0)]
     best = max(s for _, s in search["trail"])
-    if best > recipe.default_score:  # the tuned method wins; else the default is kept
-        assert recipe.method == "knots-ta" and recipe.score == pytest.approx(best, abs=1e-4)
-        assert {"alpha": recipe.params["alpha"]} in [p for p, s in search["trail"] if s == best]
+    assert search["score"] == pytest.approx(best, abs=1e-4)
+    assert search["params"] in [p for p, s in search["trail"] if s == best]
+    versus = search["versus_default"]
+    assert versus["score"][0] == pytest.approx(best, abs=1e-4) and versus["default"][0] == recipe.default_score
+    assert versus["replaced"] == (versus["gain"][1] > 0)  # the tuned point replaces the default on a significant gain
+    if versus["replaced"]:
+        assert search["outcome"] == "replaced the default"
+        assert recipe.method == "knots-ta" and recipe.params == search["params"] and recipe.score == versus["score"][0]
     else:
+        assert search["outcome"] == "kept default: gain not significant"
         assert recipe.method == "knots-ties" and recipe.score == recipe.default_score
     assert recipe.source == "tune" and recipe.data and recipe.date
-    assert "| alpha+beta |" in (state / "tune-report" / "report.md").read_text()
+    row = next(ln for ln in (state / "tune-report" / "report.md").read_text().splitlines() if "| alpha+beta |" in ln)
+    assert search["outcome"] in row
     assert (state / "tune-report" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # resumable: a second run evaluates nothing new and writes the same recipe
     cache = (state / "tune-work" / "evals.json").read_text()

@@ -85,7 +85,7 @@ class Bench:
 
     def search(self, method: str, setting: str, tasks=None, n=None) -> tuple[dict, float, list]:
         """The coordinate search on validation: of the all-task merge, or of one subset (scale run)."""
-        grid = QUICK_GRID if self.args.quick else GRID
+        grid = QUICK_GRID if self.args.quick else GRID | self.args.grid
         tasks, n = tasks or self.tasks, n or self.args.val_n
         return self.tuner.search(method, tasks, self.data["val"], grid, setting, n, "shared")
 
@@ -138,9 +138,12 @@ def report(res: dict) -> str:
                 statistics.fmean(run["accuracy"][t] for run in r["test"]) / max(res["lora_test"][t], 1e-9)
                 for t in tasks
             ]
+            se = std_error(r["test"][0]["accuracy"], res["lora_test"], res["args"]["test_n"])
             lines.append(
                 f"| {m} | {params_text(r['params'])} | {r['val']:.3f} | "
-                f"{mean_std([run[setting] for run in r['test']])} | " + " | ".join(f"{x:.2f}" for x in per) + " |"
+                f"{mean_std([run[setting] for run in r['test']])} ± {se:.3f} | "
+                + " | ".join(f"{x:.2f}" for x in per)
+                + " |"
             )
     ks = sorted({int(k) for c in res["scale"].values() for k in c})
     lines += [
@@ -151,9 +154,24 @@ def report(res: dict) -> str:
         "| method | " + " | ".join(f"k={k}" for k in ks) + " |",
         "|---|" + "---|" * len(ks),
     ]
+    accuracy = res.get("scale_accuracy", {})
     for name, curve in res["scale"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{statistics.fmean(curve[str(k)]):.3f}" for k in ks) + " |")
+        cells = []
+        for k in ks:
+            runs = accuracy.get(name, {}).get(str(k), [])
+            ses = [std_error(a, res["lora_test"], res["args"]["scale_n"]) for a in runs]
+            se = f" ± {(sum(x * x for x in ses) ** 0.5) / len(ses):.3f}" if ses else ""
+            cells.append(f"{statistics.fmean(curve[str(k)]):.3f}{se}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "(± one standard error of the test estimate: binomial per task, combined over tasks and subsets.)"]
     return "\n".join(lines)
+
+
+def std_error(accuracy: dict, lora: dict, n: int) -> float:
+    """Standard error of a per-task normalized accuracy: each task's binomial error over n test prompts,
+    divided by its LoRA's accuracy, combined over the tasks."""
+    var = sum(a * (1 - a) / n / max(lora[t], 1e-9) ** 2 for t, a in accuracy.items())
+    return var**0.5 / len(accuracy)
 
 
 def plot(res: dict, path: Path) -> None:
@@ -191,6 +209,12 @@ def main(argv=None) -> int:
     p.add_argument("--ks", default="2,4,6", help="subset sizes of the scale run (all tasks is always added)")
     p.add_argument("--subsets", type=int, default=3, help="random subsets per size in the scale run")
     p.add_argument("--seeds", type=int, default=3, help="DARE seeds at test time")
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        help="NAME=v1,v2,… replaces or adds a parameter's search grid (e.g. lines=0,0.2,0.5,1: LiNeS β)",
+    )
     p.add_argument("--scale-val-n", type=int, default=10, help="validation prompts per task, scale searches")
     p.add_argument(
         "--scale-tune",
@@ -207,12 +231,17 @@ def main(argv=None) -> int:
         default="auto",
         help="vLLM's dtype (auto: the model's bf16; float32 is far faster on CPUs without AVX512-BF16)",
     )
+    p.add_argument("--render", action="store_true", help="only rewrite results.md and scale.png from results.json")
     args = p.parse_args(argv)
     if args.quick:
         args.val_n, args.test_n, args.scale_n, args.seeds, args.ks = 4, 4, 4, 2, ""
         args.tasks = args.tasks or "sentiment,last_word"
     args.tasks = [t.strip() for t in (args.tasks or ",".join(TASKS)).split(",") if t.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        args.grid = {k: tuple(float(v) for v in vs.split(",")) for k, _, vs in (g.partition("=") for g in args.grid)}
+    except ValueError:
+        p.error(f"--grid: expected NAME=v1,v2,…, got {args.grid}")
     args.ks = [int(k) for k in str(args.ks).split(",") if k.strip()]
     unknown = [t for t in args.tasks if t not in TASKS] + [m for m in args.methods if m not in METHODS]
     if unknown or len(args.tasks) < 2:
@@ -224,6 +253,12 @@ def main(argv=None) -> int:
         )
     out = Path(args.out or (Path(args.work) / "quick" if args.quick else REPO / "benchmarks/quality/results"))
     out.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        res = json.loads((out / "results.json").read_text())
+        (out / "results.md").write_text(report(res) + "\n")
+        plot(res, out / "scale.png")
+        print(report(res))
+        return 0
 
     t0 = time.time()
     bench = Bench(args)
