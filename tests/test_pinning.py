@@ -4,6 +4,7 @@ vLLM on the merged full model, unpin restores the base, A -> B -> A, and a swap 
 import subprocess
 import threading
 
+import openai
 import pytest
 import torch
 from conftest import ADMIN_KEY
@@ -161,15 +162,32 @@ def test_swap_a_b_a_gives_a_again(server, full_model_outputs):
 
 
 def test_a_dense_space_pin_equals_the_same_merge_pinned_as_factors(server):
-    """TA is one merge in every space: pinned from the dense space (ΔW added as it is) and from the KnOTS
-    space (exact factors through the fused kernel), the weights, and so the answers, agree."""
+    """Magnitude pruning that keeps every entry is TA: pinned from the dense space (ΔW added as it is) and
+    TA from the KnOTS space (exact factors through the fused kernel), the weights, and so the answers, agree."""
     c = server.client()
     base = {p: complete(c, "tiny", p) for p in PROMPTS}
     try:
-        pin(server, "tasks:alpha+beta+gamma@ta")
+        pin(server, "tasks:alpha+beta+gamma@magnitude?top_k=1.0")
         dense = {p: complete(c, "tiny", p) for p in PROMPTS}
         pin(server, "tasks:alpha+beta+gamma@knots-ta")
         assert {p: complete(c, "tiny", p) for p in PROMPTS} == dense != base
+    finally:
+        unpin(server)
+
+
+def test_spectral_merges_and_doge_pin_though_doge_is_not_served_per_request(server):
+    """A spectral merge is one merge whichever space computes it; DOGE, refused per request, pins."""
+    c = server.client()
+    base = {p: complete(c, "tiny", p) for p in PROMPTS}
+    try:
+        pin(server, "tasks:alpha+beta+gamma@iso-cts?alpha=1.5")
+        iso = {p: complete(c, "tiny", p) for p in PROMPTS}
+        pin(server, "tasks:alpha+beta+gamma@knots-iso-cts?alpha=1.5")
+        assert {p: complete(c, "tiny", p) for p in PROMPTS} == iso != base
+        info = pin(server, "tasks:alpha+beta@core-doge?steps=50&alpha=3")
+        assert info["model"] == "tasks:alpha+beta@core-doge?alpha=3.0&steps=50"
+        with pytest.raises(openai.BadRequestError, match="not composed per request"):
+            c.completions.create(model="tasks:alpha+beta@knots-doge", prompt=PROMPTS[0], max_tokens=2)
     finally:
         unpin(server)
 
