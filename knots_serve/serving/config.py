@@ -197,7 +197,10 @@ class ServeConfig(BaseModel):
     @model_validator(mode="after")
     def _merges(self):
         try:
-            resolve(self.default_method)
+            if not resolve(self.default_method)[1].per_request:
+                raise MergeError(
+                    f"default_method {self.default_method!r} is not composed per request (pin its merges instead)"
+                )
             # checked against default_method, without the recipes (state, read by the server): a merge
             # without a method (or @auto) takes the subset's recipe when served
             for name, model in self.merges.items():
