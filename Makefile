@@ -30,10 +30,11 @@ endif
 test: install lint
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
-# ruff's rules and line length: pyproject.toml [tool.ruff]
+# ruff's rules and line length: pyproject.toml [tool.ruff]; the import contracts: [tool.importlinter]
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 serve: install
 	$(VENV)/bin/knots-serve serve $(SERVE_ARGS)

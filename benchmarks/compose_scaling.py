@@ -58,8 +58,8 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        from knots_serve.serving.basis_store import BasisStore
-        from knots_serve.serving.names import parse_model
+        from knots_serve.serving.merges.basis_store import BasisStore
+        from knots_serve.serving.merges.names import parse_model
     except ImportError:  # an older version: the server composed in the shared basis
         BasisStore = None
     scale = LAYERS[args.shapes] / args.layers

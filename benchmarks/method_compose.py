@@ -24,8 +24,8 @@ import torch
 from basis import SHAPES, synthetic_pool
 
 from knots_serve.adapters import load_adapter
-from knots_serve.serving.basis_store import BasisStore
-from knots_serve.serving.names import parse_model
+from knots_serve.serving.merges.basis_store import BasisStore
+from knots_serve.serving.merges.names import parse_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ["add", "sentiment", "reverse_words", "to_digits", "sort_numbers", "max_number", "last_word", "pick_category"]

@@ -339,3 +339,13 @@ def build_basis(
         modules[m] = _module_space(space, [a.name for a in have], loras, rtol, device, dtype, store)
     base = next((a.base_model for a in adapters if a.base_model), None)
     return Basis(space, [a.name for a in adapters], modules, base, fingerprint_as or fingerprint(adapters, space, rtol))
+
+
+def lora_ranks(adapters: dict[str, LoraAdapter]) -> dict[str, int]:
+    return {n: sum(lora.rank for lora in a.modules.values()) for n, a in adapters.items()}
+
+
+def auto_basis(tasks, ranks: dict[str, int]) -> str:
+    """`basis: auto`: "subset" when the tasks' summed LoRA ranks are at most half the pool's, else "shared".
+    ranks: every pool task -> the sum of its LoRA ranks over modules."""
+    return "subset" if 2 * sum(ranks[t] for t in tasks) <= sum(ranks.values()) else "shared"

@@ -187,11 +187,11 @@ def serve(config: Path = typer.Option(Path("configs/default.yaml"), help="serve 
     import sys
 
     from .adapters import check_compatible
-    from .serving.config import CONFIG_ENV, check_vllm, installed_vllm, load_config, vllm_argv
-    from .serving.experiments import check_experiment
-    from .serving.registry import task_table
-    from .serving.server import check_model
-    from .serving.store import open_store
+    from .serving.server.config import CONFIG_ENV, check_vllm, installed_vllm, load_config, vllm_argv
+    from .serving.server.routing import check_model
+    from .serving.state.backends import open_store
+    from .serving.state.experiments import check_experiment
+    from .serving.state.registry import task_table
 
     try:
         check_vllm(installed_vllm())
@@ -216,7 +216,7 @@ def serve(config: Path = typer.Option(Path("configs/default.yaml"), help="serve 
     plugins = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p]
     os.environ["VLLM_PLUGINS"] = ",".join(dict.fromkeys(plugins + ["knots_serve"]))
     local = {a.name: a.path for a in loaded}
-    argv = [sys.executable, "-m", "knots_serve.serving.launch", *vllm_argv(cfg, local)]
+    argv = [sys.executable, "-m", "knots_serve.serving.engine.launch", *vllm_argv(cfg, local)]
     typer.echo(f"knots-serve: {len(tasks)} tasks, base {cfg.model}, on http://{cfg.host}:{cfg.port}", err=True)
     os.execv(sys.executable, argv)
 
@@ -351,10 +351,11 @@ def tune(
     from .atomic import atomic_write_file, atomic_write_json
     from .evaluate import Evaluator
     from .recipes import subset_key, today
-    from .serving.config import load_config
-    from .serving.registry import task_table
-    from .serving.store import open_store
-    from .tune import Tuner, load_data, plot, report_markdown
+    from .serving.server.config import load_config
+    from .serving.state.backends import open_store
+    from .serving.state.registry import task_table
+    from .task_data import load_data
+    from .tune import Tuner, plot, report_markdown
     from .tune import subsets as subset_list
 
     try:

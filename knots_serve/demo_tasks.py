@@ -17,6 +17,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .task_data import SCORERS, normalize, parse_task_data
+
 SPLITS = {"train": 2000, "val": 100, "test": 200}
 SEED = 0
 
@@ -29,10 +31,6 @@ def _words(text: str) -> list[str]:
 class Example:
     prompt: str  # the user message
     answer: str  # the assistant message
-
-
-def normalize(text: str) -> str:
-    return text.strip().rstrip(".").strip().casefold()
 
 
 @dataclass(frozen=True)
@@ -190,7 +188,5 @@ def jsonl(task: str, split: str, n: int | None = None) -> bytes:
 
 
 def task_data(task: str, split: str, n: int | None = None):
-    """A split as tune.TaskData, scored by exact match: the same fingerprint as the file `jsonl` writes."""
-    from .tune import SCORERS, parse_task_data
-
+    """A split as TaskData, scored by exact match: the same fingerprint as the file `jsonl` writes."""
     return parse_task_data(jsonl(task, split, n), f"demo:{task}:{split}", task, SCORERS["exact"])

@@ -13,53 +13,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .atomic import atomic_write_json
-from .compose import MergeError, MergeSpec
-
-
-class DataError(MergeError):
-    """Bad validation data or a failing scorer; the message names the file and line."""
-
-
-@dataclass(frozen=True)
-class Example:
-    messages: tuple[dict, ...]  # the chat up to the answer
-    answer: str
-    where: str  # "file:line", for error messages
-
-
-@dataclass(frozen=True)
-class Scorer:
-    """score(output, answer) -> a number in [0, 1]. `bounded`: an output longer than the answer (plus a
-    period and spaces) scores 0, so generation stops there (exact match); else up to max_tokens."""
-
-    name: str
-    fn: Callable[[str, str], float]
-    bounded: bool = False
-
-
-@dataclass(frozen=True)
-class TaskData:
-    """One task's examples, in order, with its scorer; `fingerprint` names this data + scorer in the cache."""
-
-    task: str
-    examples: tuple[Example, ...]
-    scorer: Scorer
-    fingerprint: str
-
-    def score(self, i: int, output: str) -> float:
-        ex = self.examples[i]
-        try:
-            value = float(self.scorer.fn(output, ex.answer))
-        except Exception as e:  # a user's scorer: any failure is bad input, named by its example
-            raise DataError(f"{ex.where}: scorer {self.scorer.name!r} failed on this example: {e!r}") from None
-        if not 0.0 <= value <= 1.0:
-            raise DataError(f"{ex.where}: scorer {self.scorer.name!r} returned {value!r}; expected a number in [0, 1]")
-        return value
+from .compose import MergeSpec
+from .task_data import TaskData
 
 
 @dataclass(frozen=True)
@@ -92,7 +51,7 @@ class Evaluator:
 
         self.llm = LLM(
             model=str(base_dir),
-            worker_extension_cls="knots_serve.serving.pinning.PinWorker",
+            worker_extension_cls="knots_serve.serving.engine.pinning.PinWorker",
             kv_cache_memory_bytes=1 << 30,
             max_model_len=max_model_len,
             max_num_seqs=256,

@@ -18,10 +18,7 @@ and method, through the pinning path the server uses (evaluate.py); the result i
 
 from __future__ import annotations
 
-import hashlib
-import importlib
 import itertools
-import json
 import random
 import re
 import statistics
@@ -32,13 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from .adapters import LoraAdapter
-from .basis import build_basis
+from .basis import auto_basis, build_basis, lora_ranks
 from .compose import MergeError, MergeSpec
-from .demo_tasks import normalize
-from .evaluate import DataError, Evaluator, Example, Merge, Scorer, TaskData
+from .evaluate import Evaluator, Merge
 from .methods import factored, resolve
 from .recipes import Recipe, subset_key, today
-from .serving.basis_store import auto_basis, lora_ranks
+from .task_data import TaskData, digest
 
 GRID: dict[str, tuple[float, ...]] = {
     "alpha": (0.1, 0.2, 0.3, 0.6, 1.0, 1.5, 2.0, 3.0),
@@ -53,134 +49,6 @@ SEARCH_ORDER = ("alpha", "top_k", "density", "common", "keep", "rank", "lines")
 RESAMPLES = 2000  # bootstrap resamples per comparison (seeded, so a rerun decides the same)
 KEPT = "kept default: gain not significant"
 REPLACED = "replaced the default"
-
-
-# --- data and scorers ----------------------------------------------------------------------------------
-def _exact(output: str, answer: str) -> bool:
-    return normalize(output) == normalize(answer)
-
-
-def _contains(output: str, answer: str) -> bool:
-    return normalize(answer) in normalize(output)
-
-
-def _regex(output: str, answer: str) -> bool:
-    return re.search(answer, output) is not None
-
-
-SCORERS = {
-    "exact": Scorer("exact", _exact, bounded=True),
-    "contains": Scorer("contains", _contains),
-    "regex": Scorer("regex", _regex),
-}
-
-
-def scorer(spec: str) -> Scorer:
-    """`exact`, `contains`, `regex` or `py:module:function`."""
-    if spec in SCORERS:
-        return SCORERS[spec]
-    if spec.startswith("py:"):
-        module, _, name = spec[3:].rpartition(":")
-        try:
-            fn = getattr(importlib.import_module(module), name) if module else None
-        except (ImportError, AttributeError) as e:
-            raise DataError(f"scorer {spec!r}: {e}") from None
-        if not callable(fn):
-            raise DataError(f"scorer {spec!r}: expected py:module:function naming a callable")
-        return Scorer(spec, fn)
-    raise DataError(f"unknown scorer {spec!r}: use {', '.join(SCORERS)} or py:module:function")
-
-
-def _messages(doc: dict, where: str) -> tuple[dict, ...]:
-    if ("messages" in doc) == ("prompt" in doc):
-        raise DataError(f'{where}: give exactly one of "messages" (a chat) or "prompt" (a user message)')
-    if "prompt" in doc:
-        if not isinstance(doc["prompt"], str) or not doc["prompt"]:
-            raise DataError(f'{where}: "prompt" must be a non-empty string')
-        return ({"role": "user", "content": doc["prompt"]},)
-    msgs = doc["messages"]
-    ok = (
-        isinstance(msgs, list)
-        and msgs
-        and all(
-            isinstance(m, dict)
-            and set(m) == {"role", "content"}
-            and isinstance(m["content"], str)
-            and m["role"] in ("system", "user", "assistant")
-            for m in msgs
-        )
-    )
-    if not ok or msgs[-1]["role"] != "user":
-        raise DataError(
-            f'{where}: "messages" must be a list of {{"role": system|user|assistant, "content": str}} '
-            "ending with a user message"
-        )
-    return tuple(msgs)
-
-
-def load_task_data(path: Path, task: str, score: Scorer) -> TaskData:
-    """Read and check one task's JSONL file (parse_task_data)."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    return parse_task_data(raw, str(path), task, score)
-
-
-def parse_task_data(raw: bytes, source: str, task: str, score: Scorer) -> TaskData:
-    """One task's JSONL; a DataError names the source and line of the first problem. The scorer is tried on
-    every example's own answer, so a scorer that raises fails here, before any engine starts."""
-    examples = []
-    for lineno, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{source}:{lineno}"
-        try:
-            doc = json.loads(line)
-        except ValueError as e:
-            raise DataError(f"{where}: not JSON: {e}") from None
-        if not isinstance(doc, dict):
-            raise DataError(f"{where}: expected a JSON object")
-        unknown = set(doc) - {"messages", "prompt", "answer"}
-        if unknown:
-            raise DataError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-        if not isinstance(doc.get("answer"), str):
-            raise DataError(f'{where}: "answer" must be a string')
-        examples.append(Example(_messages(doc, where), doc["answer"], where))
-    if not examples:
-        raise DataError(f"{source}: no examples (an empty split): tuning needs at least one")
-    data = TaskData(task, tuple(examples), score, _digest(raw, score.name.encode()))
-    for i, ex in enumerate(examples):
-        data.score(i, ex.answer)
-    return data
-
-
-def load_data(directory: Path, pool: Iterable[str], tasks: Iterable[str], scorers: dict[str, str], default="exact"):
-    """{task: TaskData} for the tasks to tune, from DIR/<task>.jsonl. Every .jsonl file in DIR and every
-    scorer must name a task of the pool (a typo would otherwise tune nothing for it, silently)."""
-    known = set(pool)
-    if not directory.is_dir():
-        raise DataError(f"{directory}: not a directory (expected one <task>.jsonl per task)")
-    for f in sorted(directory.glob("*.jsonl")):
-        if f.stem not in known:
-            raise DataError(f"{f}: unknown task {f.stem!r}; the config's tasks: {', '.join(sorted(known))}")
-    for t in scorers:
-        if t not in known:
-            raise DataError(f"--scorer {t}=…: unknown task {t!r}")
-    out = {}
-    for t in tasks:
-        path = directory / f"{t}.jsonl"
-        if not path.is_file():
-            raise DataError(f"{path}: missing: task {t!r} is in a subset to tune and needs validation data")
-        out[t] = load_task_data(path, t, scorer(scorers.get(t, default)))
-    return out
-
-
-def _digest(*parts: bytes) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(hashlib.sha256(p).digest())
-    return h.hexdigest()[:16]
 
 
 # --- subsets ---------------------------------------------------------------------------------------------
@@ -422,7 +290,7 @@ class Tuner:
                         MergeSpec(tasks, method, params).resolved_params(),
                         score=versus["score" if versus["replaced"] else "default"][0],
                         default_score=versus["default"][0],
-                        data=_digest(*(data[t].fingerprint.encode() for t in sorted(tasks))),
+                        data=digest(*(data[t].fingerprint.encode() for t in sorted(tasks))),
                         date=today(),
                     )
                 )

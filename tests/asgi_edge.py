@@ -9,10 +9,10 @@ import types
 import httpx
 from fastapi import FastAPI
 
-from knots_serve.serving.api import router
-from knots_serve.serving.config import load_config
-from knots_serve.serving.middleware import KnotsMiddleware
-from knots_serve.serving.server import KnotsServer
+from knots_serve.serving.http.api import router
+from knots_serve.serving.http.middleware import KnotsMiddleware
+from knots_serve.serving.server.config import load_config
+from knots_serve.serving.server.hub import KnotsServer
 
 
 class Engine:

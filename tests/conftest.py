@@ -52,7 +52,7 @@ def edge(tmp_path, tiny_adapters):
 
     from asgi_edge import Engine, make_server
 
-    from knots_serve.serving.middleware import KnotsMiddleware
+    from knots_serve.serving.http.middleware import KnotsMiddleware
 
     def run(test, **settings):
         async def main():

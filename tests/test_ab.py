@@ -11,7 +11,7 @@ from conftest import ADMIN_KEY
 from server_process import CLI
 from test_serving import PROMPTS, complete, http, metric
 
-from knots_serve.serving.experiments import Experiment, assign
+from knots_serve.serving.state.experiments import Experiment, assign
 
 WEIGHTS = {"merge": 1, "base": 1, "adapter": 2, "off": 0}
 

@@ -14,9 +14,9 @@ from knots_serve.adapters import load_adapter
 from knots_serve.basis import Basis
 from knots_serve.compose import MergeError
 from knots_serve.serving import metrics
-from knots_serve.serving.adapter_cache import AdapterCache
-from knots_serve.serving.basis_store import SHARED_BASIS, BasisStore, UnknownTask
-from knots_serve.serving.names import parse_field, parse_model
+from knots_serve.serving.merges.adapter_cache import AdapterCache
+from knots_serve.serving.merges.basis_store import SHARED_BASIS, BasisStore, UnknownTask
+from knots_serve.serving.merges.names import parse_field, parse_model
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (32, 32), "model.layers.0.self_attn.v_proj": (16, 32)}
 

@@ -6,9 +6,9 @@ import yaml
 
 from knots_serve.adapters import check_compatible, load_adapter
 from knots_serve.demo_tasks import TASKS
-from knots_serve.serving.config import ServeConfig
-from knots_serve.serving.experiments import check_experiment
-from knots_serve.serving.names import parse_model
+from knots_serve.serving.merges.names import parse_model
+from knots_serve.serving.server.config import ServeConfig
+from knots_serve.serving.state.experiments import check_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 

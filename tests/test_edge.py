@@ -11,9 +11,9 @@ import pytest
 from asgi_edge import call
 
 from knots_serve.serving import metrics
-from knots_serve.serving.basis_store import BasisStore
 from knots_serve.serving.errors import TooManyRequests, Unavailable
-from knots_serve.serving.limits import RateLimit
+from knots_serve.serving.merges.basis_store import BasisStore
+from knots_serve.serving.server.limits import RateLimit
 
 
 def test_the_responses_api_and_every_generation_route_select_merges_like_chat(edge):
@@ -220,9 +220,9 @@ def test_the_rank_bound_holds_for_modules_wider_than_any_vllm_rank(tmp_path):
     any work; in the KnOTS basis the same merge has rank ≤ 8 and is planned as such."""
     from tiny import random_adapter
 
-    from knots_serve.serving.adapter_cache import AdapterCache
     from knots_serve.serving.errors import BadRequest
-    from knots_serve.serving.names import parse_model
+    from knots_serve.serving.merges.adapter_cache import AdapterCache
+    from knots_serve.serving.merges.names import parse_model
 
     pool = {n: random_adapter(n, {"model.layers.0.mlp.up_proj": (600, 600)}, 4, seed=i) for i, n in enumerate("ab")}
     cache = AdapterCache(BasisStore(pool), tmp_path / "cache", 1 << 20, 512)
@@ -251,8 +251,8 @@ def test_streamed_experiment_events_are_labelled_whatever_their_sse_shape():
     import json
     import types
 
-    from knots_serve.serving.arm_labels import ArmLabeller
-    from knots_serve.serving.server import Route
+    from knots_serve.serving.http.arm_labels import ArmLabeller
+    from knots_serve.serving.server.routing import Route
 
     remembered = []
     server = types.SimpleNamespace(outcomes=types.SimpleNamespace(remember=lambda *a: remembered.append(a)))

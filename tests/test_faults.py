@@ -16,9 +16,9 @@ from test_composer import new_cache, pool, repool, sel
 
 from knots_serve import atomic
 from knots_serve.atomic import atomic_write_json
-from knots_serve.serving.adapter_cache import CacheUnavailable
-from knots_serve.serving.registry import Overlay
-from knots_serve.serving.store import FileStore, StoreUnavailable
+from knots_serve.serving.merges.adapter_cache import CacheUnavailable
+from knots_serve.serving.state.registry import Overlay
+from knots_serve.serving.state.store import FileStore, StoreUnavailable
 
 
 def writer(path):
@@ -71,7 +71,7 @@ def test_a_failed_registry_write_changes_nothing(tmp_path, monkeypatch):
 def test_a_state_file_this_server_wrote_and_an_operator_removed_before_the_next_poll_is_read_again(edge):
     """The files store's versions are file stamps: no file, a file, no file again between two polls would look
     unchanged, and the server would keep serving what it wrote (a flaky test fixture found it)."""
-    from knots_serve.serving.experiments import Experiment
+    from knots_serve.serving.state.experiments import Experiment
 
     async def test(server, mw, engine):
         arms = {"arms": {"a": {"model": "alpha", "weight": 1}, "b": {"model": "beta", "weight": 1}}}

@@ -21,8 +21,8 @@ from schemathesis import GenerationMode
 from schemathesis.errors import UnsupportedSchema
 from test_serving import PROMPTS, complete, http
 
-from knots_serve.serving.auth import ADMIN_PATHS, ADMIN_PREFIXES
-from knots_serve.serving.middleware import INFERENCE_PATHS
+from knots_serve.serving.http.auth import ADMIN_PATHS, ADMIN_PREFIXES
+from knots_serve.serving.http.middleware import INFERENCE_PATHS
 
 OURS = ("/admin/", "/v1/feedback", "/v1/models")
 EXAMPLES = int(os.environ.get("KNOTS_FUZZ_EXAMPLES", 15))  # per operation and mode, on our routes

@@ -10,12 +10,12 @@ import shutil
 import pytest
 from asgi_edge import Engine, call, make_server
 
-from knots_serve.serving import pins
+from knots_serve.serving.cluster.group import Group, StripedIds
 from knots_serve.serving.errors import Unavailable
-from knots_serve.serving.experiments import Experiment
-from knots_serve.serving.group import Group, StripedIds
-from knots_serve.serving.middleware import KnotsMiddleware
-from knots_serve.serving.server import KnotsServer
+from knots_serve.serving.http.middleware import KnotsMiddleware
+from knots_serve.serving.server import pins
+from knots_serve.serving.server.hub import KnotsServer
+from knots_serve.serving.state.experiments import Experiment
 
 ARMS = {"arms": {"ta": {"model": "tasks:alpha+beta@knots-ta", "weight": 1}, "plain": {"model": "alpha", "weight": 1}}}
 

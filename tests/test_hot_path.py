@@ -17,10 +17,10 @@ from knots_serve.adapters import load_adapter
 from knots_serve.basis import build_basis
 from knots_serve.compose import MergeSpec, adapter_factors, linear_merge, merge_dense, merge_lora, to_host
 from knots_serve.methods import method_ids, resolve
-from knots_serve.serving.adapter_cache import AdapterCache, ComposeBusy
-from knots_serve.serving.basis_store import BasisStore
 from knots_serve.serving.errors import status_of
-from knots_serve.serving.names import parse_model
+from knots_serve.serving.merges.adapter_cache import AdapterCache, ComposeBusy
+from knots_serve.serving.merges.basis_store import BasisStore
+from knots_serve.serving.merges.names import parse_model
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,7 +209,7 @@ def test_new_merges_past_the_bound_are_refused_at_once_not_queued(tmp_path):
 
 def test_compose_settings_are_checked_when_the_config_loads(tmp_path):
     from knots_serve.compose import MergeError
-    from knots_serve.serving.config import load_config
+    from knots_serve.serving.server.config import load_config
 
     def load(**fields):
         path = tmp_path / "c.yaml"
@@ -233,7 +233,7 @@ def test_the_middleware_answers_a_merge_past_the_bound_with_503_and_retry_after(
 
     from asgi_edge import Engine, call, make_server
 
-    from knots_serve.serving.middleware import KnotsMiddleware
+    from knots_serve.serving.http.middleware import KnotsMiddleware
 
     async def run():
         server = make_server(tmp_path, tiny_adapters, compose_workers=1, compose_pending=1)

@@ -26,8 +26,8 @@ from knots_serve.adapters import (
     parse_hub_ref,
 )
 from knots_serve.compose import MergeError
-from knots_serve.serving.config import load_config
 from knots_serve.serving.errors import ERRORS, error_parts
+from knots_serve.serving.server.config import load_config
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 NEWER = "89abcdef0123456789abcdef0123456789abcdef"
@@ -258,7 +258,7 @@ def test_the_server_serves_and_registers_hub_adapters_and_keeps_the_reference(ed
 def test_at_start_a_hub_task_is_read_from_where_vllm_was_started_with_it(hub_cache, tiny_adapters, tmp_path):
     """`knots-serve serve` resolves hf:// tasks for vLLM's --lora-modules; if the branch moves before the plugin
     starts, the merge layer still reads the snapshot vLLM serves, never another one."""
-    from knots_serve.serving.server import KnotsServer
+    from knots_serve.serving.server.hub import KnotsServer
 
     started = cache_repo(hub_cache, "acme/lora", tiny_adapters["alpha"])  # main at COMMIT when serve resolved it
     cache_repo(hub_cache, "acme/lora", tiny_adapters["beta"], commit=NEWER)  # main moved on since

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 lora_ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
-from knots_serve.serving import lora_fix
+from knots_serve.serving.engine import lora_fix
 
 # vLLM's functions as installed (the plugin replaces them only in engine processes, not in pytest's)
 ORIGINAL = {n: getattr(lora_ops, n) for n in lora_fix.REPLACEMENTS}
@@ -97,7 +97,7 @@ def test_vllm_cpu_worker_start_breaks_once_numba_is_loaded_so_the_plugin_never_i
 
     probe = (
         "import sys; from vllm.triton_utils.dispatcher import _rebind_kernels; "
-        "import knots_serve.serving.plugin, knots_serve.serving.middleware; "
+        "import knots_serve.serving.plugin, knots_serve.serving.http.middleware; "
         "assert 'numba' not in sys.modules, 'the plugin imported numba'; _rebind_kernels([]); "
         "from knots_serve.kernels import cpu; cpu.warm_up(); "
         "exec('try:\\n _rebind_kernels([])\\nexcept AttributeError as e:\\n print(\"BUG\", e)')"

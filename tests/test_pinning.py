@@ -11,7 +11,7 @@ from conftest import ADMIN_KEY
 from server_process import CLI, start_server
 from test_serving import PROMPTS, complete, http
 
-from knots_serve.serving.pinning import placement
+from knots_serve.serving.engine.pinning import placement
 
 
 def vllm_shard(W, kind, tp, rank, heads=None):

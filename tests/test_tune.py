@@ -13,18 +13,16 @@ import yaml
 
 from knots_serve.compose import MergeError
 from knots_serve.demo_tasks import TASKS, jsonl, task_data
-from knots_serve.evaluate import DataError
 from knots_serve.recipes import Recipe, load_recipes
+from knots_serve.task_data import DataError, load_data, scorer
 from knots_serve.tune import (
     KEPT,
     REPLACED,
     coordinate_search,
     interval,
-    load_data,
     normalized,
     paired_bootstrap,
     report_markdown,
-    scorer,
     search_space,
     subsets,
     versus_default,

@@ -18,11 +18,12 @@ import logging
 import os
 from pathlib import Path
 
-from . import launch, lora_fix, pinning, pins
-from .config import pinning_enabled
-from .group import Group, StripedIds
-from .launch import GROUP_ENV
-from .middleware import KnotsMiddleware
+from .cluster.group import Group, StripedIds
+from .engine import launch, lora_fix, pinning
+from .engine.launch import GROUP_ENV
+from .http.middleware import KnotsMiddleware
+from .server import pins
+from .server.config import pinning_enabled
 
 log = logging.getLogger("vllm.knots_serve")  # under vLLM's logger: its handler and level apply
 
@@ -60,7 +61,7 @@ class KnotsEndpoint:
     required_tasks = None
 
     def attach_router(self, app) -> None:
-        from .api import router
+        from .http.api import router
 
         app.include_router(router)
         app.add_middleware(KnotsMiddleware)
@@ -68,9 +69,9 @@ class KnotsEndpoint:
     async def init_state(self, engine_client, state, args) -> None:
         from vllm import envs
 
-        from .auth import digest
-        from .config import CONFIG_ENV, load_config
-        from .server import KnotsServer
+        from .http.auth import digest
+        from .server.config import CONFIG_ENV, load_config
+        from .server.hub import KnotsServer
 
         server = KnotsServer(load_config(os.environ[CONFIG_ENV]), state.openai_serving_models, engine_client)
         # the API keys vLLM checks on /v1/* (its --api-key wins over VLLM_API_KEY); auth.py checks them everywhere

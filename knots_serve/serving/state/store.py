@@ -2,14 +2,14 @@
 table and of the experiments, the recipes, and A/B feedback (per (experiment, arm) n, Σ, Σ²; one score per
 response; which arm served each response id, so feedback sent to any replica finds its arm).
 
-A tiny abstract class and its backends, chosen by the config's `store` (open_store):
+A tiny abstract class (this module) and its backends, chosen by the config's `store` (backends.py):
 
 - `files` (the default, one host): JSON files in state_dir (tasks.json, experiments.json, recipes.json,
   feedback.json), each written atomically (atomic.py); response ids in this process's memory (the last
   MAX_IDS).
-- `sqlite` (store_sqlite.py; one host, several server processes): one SQLite database,
+- `sqlite` (sqlite_store.py; one host, several server processes): one SQLite database,
   state_dir/knots.sqlite3 (WAL); each write is one transaction; response ids kept RESPONSE_TTL_S.
-- `redis://HOST:PORT/DB` (store_redis.py; `rediss://`, `unix:///PATH?db=N`), many hosts: every replica on one
+- `redis://HOST:PORT/DB` (redis_store.py; `rediss://`, `unix:///PATH?db=N`), many hosts: every replica on one
   Redis (not a Cluster); each write is one transaction (MULTI/EXEC or a Lua script); response ids expire
   after RESPONSE_TTL_S.
 
@@ -28,13 +28,12 @@ from collections import OrderedDict
 from dataclasses import asdict
 from pathlib import Path
 
-from ..atomic import atomic_write_json
-from ..compose import MergeError
-from ..recipes import VERSION, RecipeBook, load_recipes, save_recipes
-from .errors import Unavailable
+from ...atomic import atomic_write_json
+from ...compose import MergeError
+from ...recipes import VERSION, RecipeBook, load_recipes, save_recipes
+from ..errors import Unavailable
 
 KINDS = ("tasks", "experiments", "recipes")  # what servers poll for, in the order they apply it
-REMOTE = ("redis://", "rediss://", "unix://")
 MAX_IDS = 100_000  # response ids a file store remembers for feedback
 RESPONSE_TTL_S = 7 * 24 * 3600  # how long a Redis or SQLite store accepts feedback for a response
 
@@ -88,27 +87,6 @@ class Store(ABC):
 
     def close(self) -> None:  # noqa: B027 (a store without connections has nothing to close)
         """Let go of connections."""
-
-
-def check_store(spec: str) -> str:
-    if spec not in ("files", "sqlite") and not spec.startswith(REMOTE):
-        raise ValueError(
-            f"store {spec!r}: use 'files' (JSON in state_dir, one process), 'sqlite' (state_dir/knots.sqlite3, "
-            "the processes of one host) or redis://HOST:PORT/DB"
-        )
-    return spec
-
-
-def open_store(spec: str, state_dir: Path) -> Store:
-    if check_store(spec) == "files":
-        return FileStore(state_dir)
-    if spec == "sqlite":
-        from .store_sqlite import SqliteStore
-
-        return SqliteStore(state_dir)
-    from .store_redis import RedisStore
-
-    return RedisStore(spec)
 
 
 def recipe_rows(recipes) -> dict[str, str]:

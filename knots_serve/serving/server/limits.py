@@ -9,7 +9,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from .errors import TooManyRequests
+from ..errors import TooManyRequests
 
 
 class RateLimit:

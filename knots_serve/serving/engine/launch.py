@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import owned_dirs
+from ..cluster import owned_dirs
 
 GROUP_ENV = "KNOTS_SERVE_GROUP"  # the group's directory: one socket per API server process
 RUNTIME_LORA = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"

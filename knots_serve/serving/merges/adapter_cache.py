@@ -37,12 +37,13 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from ..adapters import CONFIG_NAME, save_adapter
-from ..atomic import atomic_write_dir
-from ..methods import full_rank
-from . import metrics, owned_dirs
+from ...adapters import CONFIG_NAME, save_adapter
+from ...atomic import atomic_write_dir
+from ...methods import full_rank
+from .. import metrics
+from ..cluster import owned_dirs
+from ..errors import BadRequest, Unavailable
 from .basis_store import BasisStore, UnknownTask
-from .errors import BadRequest, Unavailable
 from .names import Selection, check_per_request
 
 
@@ -69,6 +70,11 @@ def _dir_bytes(path: Path) -> int:
 
 
 class AdapterCache:
+    """The composed merges on disk (the module doc says how). One class, past the ~150 lines a class gets here,
+    because one lock guards four things whose invariants span them all: the cached merges, the composes in
+    flight (a merge composes once), the holds of requests (a held merge is never deleted) and the merges
+    dropped while held (deleted by their last release)."""
+
     def __init__(
         self,
         store: BasisStore,

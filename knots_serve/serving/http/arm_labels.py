@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import time
 
-from . import metrics
-from .server import KnotsServer, Route
+from .. import metrics
+from ..server.hub import KnotsServer
+from ..server.routing import Route
 
 ARM_HEADER, EXPERIMENT_HEADER = b"x-knots-arm", b"x-knots-experiment"
 

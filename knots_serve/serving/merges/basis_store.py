@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from ..adapters import LoraAdapter, check_compatible
-from ..basis import DEFAULT_RTOL, Basis, build_basis, fingerprint
-from ..compose import adapter_factors, merge_factors, merge_lora, to_host
-from ..methods import factored, resolve
-from .errors import NotFound
+from ...adapters import LoraAdapter, check_compatible
+from ...basis import DEFAULT_RTOL, Basis, auto_basis, build_basis, fingerprint, lora_ranks
+from ...compose import adapter_factors, merge_factors, merge_lora, to_host
+from ...methods import factored, resolve
+from ..errors import NotFound
 from .names import Selection
 
 SHARED_BASIS = "basis-knots-{}.safetensors"  # a pool's shared basis by its fingerprint (save_basis)
@@ -51,17 +51,12 @@ def compose_device(setting: str) -> torch.device:
     return device
 
 
-def lora_ranks(adapters: dict[str, LoraAdapter]) -> dict[str, int]:
-    return {n: sum(lora.rank for lora in a.modules.values()) for n, a in adapters.items()}
-
-
-def auto_basis(tasks, ranks: dict[str, int]) -> str:
-    """`basis: auto`: "subset" when the tasks' summed LoRA ranks are at most half the pool's, else "shared".
-    ranks: every pool task -> the sum of its LoRA ranks over modules."""
-    return "subset" if 2 * sum(ranks[t] for t in tasks) <= sum(ranks.values()) else "shared"
-
-
 class BasisStore:
+    """The pool's adapters, their factors and bases on the compose device (the module doc says what each is).
+    One class, past the ~150 lines a class gets here, because one lock guards the pool, its device copies and
+    every cached basis together: a pool change (prepare, then install) swaps them as one, and a merge in
+    flight must read one pool's copies, never two."""
+
     def __init__(
         self,
         adapters: dict[str, LoraAdapter],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from ..compose import MergeError
+from ...compose import MergeError
 from .store import RESPONSE_TTL_S, Store, StoreUnavailable, book_of_rows, recipe_rows
 
 # one score per response, atomically: KEYS[1] the response's hash, ARGV: feedback key prefix, score, score²

@@ -10,11 +10,11 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..adapters import VLLM_RANKS, AdapterError, check_hub_name, is_hub_ref, parse_hub_ref
-from ..compose import MergeError
-from ..methods import resolve
-from .experiments import Experiment
-from .names import PREFIX, check_task_name, parse_model
+from ...adapters import VLLM_RANKS, AdapterError, check_hub_name, is_hub_ref, parse_hub_ref
+from ...compose import MergeError
+from ...methods import resolve
+from ..merges.names import PREFIX, check_task_name, parse_model
+from ..state.experiments import Experiment
 
 CONFIG_ENV = "KNOTS_SERVE_CONFIG"
 # the vLLM whose internals plugin.py, lora_fix.py and pinning.py are written against (pyproject pins it)
@@ -41,6 +41,9 @@ BUILTIN = "builtin:"  # how the vLLM plugin (in the API server process) finds th
 
 
 class ServeConfig(BaseModel):
+    """The serve config (configs/*.yaml; docs/DEPLOY.md): one pydantic field per setting, with its description, and the
+    validators that tie settings together. Long because it is the schema: one place lists every setting."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: Path = Field(description="base model directory (Hugging Face format), or builtin:smollm2-135m-instruct")
@@ -157,14 +160,14 @@ class ServeConfig(BaseModel):
     @field_validator("store")
     @classmethod
     def _store(cls, spec):
-        from .store import check_store
+        from ..state.backends import check_store
 
         return check_store(spec)
 
     @field_validator("compose_device")
     @classmethod
     def _device(cls, d):
-        from .basis_store import compose_device
+        from ..merges.basis_store import compose_device
 
         compose_device(d)  # raises ValueError naming what is wrong
         return d
@@ -295,7 +298,7 @@ def check_vllm(installed: str | None) -> None:
 
 def builtin_model(model: str) -> Path:
     """builtin:smollm2-135m-instruct -> its prepared directory (converted on first use, see base_model)."""
-    from ..base_model import BaseModelError, prepare_base
+    from ...base_model import BaseModelError, prepare_base
 
     if model != f"{BUILTIN}smollm2-135m-instruct":
         raise MergeError(f"unknown builtin model {model!r}; the one there is: {BUILTIN}smollm2-135m-instruct")
@@ -346,7 +349,7 @@ def vllm_argv(cfg: ServeConfig, tasks: dict[str, str | Path]) -> list[str]:
         "--max-cpu-loras",
         str(cfg.max_cpu_loras),
         "--worker-extension-cls",
-        "knots_serve.serving.pinning.PinWorker",
+        "knots_serve.serving.engine.pinning.PinWorker",
     ]
     if tasks:
         argv += ["--lora-modules", *(f"{n}={p}" for n, p in tasks.items())]

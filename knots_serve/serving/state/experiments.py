@@ -18,10 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..compose import MergeError
-from ..recipes import Recipe, today
-from .errors import Conflict
-from .names import recipe_model
+from ...compose import MergeError
+from ...recipes import Recipe, today
+from ..errors import Conflict
+from ..merges.names import recipe_model
 from .store import Store, StoreUnavailable
 
 log = logging.getLogger("vllm.knots_serve")

@@ -11,13 +11,13 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..compose import MergeError
-from . import pins
+from ...compose import MergeError
+from ..errors import ERRORS, BadRequest, Conflict, NotFound, error_response
+from ..merges.names import recipe_model
+from ..server import pins
+from ..server.hub import KnotsServer
+from ..state.experiments import Experiment
 from .auth import admin_refusal
-from .errors import ERRORS, BadRequest, Conflict, NotFound, error_response
-from .experiments import Experiment
-from .names import recipe_model
-from .server import KnotsServer
 
 router = APIRouter()
 

@@ -2,7 +2,7 @@
 versions are read, and each kind that changed since is applied (docs/DEPLOY.md, "Several hosts"):
 
 - tasks: the table read again and the pool changed through the server's one path for pool changes
-  (KnotsServer.change_pool, as an admin registration but without writing the store): the source checked
+  (Pool.change, as an admin registration but without writing the store): the source checked
   against this replica's adapter_dirs / adapter_repos, the adapter loaded (its path must exist on this host),
   the new pool's basis built while requests are served, then drained, loaded into vLLM and installed;
 - experiments: the table read again and the server's dict swapped;
@@ -18,9 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from ..compose import MergeError
-from .experiments import Experiment
-from .store import KINDS, StoreUnavailable
+from ...compose import MergeError
+from ..state.experiments import Experiment
+from ..state.store import KINDS, StoreUnavailable
 
 log = logging.getLogger("vllm.knots_serve")
 STALE = object()  # a version no store reports: the kind is read again at the next poll
@@ -70,20 +70,20 @@ class StoreSync:
 
     async def _tasks(self) -> None:
         s = self.server
-        async with s.registry_lock:
+        async with s.pool.lock:
             await asyncio.to_thread(s.tasks.reload)
             want = s.tasks.items()
-            remove = {n for n in s.bases.adapters if want.get(n) != s.sources.get(n)}
+            remove = {n for n in s.bases.adapters if want.get(n) != s.pool.sources.get(n)}
             add = {n: src for n, src in want.items() if n not in s.bases.adapters or n in remove}
             for src in add.values():
-                s.admitted(src)  # this replica's adapter_dirs and adapter_repos bound what the store may add
+                s.pool.admitted(src)  # this replica's adapter_dirs and adapter_repos bound what the store may add
             if add or remove:
                 log.info("knots_serve: from the store: tasks %s added, %s removed", sorted(add), sorted(remove))
-                await s.change_pool(add, remove)
+                await s.pool.change(add, remove)
 
     async def _experiments(self) -> None:
         s = self.server
-        async with s.state_lock:
+        async with s.ab.lock:
             await asyncio.to_thread(s.experiment_store.reload)
             s.experiments = {n: Experiment.model_validate(e) for n, e in s.experiment_store.items().items()}
 

@@ -4,7 +4,7 @@ change holds it exclusively, so every response is computed on one set of weights
 import asyncio
 import contextlib
 
-from .errors import Unavailable
+from ..errors import Unavailable
 
 
 class Gate:

@@ -16,11 +16,12 @@ import json
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
-from . import metrics
+from .. import metrics
+from ..errors import ERRORS, BadRequest, NotFound, error_json, error_parts, send_error
+from ..server.hub import KnotsServer
+from ..server.routing import Route
 from .arm_labels import ARM_HEADER, ArmLabeller
 from .auth import refusal
-from .errors import ERRORS, BadRequest, NotFound, error_json, error_parts, send_error
-from .server import KnotsServer, Route
 
 # generation routes of vLLM 0.32 that take a `model` (checked against its routers: tests/test_routes.py)
 INFERENCE_PATHS = (

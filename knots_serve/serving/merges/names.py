@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
-from ..compose import MergeError, MergeSpec
-from ..methods import PARAMS, factored, resolve
-from ..recipes import Choice
+from ...compose import MergeError, MergeSpec
+from ...methods import PARAMS, factored, resolve
+from ...recipes import Choice
 
 PREFIX = "tasks:"
 TASK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")

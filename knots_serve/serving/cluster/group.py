@@ -27,7 +27,7 @@ import os
 import time
 from pathlib import Path
 
-from .errors import Unavailable
+from ..errors import Unavailable
 
 log = logging.getLogger("vllm.knots_serve")
 JOIN_TIMEOUT_S = 600  # the other API servers start with this one; vLLM stops them all if one fails

@@ -12,10 +12,10 @@ import json
 import time
 from pathlib import Path
 
-from ..atomic import atomic_write_file
-from ..methods import full_rank
-from .errors import BadRequest, Conflict, NotFound, Unavailable
-from .pinning import save_factors
+from ...atomic import atomic_write_file
+from ...methods import full_rank
+from ..engine.pinning import save_factors
+from ..errors import BadRequest, Conflict, NotFound, Unavailable
 
 PIN_WAIT_S = 600  # beyond the drain: how long a pin waits for another one (its prepare) to end
 
@@ -33,7 +33,7 @@ async def pin(server, model: str) -> dict:
         args = ("basis", str(basis), json.dumps(dataclasses.asdict(sel.spec)))
     else:
         path = server.cache.cache_dir / f"pin-{next(server.pin_serial)}.safetensors"
-        lora = await server.loop.run_in_executor(server.compose_pool, server.bases.merge, sel)
+        lora = await server.loop.run_in_executor(server.router.compose_pool, server.bases.merge, sel)
         await asyncio.to_thread(atomic_write_file, path, lambda tmp: save_factors(lora, tmp))
         args = ("factors", str(path))
     engine = server.engine

@@ -140,8 +140,8 @@ class PinWorker:
         too large to send). `knots_pin` then writes it."""
         from safetensors.torch import load_file
 
-        from ..basis import Basis
-        from ..compose import MergeSpec, merge_dense, merge_lora
+        from ...basis import Basis
+        from ...compose import MergeSpec, merge_dense, merge_lora
 
         t0 = time.perf_counter()
         dense = False
@@ -170,7 +170,7 @@ class PinWorker:
 
     def knots_pin(self) -> dict:
         """Write W0 + ΔW of the prepared merge into the live weights (under the server's drain)."""
-        from ..kernels import lowrank_update
+        from ...kernels import lowrank_update
 
         t0 = time.perf_counter()
         dense, updates = self.__dict__.pop("_knots_staged")

@@ -9,7 +9,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..compose import MergeError
+from ...compose import MergeError
 from .store import RESPONSE_TTL_S, Store, StoreUnavailable, book_of_rows, recipe_rows
 
 SCHEMA_VERSION = 1  # PRAGMA user_version of the databases this code writes; a change migrates the older ones
