@@ -83,7 +83,8 @@ def test_a_client_that_disconnects_mid_stream_is_aborted_and_leaks_nothing(serve
         "ignore_eos": True,
         "temperature": 0,
     }
-    for _ in range(3):
+    hangups = 5  # the tiny model may finish a stream before its hang-up reaches vLLM; not all five
+    for _ in range(hangups):
         with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
             assert r.status_code == 200
             next(r.iter_lines())  # the first chunk, then hang up
@@ -92,7 +93,7 @@ def test_a_client_that_disconnects_mid_stream_is_aborted_and_leaks_nothing(serve
         time.sleep(0.2)
     assert vllm_metric(server, "vllm:num_requests_running") == 0
     now_finished, now_tokens = settled_counters(server)
-    assert now_finished - finished < 3 and now_tokens - tokens < 3 * 240  # not all ran to their end
+    assert now_finished - finished < hangups and now_tokens - tokens < hangups * 240  # not all ran to their end
     t0 = time.perf_counter()
     try:
         info = pin(server, MERGE)
