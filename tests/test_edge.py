@@ -103,6 +103,27 @@ def test_never_seen_merges_are_rate_limited_per_client_with_429(edge):
     edge(test, new_merge_burst=2, new_merge_rate=0.001)
 
 
+def test_a_client_is_charged_once_per_merge_it_starts_never_for_refused_ones_or_joins(edge):
+    """The budget of new merges counts composes a client starts: a merge refused before any work (a dense
+    `ties` over max_lora_rank: 400) costs nothing, and concurrent requests for one new merge cost one."""
+
+    async def test(server, mw, engine):
+        a = ("10.0.0.1", 1)
+        for _ in range(3):
+            status, _, error = await call(mw, "tasks:alpha+beta@ties", client=a)
+            assert status == 400 and "max_lora_rank" in error["error"]["message"], error
+        together = await asyncio.gather(*(call(mw, "tasks:alpha+gamma@knots-ties", client=a) for _ in range(8)))
+        assert [r[0] for r in together] == [200] * 8
+        assert (await call(mw, "tasks:beta+gamma", client=a))[0] == 200  # the second of a burst of two
+        assert (await call(mw, "tasks:alpha+beta", client=a))[0] == 429  # a third: past the burst
+        assert sorted(c.name for c in server.cache.cached()) == [
+            "tasks:alpha+gamma@knots-ties",
+            "tasks:beta+gamma@knots-ties",
+        ]
+
+    edge(test, new_merge_burst=2, new_merge_rate=0.001)
+
+
 def test_the_rate_refills_over_time():
     limit = RateLimit(rate=2.0, burst=1)
     limit.take("c", now=0.0)

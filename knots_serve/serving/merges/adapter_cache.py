@@ -116,8 +116,11 @@ class AdapterCache:
         metrics.CACHE_BYTES.set(0)
 
     # --- composed merges --------------------------------------------------------------------------------
-    def get(self, sel: Selection, hold: bool = False) -> Composed:
-        """The merge's adapter; with hold=True it stays on disk until `release` (see the module doc)."""
+    def get(self, sel: Selection, hold: bool = False, admit: Callable[[], None] | None = None) -> Composed:
+        """The merge's adapter; with hold=True it stays on disk until `release` (see the module doc).
+        `admit()` runs once this call is about to start a compose (the merge checked, not cached, not being
+        composed, a pending slot free) and may refuse it by raising: a client's budget of new merges is
+        charged for the composes it starts, never for a refused merge or for joining one under way."""
         self.store.check(sel.tasks)
         name = sel.canonical
         with self._lock:
@@ -135,6 +138,8 @@ class AdapterCache:
                     f"{self.max_pending}); retry in {ComposeBusy.retry_after} s"
                 )
             if owner:
+                if admit is not None:
+                    admit()
                 future = self._inflight[name] = Future()
                 generation = self._generation
         if not owner:
@@ -347,11 +352,6 @@ class AdapterCache:
             if cached is not None and cached.path in self._held:
                 return cached
             return next((c for c in self._doomed.values() if c.name == name), None)  # doomed: held by definition
-
-    def composing(self, sel: Selection) -> bool:
-        """Is this merge being composed now (a new request for it would join, not start, a compose)?"""
-        with self._lock:
-            return sel.canonical in self._inflight
 
     def cached(self) -> list[Composed]:
         with self._lock:

@@ -6,6 +6,7 @@ client's rate of new merges) and the request is rewritten to the merge's name, w
 from __future__ import annotations
 
 import asyncio
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,16 +104,15 @@ class Router:
         return Route(name, experiment, arm, held)
 
     async def _hold(self, sel: Selection, client: str):
-        """cache.get(sel, hold=True): a cached merge at once, a new one in the compose pool (within the
-        client's rate of new merges); if this request is cancelled meanwhile, the hold taken by the pool's
-        thread is released when it ends (never leaked)."""
+        """cache.get(sel, hold=True): a cached merge at once, a new one in the compose pool (charged to the
+        client's rate of new merges only if this request starts its compose); if this request is cancelled
+        meanwhile, the hold taken by the pool's thread is released when it ends (never leaked)."""
         cache = self.server.cache
         cached = cache.hold_cached(sel)
         if cached is not None:
             return cached
-        if not cache.composing(sel):  # joining a compose under way costs nothing new
-            self.new_merges.take(client)
-        job = asyncio.ensure_future(self.server.loop.run_in_executor(self.compose_pool, cache.get, sel, True))
+        get = functools.partial(cache.get, sel, True, lambda: self.new_merges.take(client))
+        job = asyncio.ensure_future(self.server.loop.run_in_executor(self.compose_pool, get))
         try:
             return await asyncio.shield(job)
         except asyncio.CancelledError:
