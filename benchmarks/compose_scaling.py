@@ -94,8 +94,8 @@ def main():
             t_ta_shared = timed(lambda: merge_lora(shared, ta), device, args.repeat)
             if store is not None:
                 sel = parse_model(f"tasks:{'+'.join(names)}@knots-ties", "knots-ties")
-                store._subset.clear()
-                t_server = timed(lambda: (store._subset.clear(), store.merge(sel)), device, args.repeat)
+                store.clear_subsets()
+                t_server = timed(lambda: (store.clear_subsets(), store.merge(sel)), device, args.repeat)
                 t_ta = timed(
                     lambda: store.merge(parse_model(f"tasks:{'+'.join(names)}@knots-ta", "knots-ties")),
                     device,

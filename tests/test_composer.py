@@ -92,7 +92,7 @@ def test_concurrent_gets_of_one_new_merge_compose_it_once(composer):
     assert metrics.CACHE.labels("miss")._value.get() == misses + 1
 
 
-def test_cache_is_an_lru_bounded_in_bytes(tmp_path):
+def test_cache_is_bounded_in_bytes(tmp_path):
     composer = new_cache(pool(), tmp_path / "cache", cache_bytes=1, max_lora_rank=64)
     evicted = []
     composer.on_evict = lambda c: evicted.append(c.name)
@@ -106,6 +106,38 @@ def test_cache_is_an_lru_bounded_in_bytes(tmp_path):
         composer.get(sel(s))
         sizes.append(composer.cached_bytes())
     assert max(sizes) <= composer.cache_bytes and len(composer.cached()) == 3
+
+
+def test_a_popular_merge_outlives_newer_ones_asked_for_once(tmp_path):
+    """Eviction by the expected cost of a miss (GreedyDual-Size-Frequency), not recency: plain LRU would drop
+    the popular merge here, the least recently used when the third arrives."""
+    composer = new_cache(pool(), tmp_path / "cache", cache_bytes=1 << 20, max_lora_rank=64)
+    composer.get(sel("tasks:t0+t3"))  # warm-up: a first compose is slower, and would look costlier
+    composer.clear()
+    popular = composer.get(sel("tasks:t0+t1"))
+    for _ in range(20):
+        composer.get(sel("tasks:t0+t1"))
+    once = composer.get(sel("tasks:t2+t3"))
+    composer.cache_bytes = popular.nbytes + once.nbytes
+    evicted = []
+    composer.on_evict = lambda c: evicted.append(c.name)
+    newest = composer.get(sel("tasks:t1+t2"))
+    assert evicted == [once.name]
+    assert sorted(c.name for c in composer.cached()) == sorted([popular.name, newest.name])
+    rows = {r["model"]: r for r in composer.describe()}
+    assert rows[popular.name]["hits"] == 21 and rows[newest.name]["hits"] == 1
+
+
+def test_subset_bases_are_cached_within_their_byte_bound_the_most_used_kept():
+    store = BasisStore(pool(), "cpu")
+    used = store.basis("knots", "subset", ("t0", "t1"))
+    store.subset_bytes = 2 * used.nbytes()
+    for _ in range(5):
+        assert store.basis("knots", "subset", ("t0", "t1")) is used  # cached: the same object
+    store.basis("knots", "subset", ("t2", "t3"))
+    store.basis("knots", "subset", ("t1", "t2"))  # over the bound: the once-used t2+t3 goes
+    assert set(store._subset) == {("knots", ("t0", "t1")), ("knots", ("t1", "t2"))}
+    assert sum(b.nbytes() for b in store._subset.values()) <= store.subset_bytes
 
 
 def test_rank_above_the_server_limit_and_unknown_tasks_are_refused(tmp_path, composer):

@@ -16,6 +16,9 @@ CACHE = Counter(
     "by another API server's compose of it, group.py)",
     ["result"],
 )
+CACHE_EVICTIONS = Counter(
+    "knots_compose_cache_evictions", "composed merges evicted (bound in bytes or a full cache_dir)"
+)
 CACHE_BYTES = Gauge("knots_compose_cache_bytes", "bytes of composed adapters in the tmpfs cache")
 REQUESTS = Counter("knots_requests", "inference requests per selected merge, task or named merge", ["model"])
 ERRORS = Counter("knots_request_errors", "requests refused by the merge layer", ["status"])

@@ -4,7 +4,8 @@
 or composed by the basis store (basis_store.py) and written to the tmpfs cache. Thread-safe; concurrent
 calls for the same new merge compose it once. At most `workers` composes run at once, at most
 `max_pending` distinct new merges wait or run; past that a new merge is refused at once (ComposeBusy,
-HTTP 503 with Retry-After) instead of queueing without bound. The cache is an LRU bounded in bytes.
+HTTP 503 with Retry-After) instead of queueing without bound. The cache is bounded in bytes and evicts by
+the expected cost of a miss (GreedyDual-Size-Frequency, cache_policy.py), not by recency alone.
 Before a merge's files are deleted it is reported to `on_evict` (the server then drops it from vLLM's
 table, so that vLLM never loads a deleted path; the next request composes it again). Every compose writes a
 new directory, so a merge composed again never shares a path with files about to be deleted.
@@ -29,7 +30,6 @@ import shutil
 import threading
 import time
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -44,6 +44,7 @@ from .. import metrics
 from ..cluster import owned_dirs
 from ..errors import BadRequest, Unavailable
 from .basis_store import BasisStore, UnknownTask
+from .cache_policy import GreedyDualSizeFrequency
 from .names import Selection, check_per_request
 
 
@@ -92,7 +93,8 @@ class AdapterCache:
         self.on_evict: Callable[[Composed], None] = lambda c: None  # called before c's files are deleted
         self._lock = threading.Lock()
         self._slots = threading.Semaphore(workers)
-        self._cache: OrderedDict[str, Composed] = OrderedDict()
+        self._cache: dict[str, Composed] = {}
+        self._policy = GreedyDualSizeFrequency()  # what to evict first: the cheapest miss per byte
         self._inflight: dict[str, Future] = {}
         self._held: dict[Path, int] = {}  # path -> requests using it now
         self._doomed: dict[Path, Composed] = {}  # dropped while held: deleted by the last release
@@ -110,7 +112,7 @@ class AdapterCache:
         changes). Merges in use are deleted when their last request is done."""
         with self._lock:
             self._generation += 1
-            dropped, self._cache = list(self._cache.values()), OrderedDict()
+            dropped, self._cache, self._policy = list(self._cache.values()), {}, GreedyDualSizeFrequency()
         for c in dropped:
             self._evict(c)
         metrics.CACHE_BYTES.set(0)
@@ -195,10 +197,10 @@ class AdapterCache:
             return self._take(sel.canonical, hold=True)
 
     def _take(self, name: str, hold: bool) -> Composed | None:
-        """A cache hit (most recently used now, held if asked), or None. Under the lock."""
+        """A cache hit (counted by the eviction policy, held if asked), or None. Under the lock."""
         hit = self._cache.get(name)
         if hit is not None:
-            self._cache.move_to_end(name)
+            self._policy.hit(name)
             metrics.CACHE.labels("hit").inc()
             if hold:
                 self._hold(hit)
@@ -206,14 +208,15 @@ class AdapterCache:
 
     def _compose(self, sel: Selection, generation: int, hold: bool) -> Composed:
         while True:
-            path, pool = self._make(sel)
-            composed = self._add(sel, path, generation, pool, hold)
+            path, pool, seconds = self._make(sel)
+            composed = self._add(sel, path, generation, pool, hold, seconds)
             if composed is not None:
                 return composed
             generation = self._generation  # made in a pool that has since been replaced: again, in the new one
 
-    def _make(self, sel: Selection) -> tuple[Path, str]:
-        """The merge's files (composed, or linked from another API server of the group) and the pool's id."""
+    def _make(self, sel: Selection) -> tuple[Path, str, float]:
+        """The merge's files (composed, or linked from another API server of the group), the pool's id and
+        the seconds it took (what a miss of it costs again: the eviction policy's cost)."""
         metrics.COMPOSE_QUEUE.inc()
         with self._slots:
             metrics.COMPOSE_QUEUE.dec()
@@ -221,13 +224,13 @@ class AdapterCache:
             try:
                 pool = self.store.pool_id
                 key = self._key(sel, pool)
+                t0 = time.perf_counter()
                 with self._group_lock(key):
                     path = self.cache_dir / f"{key}-{next(self._serial)}"
                     if not self._link_from_group(key, path):
-                        t0 = time.perf_counter()
                         self._save(self.store.merge(sel), path, sel.canonical)  # never truncated silently
                         metrics.COMPOSE_SECONDS.observe(time.perf_counter() - t0)
-                return path, pool
+                return path, pool, time.perf_counter() - t0
             finally:
                 metrics.COMPOSE_RUNNING.dec()
 
@@ -268,13 +271,14 @@ class AdapterCache:
                 continue
         return False
 
-    def _add(self, sel: Selection, path: Path, generation: int, pool: str, hold: bool) -> Composed | None:
+    def _add(self, sel: Selection, path: Path, generation: int, pool: str, hold: bool, seconds: float):
         """Cache the merge's files; None (and the files deleted) if they were made in a pool since replaced."""
         composed = Composed(sel.canonical, path, _dir_bytes(path), json.loads((path / CONFIG_NAME).read_text())["r"])
         with self._lock:
             stale = generation != self._generation or pool != self.store.pool_id
             if not stale:
                 self._cache[sel.canonical] = self._hold(composed) if hold else composed
+                self._policy.add(sel.canonical, seconds, composed.nbytes)
                 evicted = self._over_bound(keep=sel.canonical)
         if stale:
             shutil.rmtree(path, ignore_errors=True)
@@ -297,7 +301,7 @@ class AdapterCache:
                 full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in str(e)
                 with self._lock:
                     idle = [n for n, c in self._cache.items() if c.path not in self._held]
-                    evicted = [self._cache.pop(n) for n in idle] if full else []
+                    evicted = [self._pop(n) for n in idle] if full else []
                 for c in evicted:
                     self._evict(c)
                 if attempt == 2 or not evicted:
@@ -308,15 +312,16 @@ class AdapterCache:
         raise AssertionError("unreachable")
 
     def _over_bound(self, keep: str) -> list[Composed]:
-        """Pop least recently used merges not in use until the cache fits its bound (under the lock)."""
-        evicted, size = [], sum(c.nbytes for c in self._cache.values())
-        for name, c in list(self._cache.items()):
-            if size <= self.cache_bytes:
-                break
-            if name != keep and c.path not in self._held:
-                evicted.append(self._cache.pop(name))
-                size -= c.nbytes
-        return evicted
+        """Pop the merges whose misses cost least (cache_policy.py), never one in use, until the cache fits
+        its bound (under the lock)."""
+        victims = self._policy.victims(self.cache_bytes, lambda n: n != keep and self._cache[n].path not in self._held)
+        metrics.CACHE_EVICTIONS.inc(len(victims))
+        return [self._cache.pop(n) for n in victims]
+
+    def _pop(self, name: str) -> Composed:
+        self._policy.remove(name)
+        metrics.CACHE_EVICTIONS.inc()
+        return self._cache.pop(name)
 
     def _hold(self, c: Composed) -> Composed:
         self._held[c.path] = self._held.get(c.path, 0) + 1
@@ -356,6 +361,23 @@ class AdapterCache:
     def cached(self) -> list[Composed]:
         with self._lock:
             return list(self._cache.values())
+
+    def describe(self) -> list[dict]:
+        """Every cached merge with what the eviction policy knows of it, the most valuable first."""
+        with self._lock:
+            rows = [
+                {
+                    "model": name,
+                    "bytes": c.nbytes,
+                    "rank": c.rank,
+                    "hits": self._policy.entries[name].hits,
+                    "compose_s": round(self._policy.entries[name].cost, 4),
+                    "priority": self._policy.entries[name].priority,
+                    "in_use": self._held.get(c.path, 0),
+                }
+                for name, c in self._cache.items()
+            ]
+        return sorted(rows, key=lambda r: -r["priority"])
 
     def cached_bytes(self) -> int:
         with self._lock:

@@ -4,7 +4,8 @@
   it was built from this same pool — and kept on the compose device in float32; other spaces' shared
   bases on first use.
 - Each task's factors (s_i·B_i, A_i) are kept on the device too: TA and the spectral merges (any space)
-  are composed straight from them, and a subset's own basis is built from them per request (cached, LRU).
+  are composed straight from them, and a subset's own basis is built from them per request (cached within
+  basis_cache_bytes, the cheapest to rebuild per byte dropped first: cache_policy.py).
 - `basis: auto` (the default) picks per merge: the subset's own basis when its tasks' summed rank is at
   most half the pool's, else the shared basis. In the shared basis every task tensor has the pool's rank
   in rows, so a 2-task merge in a large pool would cost what the pool costs; with the rule a merge never
@@ -18,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from collections import OrderedDict
+import time
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from ...basis import DEFAULT_RTOL, Basis, auto_basis, build_basis, fingerprint, 
 from ...compose import adapter_factors, merge_factors, merge_lora, to_host
 from ...methods import factored, resolve
 from ..errors import NotFound
+from .cache_policy import GreedyDualSizeFrequency
 from .names import Selection
 
 SHARED_BASIS = "basis-knots-{}.safetensors"  # a pool's shared basis by its fingerprint (save_basis)
@@ -62,9 +64,9 @@ class BasisStore:
         adapters: dict[str, LoraAdapter],
         device: torch.device | str = "cpu",
         basis_file: Path | None = None,
-        subset_bases: int = 8,
+        subset_bytes: int = 256 << 20,
     ):
-        self.device, self.basis_file, self.subset_bases = torch.device(device), basis_file, subset_bases
+        self.device, self.basis_file, self.subset_bytes = torch.device(device), basis_file, subset_bytes
         self.shared_root: Path | None = None  # with several API servers: cache_dir, where they save_basis
         self._lock = threading.Lock()
         self.set_pool(adapters)
@@ -102,7 +104,13 @@ class BasisStore:
         """Switch to a prepared pool (instant)."""
         with self._lock:
             self.__dict__.update(prepared)
-            self._subset: OrderedDict[tuple, Basis] = OrderedDict()
+        self.clear_subsets()
+
+    def clear_subsets(self) -> None:
+        """Drop the cached subset bases (a new pool; the benchmarks, to time a build)."""
+        with self._lock:
+            self._subset: dict[tuple, Basis] = {}
+            self._subset_policy = GreedyDualSizeFrequency()  # which subset basis to drop first
 
     def _load_or_build(self, pool: list[LoraAdapter]) -> Basis:
         fp = fingerprint(pool, "knots", DEFAULT_RTOL) if self.basis_file or self.shared_root else None
@@ -148,13 +156,14 @@ class BasisStore:
                 return self._bases[space]
             key = (space, tasks)
             if chosen == "subset" and key in self._subset:
-                self._subset.move_to_end(key)
+                self._subset_policy.hit(key)
                 return self._subset[key]
             pool_id = self._pool_id
         members = list(adapters.values()) if chosen == "shared" else [adapters[t] for t in tasks]
         # a subset basis is named by the pool and the subset (hashing its factors again would cost more
         # than building it); the pool's own bases by their fingerprint
         name = None if chosen == "shared" else hashlib.sha256(f"{pool_id}/{space}/{tasks}".encode()).hexdigest()[:16]
+        t0 = time.perf_counter()
         basis = build_basis(
             members,
             space,
@@ -169,8 +178,9 @@ class BasisStore:
                 self._bases[space] = basis
             else:
                 self._subset[key] = basis
-                while len(self._subset) > self.subset_bases:
-                    self._subset.popitem(last=False)
+                self._subset_policy.add(key, time.perf_counter() - t0, basis.nbytes())
+                for old in self._subset_policy.victims(self.subset_bytes, lambda k: k != key):
+                    del self._subset[old]
         return basis
 
     def plan(self, sel: Selection) -> tuple[int, str, int]:

@@ -68,7 +68,12 @@ class ServeConfig(BaseModel):
     max_lora_rank: int = 64
     max_cpu_loras: int = 16
     cache_dir: Path = Path("/dev/shm/knots-serve")
-    cache_bytes: int = Field(1 << 30, gt=0, description="bound of the composed-adapter cache on tmpfs")
+    cache_bytes: int = Field(
+        1 << 30, gt=0, description="bound of the composed-adapter cache on tmpfs (evicts the cheapest misses first)"
+    )
+    basis_cache_bytes: int = Field(
+        256 << 20, gt=0, description="bound of the subset bases cached on the compose device (same policy)"
+    )
     state_dir: Path = Path("state")
     store: str = Field(
         "files",

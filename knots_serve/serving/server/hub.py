@@ -45,7 +45,8 @@ class KnotsServer:
         # the pool
         self.tasks = task_table(cfg.tasks, self.store)
         self.pool = Pool(self)
-        self.bases = BasisStore(self.pool.load(), compose_device(cfg.compose_device), cfg.basis_file)
+        device = compose_device(cfg.compose_device)
+        self.bases = BasisStore(self.pool.load(), device, cfg.basis_file, cfg.basis_cache_bytes)
         if self.bases.device.type == "cpu":
             from ...kernels import cpu
 
