@@ -17,6 +17,7 @@ from ..merges.names import recipe_model
 from ..server import pins
 from ..server.hub import KnotsServer
 from ..state.experiments import Experiment
+from ..state.traffic import weight
 from .auth import admin_refusal
 
 router = APIRouter()
@@ -65,9 +66,19 @@ async def unregister_task(name: str, request: Request):
 
 @router.get("/admin/merges", dependencies=[Depends(admin)])
 async def list_merges(request: Request):
-    c = server(request).cache
+    """What is cached (with hits, compose time, eviction priority, requests using it, and why: prewarmed
+    for a recipe or for traffic, or composed for a request), composing, pinned, and hot across the store."""
+    s = server(request)
+    c, why, now = s.cache, s.prewarm.why, weight()  # counts in the store are forward-decayed: traffic.py
+    try:
+        hot = await asyncio.to_thread(s.store.popular, 20)
+    except MergeError as e:  # the store away: the rest still answers
+        hot = str(e)
     return {
-        "merges": [{"model": m.name, "rank": m.rank, "bytes": m.nbytes} for m in c.cached()],
+        "merges": [r | {"why": why.get(r["model"], "request")} for r in c.describe()],
+        "composing": c.composing_now(),
+        "pinned": s.pinned and s.pinned["model"],
+        "hot": [{"model": m, "recent_requests": round(n / now, 2)} for m, n in hot] if isinstance(hot, list) else hot,
         "cache_bytes": c.cached_bytes(),
         "cache_limit": c.cache_bytes,
     }

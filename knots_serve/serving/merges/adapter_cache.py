@@ -362,6 +362,10 @@ class AdapterCache:
         with self._lock:
             return list(self._cache.values())
 
+    def composing_now(self) -> list[str]:
+        with self._lock:
+            return sorted(self._inflight)
+
     def describe(self) -> list[dict]:
         """Every cached merge with what the eviction policy knows of it, the most valuable first."""
         with self._lock:

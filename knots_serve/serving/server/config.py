@@ -71,6 +71,13 @@ class ServeConfig(BaseModel):
     cache_bytes: int = Field(
         1 << 30, gt=0, description="bound of the composed-adapter cache on tmpfs (evicts the cheapest misses first)"
     )
+    prewarm: int = Field(
+        16,
+        ge=0,
+        le=10_000,
+        description="at start, compose in the background the recipes' merges and the N merges "
+        "most requested recently (request counts kept in the store); 0: start cold",
+    )
     basis_cache_bytes: int = Field(
         256 << 20, gt=0, description="bound of the subset bases cached on the compose device (same policy)"
     )

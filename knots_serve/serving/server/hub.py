@@ -5,6 +5,7 @@ plugin. The hub holds what its parts share and the parts, each with one job:
 - `router` (routing.py): a completion request to the model vLLM serves, composing merges;
 - `ab` (ab.py): experiments and the promotion of winners to recipes;
 - `store_sync` (sync.py): what other replicas write to the store, applied here;
+- `prewarm` (prewarm.py): at start, the merges likely to be asked for first, composed in the background;
 - pins (pins.py): merges written into the engine's weights.
 
 The HTTP edge calls the hub's methods only; each is its part's."""
@@ -23,10 +24,12 @@ from ..merges.names import PREFIX
 from ..state.backends import open_store
 from ..state.experiments import Experiment, Outcomes, check_experiment
 from ..state.registry import experiment_table, task_table
+from ..state.traffic import Traffic
 from .ab import ABTests
 from .config import ServeConfig
 from .gate import Gate
 from .pool import Pool
+from .prewarm import Prewarm
 from .routing import Route, Router, check_model
 from .sync import StoreSync
 
@@ -74,7 +77,10 @@ class KnotsServer:
         self.pinned: dict | None = None  # {"model": canonical name, ...} while a merge is in the weights
         self.pin_serial = itertools.count()  # a new factors file per pin
         self.pin_lock = asyncio.Lock()  # one pin or unpin at a time
+        self.traffic = Traffic()  # merges requested here, added to the store's counts at each poll
+        self.prewarm = Prewarm(self)
         self.store_sync.start()
+        self.prewarm.start()  # in the background: readiness is not delayed
 
     async def join(self, group) -> None:
         """Become one of several API server processes (group.py): what one of them composes or builds, the
@@ -86,6 +92,7 @@ class KnotsServer:
         if self.group is not None:
             self.group.close()
         self.store_sync.stop()
+        self.prewarm.stop()
         self.cache.close()
         self.store.close()
 

@@ -92,6 +92,7 @@ class Router:
         else:
             held = await self._hold(sel, client)
             name = held.name
+            s.traffic.count(name)
             known = s.models.lora_requests.get(name)
             if known is not None and known.lora_path != str(held.path):  # an older compose of this merge:
                 del s.models.lora_requests[name]  # vLLM asks the resolver, which gives this request's files

@@ -52,6 +52,7 @@ class StoreSync:
             await asyncio.sleep(self.server.cfg.store_poll_s)
             try:
                 await self.apply()
+                await asyncio.to_thread(self.server.traffic.flush, self.server.store)
             except Exception as e:  # the store away, an adapter missing here: serve on, retry at the next poll
                 if str(e) != self.error:
                     log.warning("knots_serve: not in sync with the store %s: %s", self.server.store.location, e)

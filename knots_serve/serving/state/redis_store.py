@@ -6,7 +6,7 @@ import json
 import re
 
 from ...compose import MergeError
-from .store import RESPONSE_TTL_S, Store, StoreUnavailable, book_of_rows, recipe_rows
+from .store import MAX_TRAFFIC, RESPONSE_TTL_S, Store, StoreUnavailable, book_of_rows, recipe_rows
 
 # one score per response, atomically: KEYS[1] the response's hash, ARGV: feedback key prefix, score, score²
 RECORD = """
@@ -25,7 +25,7 @@ return {r[1], r[2]}
 class RedisStore(Store):
     """Keys under `knots:`: {kind}:added (hash name -> JSON), {kind}:removed (set), recipes (hash subset ->
     JSON), versions (hash kind -> counter, bumped in the transaction of every write), response:{id} (hash
-    experiment, arm, score), feedback:{experiment} (hash ARM:n|s|ss)."""
+    experiment, arm, score), feedback:{experiment} (hash ARM:n|s|ss), traffic (sorted set model -> decayed count)."""
 
     def __init__(self, url: str, prefix: str = "knots:"):
         self.location = re.sub(r"//[^/@]*@", "//", url)  # without user and password
@@ -113,6 +113,20 @@ class RedisStore(Store):
             arm, _, stat = field.rpartition(":")
             out.setdefault(arm, [0, 0.0, 0.0])[("n", "s", "ss").index(stat)] = float(value)
         return {arm: [int(n), s, ss] for arm, (n, s, ss) in out.items()}
+
+    def add_traffic(self, weights):
+        def run():
+            key = self._key("traffic")
+            with self.db.pipeline(transaction=True) as p:
+                for model, w in weights.items():
+                    p.zincrby(key, w, model)
+                p.zremrangebyrank(key, 0, -MAX_TRAFFIC - 1).execute()
+
+        self._run("count the traffic", run)
+
+    def popular(self, n):
+        rows = self._run("read the traffic", lambda: self.db.zrevrange(self._key("traffic"), 0, n - 1, withscores=True))
+        return [(model, float(score)) for model, score in rows]
 
     def close(self):
         self.db.close()

@@ -10,10 +10,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ...compose import MergeError
-from .store import RESPONSE_TTL_S, Store, StoreUnavailable, book_of_rows, recipe_rows
+from .store import MAX_TRAFFIC, RESPONSE_TTL_S, Store, StoreUnavailable, book_of_rows, recipe_rows
 
-SCHEMA_VERSION = 1  # PRAGMA user_version of the databases this code writes; a change migrates the older ones
-SCHEMA = (
+SCHEMA_VERSION = 2  # PRAGMA user_version of the databases this code writes; a change migrates the older ones
+SCHEMA = (  # version 1
     "CREATE TABLE versions (kind TEXT PRIMARY KEY, version INTEGER NOT NULL)",
     "CREATE TABLE added (kind TEXT, name TEXT, value TEXT NOT NULL, PRIMARY KEY (kind, name))",
     "CREATE TABLE removed (kind TEXT, name TEXT, PRIMARY KEY (kind, name))",
@@ -24,12 +24,17 @@ SCHEMA = (
     "CREATE TABLE feedback (experiment TEXT, arm TEXT, n INTEGER NOT NULL, s REAL NOT NULL, ss REAL NOT NULL,"
     " PRIMARY KEY (experiment, arm))",
 )
+MIGRATIONS = {  # version -> what brings a database of the version before to it
+    1: SCHEMA,
+    2: ("CREATE TABLE traffic (model TEXT PRIMARY KEY, score REAL NOT NULL)",),  # traffic.py
+}
 
 
 class SqliteStore(Store):
     """state_dir/knots.sqlite3, shared by the server processes of one host. Tables: versions (kind -> counter,
     bumped in the transaction of every write), added (kind, name -> JSON), removed (kind, name), recipes
-    (subset -> JSON), responses (id -> experiment, arm, score, time), feedback ((experiment, arm) -> n, s, ss)."""
+    (subset -> JSON), responses (id -> experiment, arm, score, time), feedback ((experiment, arm) -> n, s, ss),
+    traffic (model -> decayed request count)."""
 
     def __init__(self, state_dir: Path, busy_timeout_s: float = 5.0):
         self.path = Path(state_dir) / "knots.sqlite3"
@@ -42,8 +47,8 @@ class SqliteStore(Store):
             self._wal(time.monotonic() + busy_timeout_s)
         with self._transaction("create the tables") as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                for statement in SCHEMA:
+            if version < SCHEMA_VERSION:
+                for statement in (st for v in range(version + 1, SCHEMA_VERSION + 1) for st in MIGRATIONS[v]):
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         if version > SCHEMA_VERSION:
@@ -154,6 +159,21 @@ class SqliteStore(Store):
     def feedback(self, experiment):
         query = "SELECT arm, n, s, ss FROM feedback WHERE experiment = ?"
         return {arm: [n, s, ss] for arm, n, s, ss in self._read("read the feedback", query, experiment)}
+
+    def add_traffic(self, weights):
+        with self._transaction("count the traffic") as db:
+            db.executemany(
+                "INSERT INTO traffic VALUES (?, ?) ON CONFLICT (model) DO UPDATE SET score = score + excluded.score",
+                weights.items(),
+            )
+            db.execute(
+                "DELETE FROM traffic WHERE model NOT IN (SELECT model FROM traffic ORDER BY score DESC LIMIT ?)",
+                (MAX_TRAFFIC,),
+            )
+
+    def popular(self, n):
+        query = "SELECT model, score FROM traffic ORDER BY score DESC LIMIT ?"
+        return [tuple(row) for row in self._read("read the traffic", query, n)]
 
     def close(self):
         with self._lock:

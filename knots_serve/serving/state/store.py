@@ -36,6 +36,7 @@ from ..errors import Unavailable
 KINDS = ("tasks", "experiments", "recipes")  # what servers poll for, in the order they apply it
 MAX_IDS = 100_000  # response ids a file store remembers for feedback
 RESPONSE_TTL_S = 7 * 24 * 3600  # how long a Redis or SQLite store accepts feedback for a response
+MAX_TRAFFIC = 10_000  # merges whose request counts a store keeps (the most requested; traffic.py)
 
 
 class StoreUnavailable(Unavailable):
@@ -84,6 +85,14 @@ class Store(ABC):
 
     def where(self, kind: str) -> str:
         return f"{self.location} ({kind})"
+
+    @abstractmethod
+    def add_traffic(self, weights: dict[str, float]) -> None:
+        """Add to each merge's (forward-decayed) request count (traffic.py); keeps the MAX_TRAFFIC highest."""
+
+    @abstractmethod
+    def popular(self, n: int) -> list[tuple[str, float]]:
+        """The n merges with the highest counts, with their counts, highest first."""
 
     def close(self) -> None:  # noqa: B027 (a store without connections has nothing to close)
         """Let go of connections."""
@@ -172,6 +181,18 @@ class FileStore(Store):
     def feedback(self, experiment):
         with self._lock:
             return {arm: list(v) for arm, v in self._feedback.get(experiment, {}).items()}
+
+    def add_traffic(self, weights):
+        with self._lock:
+            counts = read_json(self.path("traffic"), {})
+            for model, w in weights.items():
+                counts[model] = counts.get(model, 0.0) + w
+            kept = dict(sorted(counts.items(), key=lambda kv: -kv[1])[:MAX_TRAFFIC])
+            self._write("traffic", kept)
+
+    def popular(self, n):
+        counts = read_json(self.path("traffic"), {})
+        return sorted(counts.items(), key=lambda kv: -kv[1])[:n]
 
     def _write(self, kind, doc, write=atomic_write_json):
         """Write first, then change anything in memory: a failed write (disk full) leaves all as it was."""

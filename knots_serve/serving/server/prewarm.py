@@ -1,0 +1,61 @@
+"""Warm start: when a server starts (a restart, a new replica or API server process), it composes in the
+background the merges it is likely to be asked for first — each recipe's merge, then the `prewarm` merges
+most requested recently across the deployment (the store's traffic counts, state/traffic.py) — one at a
+time in the compose pool, so requests are never held behind it and readiness is not delayed. A merge that
+fails (a task since unregistered, a merge no longer served per request) is skipped and logged. What it
+composed, and why, shows in GET /admin/merges."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ...adapters import AdapterError
+from ...compose import MergeError
+from ..merges.names import check_per_request, recipe_model
+
+log = logging.getLogger("vllm.knots_serve")
+
+
+class Prewarm:
+    def __init__(self, server):
+        self.server = server
+        self.why: dict[str, str] = {}  # canonical name -> "recipe" | "traffic": what this server prewarmed
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self.server.cfg.prewarm:
+            self.task = self.server.loop.create_task(self.run())
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    async def wanted(self) -> list[tuple[str, str]]:
+        """(model, why) in order: the recipes' merges, then the most requested merges."""
+        s = self.server
+        recipes = [(recipe_model(r), "recipe") for r in s.book.recipes.values()]
+        popular = await asyncio.to_thread(s.store.popular, s.cfg.prewarm)
+        return recipes + [(model, "traffic") for model, _ in popular]
+
+    async def run(self) -> None:
+        s = self.server
+        try:
+            wanted = await self.wanted()
+        except MergeError as e:  # the store away: start cold
+            log.warning("knots_serve: prewarm skipped: %s", e)
+            return
+        done = 0
+        for model, why in wanted:
+            try:
+                sel = s.router.selection({"model": model})
+                if sel is None or sel.spec is None or sel.canonical in self.why:
+                    continue
+                check_per_request(sel)
+                await s.loop.run_in_executor(s.router.compose_pool, s.cache.get, sel)
+            except (MergeError, AdapterError) as e:
+                log.info("knots_serve: prewarm of %s skipped: %s", model, e)
+                continue
+            self.why[sel.canonical] = why
+            done += 1
+        log.info("knots_serve: prewarmed %d merges (%d wanted)", done, len(wanted))
