@@ -57,12 +57,14 @@ def joint_svd(
     """
     rtol = rtol_for(dtype) if rtol is None else rtol
     Qb, Rb = torch.linalg.qr(torch.cat([B.to(dtype) for B in Bs], dim=1))
-    Qas, blocks = [], []
-    for A, s in zip(As, scales):
+    Qas, cores = [], []
+    # M = Qb · core · blockdiag(Qa_i)^T, core = Rb · blockdiag(s_i·Ra_i^T) formed a task's columns at a time:
+    # never the (Σr)² block-diagonal matrix, so a pool's build grows linearly with its total rank
+    for Rb_i, A, s in zip(torch.split(Rb, [B.shape[1] for B in Bs], dim=1), As, scales):
         Qa, Ra = torch.linalg.qr(A.to(dtype).T)  # A = Ra^T Qa^T
         Qas.append(Qa)
-        blocks.append(s * Ra.T)
-    core = Rb @ torch.block_diag(*blocks)  # M = Qb · core · blockdiag(Qa_i)^T
+        cores.append(Rb_i @ (s * Ra.T))
+    core = torch.cat(cores, dim=1)
     Uc, sigma, Vhc = torch.linalg.svd(core, full_matrices=False)
     keep = sigma > rtol * sigma[0] if sigma.numel() and sigma[0] > 0 else torch.zeros_like(sigma, dtype=bool)
     Uc, sigma, Vhc = Uc[:, keep], sigma[keep], Vhc[keep]

@@ -140,6 +140,15 @@ def test_subset_bases_are_cached_within_their_byte_bound_the_most_used_kept():
     assert sum(b.nbytes() for b in store._subset.values()) <= store.subset_bytes
 
 
+def test_adding_a_task_keeps_the_device_factors_of_the_others():
+    adapters = pool(5)
+    store = BasisStore({n: a for n, a in adapters.items() if n != "t4"}, "cpu")
+    before = dict(store._device_adapters)
+    prepared = store.prepare(adapters)
+    assert all(prepared["_device_adapters"][n] is before[n] for n in before)  # not copied again
+    assert "t4" in prepared["_device_adapters"] and prepared["_pool_id"] != store.pool_id  # the shared basis is new
+
+
 def test_rank_above_the_server_limit_and_unknown_tasks_are_refused(tmp_path, composer):
     small = new_cache(pool(), tmp_path / "small", cache_bytes=1 << 20, max_lora_rank=8)
     with pytest.raises(MergeError, match="above this server's max_lora_rank 8"):

@@ -76,22 +76,16 @@ class BasisStore:
 
     def prepare(self, adapters: dict[str, LoraAdapter]) -> dict:
         """A new pool, ready to install: checked, its shared KnOTS basis built (or loaded: from basis_file, or
-        another API server's save_basis of this very pool) on the device, its factors there. The slow part of
-        a pool change; requests keep being served from the old pool meanwhile. Raises AdapterError for an
-        incompatible pool."""
+        another API server's save_basis of this very pool) on the device, its factors there (the tasks it
+        keeps reuse theirs). The slow part of a pool change; requests keep being served from the old pool
+        meanwhile. Raises AdapterError for an incompatible pool."""
         pool = list(adapters.values())
         if pool:
             check_compatible(pool)
         knots = self._load_or_build(pool) if pool else None
-        on_device = {
-            n: LoraAdapter(
-                a.name,
-                {m: type(l)(A=l.A.to(self.device), B=l.B.to(self.device), scale=l.scale) for m, l in a.modules.items()},
-                a.base_model,
-                a.path,
-            )
-            for n, a in adapters.items()
-        }
+        # what does not change is not copied again: a task already in the pool keeps its device factors
+        before = (getattr(self, "adapters", {}), getattr(self, "_device_adapters", {}))
+        on_device = {n: before[1][n] if before[0].get(n) is a else self._to_device(a) for n, a in adapters.items()}
         return {
             "adapters": dict(adapters),
             "_device_adapters": on_device,
@@ -99,6 +93,11 @@ class BasisStore:
             "_pool_id": knots.fingerprint if knots else "",
             "_bases": {"knots": knots} if knots else {},
         }
+
+    def _to_device(self, a: LoraAdapter) -> LoraAdapter:
+        to = self.device
+        modules = {m: type(lora)(A=lora.A.to(to), B=lora.B.to(to), scale=lora.scale) for m, lora in a.modules.items()}
+        return LoraAdapter(a.name, modules, a.base_model, a.path)
 
     def install(self, prepared: dict) -> None:
         """Switch to a prepared pool (instant)."""
