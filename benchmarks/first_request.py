@@ -31,6 +31,13 @@ from serve_load import one, scenario, server_config, start_server
 TASKS = ["add", "sentiment", "reverse_words", "to_digits", "sort_numbers", "max_number", "last_word", "pick_category"]
 
 
+def stages(url: str) -> dict[str, float]:
+    """Seconds spent so far in each stage of new merges on the server (knots_new_merge_stage_seconds)."""
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=60).read().decode()
+    found = re.findall(r'^knots_new_merge_stage_seconds_sum\{stage="(\w+)"\} (\S+)', text, re.M)
+    return {stage: float(v) for stage, v in found}
+
+
 def compose_seconds(url: str) -> tuple[float, int]:
     text = urllib.request.urlopen(f"{url}/metrics", timeout=60).read().decode()
     total = float(re.search(r"^knots_compose_seconds_sum (\S+)", text, re.M).group(1))
@@ -46,12 +53,12 @@ async def run(url: str, args) -> None:
     single, burst = pairs[: args.single], pairs[args.single : args.single + args.burst]
     t = args.max_tokens
     await scenario(client, ["add", "sentiment"], 2, t)  # warm: engine paths, LoRA code paths
-    c0 = compose_seconds(url)
+    c0, s0 = compose_seconds(url), stages(url)
     first, again = [], []
     for i, m in enumerate(single):
         first.append((await one(client, m, i, t))[1])
         again.append((await one(client, m, i, t))[1])
-    c1 = compose_seconds(url)
+    c1, s1 = compose_seconds(url), stages(url)
     wall_first, res_first = await scenario(client, burst, len(burst), t)
     wall_again, res_again = await scenario(client, burst, len(burst), t)
     c2 = compose_seconds(url)
@@ -73,6 +80,13 @@ async def run(url: str, args) -> None:
     )
     print(
         f"| {len(burst)} at once (median latency) | {len(burst)} | {lat_f:.2f} | {lat_a:.2f} | {lat_f / lat_a:.2f} | |"
+    )
+    extra = med(f - a for f, a in zip(first, again))
+    per = {k: (s1.get(k, 0.0) - s0.get(k, 0.0)) / len(single) for k in ("plan", "compose", "write")}
+    print(
+        f"\nwhere a first request's extra {extra:.3f} s goes (single client, per merge, mean): "
+        + ", ".join(f"{k} {v:.3f} s" for k, v in per.items())
+        + f"; the rest, vLLM loading the adapter and its first step with it: {extra - sum(per.values()):.3f} s"
     )
     print(
         "\nper pair, single client (first, cached): "

@@ -7,6 +7,13 @@ COMPOSE_SECONDS = Histogram(
     "time to compose and write one merged adapter",
     buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100),
 )
+NEW_MERGE_STAGE = Histogram(
+    "knots_new_merge_stage_seconds",
+    "a never-seen merge's stages on the server: plan (its bounds checked), compose, write (the adapter files); "
+    "vLLM's load of them follows, in the engine",
+    ["stage"],
+    buckets=(0.0001, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10),
+)
 COMPOSE_RUNNING = Gauge("knots_compose_running", "merges being composed now")
 COMPOSE_QUEUE = Gauge("knots_compose_queue_depth", "new merges waiting for a compose slot")
 COMPOSE_BUSY = Counter("knots_compose_busy", "new merges refused (503, Retry-After) because too many were pending")

@@ -127,7 +127,9 @@ class AdapterCache:
         name = sel.canonical
         with self._lock:
             if name not in self._cache and name not in self._inflight:
+                t0 = time.perf_counter()
                 self._check_plan(sel)
+                metrics.NEW_MERGE_STAGE.labels("plan").observe(time.perf_counter() - t0)
             hit = self._take(name, hold)
             if hit is not None:
                 return hit
@@ -228,8 +230,13 @@ class AdapterCache:
                 with self._group_lock(key):
                     path = self.cache_dir / f"{key}-{next(self._serial)}"
                     if not self._link_from_group(key, path):
-                        self._save(self.store.merge(sel), path, sel.canonical)  # never truncated silently
-                        metrics.COMPOSE_SECONDS.observe(time.perf_counter() - t0)
+                        lora = self.store.merge(sel)
+                        t1 = time.perf_counter()
+                        self._save(lora, path, sel.canonical)  # never truncated silently
+                        t2 = time.perf_counter()
+                        metrics.NEW_MERGE_STAGE.labels("compose").observe(t1 - t0)
+                        metrics.NEW_MERGE_STAGE.labels("write").observe(t2 - t1)
+                        metrics.COMPOSE_SECONDS.observe(t2 - t0)
                 return path, pool, time.perf_counter() - t0
             finally:
                 metrics.COMPOSE_RUNNING.dec()

@@ -1,0 +1,359 @@
+"""A large task pool under skewed traffic, against the same requests served as pre-merged plain LoRAs.
+
+    .venv/bin/python benchmarks/pool_traffic.py --pools 32,128 --rate 1.0 --duration 150 --restart 60
+
+Per pool size P (the 8 demo adapters plus P − 8 generated ones: perturbed copies, for speed only):
+- traffic: requests at a fixed Poisson rate (--rate, fixed seed), each for a 2–4-task subset drawn from a
+  Zipf law over all such subsets (s = --zipf; subset rank k → a seeded subset), streamed through the
+  `openai` client, greedy, `ignore_eos`, --max-tokens each;
+- knots-serve: `tasks:A+B+…` (the default method, knots-ties, `basis: auto`) on configs/default.yaml with
+  this pool, same LoRA slots; then restarted on the same store (its traffic counts: prewarm) and driven
+  --restart more seconds of the same traffic;
+- the reference: every subset the trace asks for merged offline (the same merge, the server's compose path)
+  and served by plain vLLM multi-LoRA (its filesystem LoRA resolver; no knots plugin), same slots.
+Measured after --warmup seconds (steady state): output tokens/s, TTFT p50/p99, knots' merge hit rate (its
+cache's hits over lookups), compose queue depth (max sampled), LoRA loads (vLLM's "loaded LoRA" log lines),
+the server process tree's peak RSS. Writes benchmarks/results/pool_traffic.json and pool_traffic.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from serve_load import server_config  # noqa: E402
+from server_process import free_port, start_server  # noqa: E402
+
+from knots_serve.adapters import load_adapter, save_adapter  # noqa: E402
+from knots_serve.serving.merges.basis_store import BasisStore  # noqa: E402
+from knots_serve.serving.merges.names import parse_model  # noqa: E402
+from knots_serve.serving.server.config import load_config, vllm_argv  # noqa: E402
+
+KEY = "bench-key"
+PROMPT = "Add the two numbers and give only the sum.\n{a} + {b}"
+DEMO = ["add", "sentiment", "reverse_words", "to_digits", "sort_numbers", "max_number", "last_word", "pick_category"]
+
+
+def make_pool(root: Path, size: int) -> dict[str, str]:
+    """The 8 demo adapters and size − 8 perturbed copies of them, as PEFT adapter dirs."""
+    pool = {n: str(ROOT / "adapters" / n) for n in DEMO}
+    g = torch.Generator().manual_seed(size)
+    for j in range(size - len(DEMO)):
+        src = load_adapter(pool[DEMO[j % len(DEMO)]])
+        modules = {
+            m: (
+                lora.scale * lora.B * (0.5 + torch.rand(1, generator=g)),
+                lora.A + 0.01 * torch.randn(lora.A.shape, generator=g),
+            )
+            for m, lora in src.modules.items()
+        }
+        out = root / "pool" / f"gen{j:03d}"
+        save_adapter(modules, out, src.base_model)
+        pool[out.name] = str(out)
+    return pool
+
+
+def subset_count(tasks: int) -> int:
+    return sum(math.comb(tasks, k) for k in (2, 3, 4))
+
+
+def trace(tasks: list[str], rate: float, seconds: float, zipf: float, seed: int) -> list[tuple[float, tuple]]:
+    """(send time, subset) per request: Poisson arrivals; subset rank ~ Zipf(s) over all 2–4-task subsets."""
+    rng, n = np.random.default_rng(seed), subset_count(len(tasks))
+    out, t = [], 0.0
+    while True:
+        t += rng.exponential(1 / rate)
+        if t >= seconds:
+            return out
+        rank = int(rng.zipf(zipf))
+        while rank > n:
+            rank = int(rng.zipf(zipf))
+        pick = random.Random(f"{seed // 1000}:{rank}")  # the subset of a rank: the same in every phase
+        out.append((t, tuple(sorted(pick.sample(tasks, pick.choice((2, 3, 4)))))))
+
+
+async def one(client, model: str, i: int, max_tokens: int) -> tuple[float | None, float, int]:
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    try:
+        stream = await client.chat.completions.create(
+            model=model,
+            temperature=0,
+            max_tokens=max_tokens,
+            stream=True,
+            stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": PROMPT.format(a=10 + i % 80, b=47 + i % 50)}],
+            extra_body={"ignore_eos": True},
+        )
+        async for chunk in stream:
+            if ttft is None and chunk.choices and chunk.choices[0].delta.content:
+                ttft = time.perf_counter() - t0
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+    except Exception as e:  # an error is a result: counted, never retried
+        print(f"  request {i} ({model}): {type(e).__name__}: {e}", flush=True)
+        return None, time.perf_counter() - t0, 0
+    return ttft, time.perf_counter() - t0, tokens
+
+
+async def drive(url: str, requests: list[tuple[float, str]], max_tokens: int) -> list[dict]:
+    """Send each request at its time (open loop); the results with their send times."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+    t0 = time.perf_counter()
+
+    async def at(i, when, model):
+        await asyncio.sleep(max(0.0, when - (time.perf_counter() - t0)))
+        ttft, latency, tokens = await one(client, model, i, max_tokens)
+        return {"sent": when, "model": model, "ttft": ttft, "latency": latency, "tokens": tokens}
+
+    results = await asyncio.gather(*(at(i, w, m) for i, (w, m) in enumerate(requests)))
+    wall = time.perf_counter() - t0
+    return [r | {"wall": wall} for r in results]
+
+
+class Sampler:
+    """Peak RSS of a process tree and the max of a /metrics gauge, sampled every second in a thread."""
+
+    def __init__(self, pid: int, url: str | None):
+        self.pid, self.url, self.rss, self.queue = pid, url, 0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(1.0):
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(self.pid)
+                procs = [root, *root.children(recursive=True)]
+                self.rss = max(self.rss, sum(p.memory_info().rss for p in procs if p.is_running()))
+            if self.url:
+                self.queue = max(self.queue, metric(self.url, "knots_compose_queue_depth"))
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
+def metric(url: str, name: str, labels: str = "") -> float:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    pat = re.compile(rf"^{re.escape(name)}(\{{[^}}]*{re.escape(labels)}[^}}]*\}})? ([0-9.e+-]+)$", re.M)
+    return sum(float(v) for _, v in pat.findall(text))
+
+
+def cache_counts(url: str) -> dict[str, float]:
+    return {k: metric(url, "knots_compose_cache_total", f'result="{k}"') for k in ("hit", "miss", "wait", "linked")}
+
+
+def lora_loads(log: Path) -> int:
+    return log.read_text(errors="replace").count("loaded LoRA adapter") if log.exists() else 0
+
+
+def stats(results: list[dict], warmup: float, ref: dict | None = None) -> dict:
+    steady = [r for r in results if r["sent"] >= warmup]
+    ok = [r for r in steady if r["ttft"] is not None]
+    wall = results[0]["wall"] - warmup if results else 1.0
+    ttfts = np.array([r["ttft"] for r in ok]) if ok else np.array([float("nan")])
+    out = {
+        "requests": len(steady),
+        "errors": len(steady) - len(ok),
+        "throughput_tok_s": sum(r["tokens"] for r in ok) / wall,
+        "ttft_p50_s": float(np.percentile(ttfts, 50)),
+        "ttft_p99_s": float(np.percentile(ttfts, 99)),
+    }
+    if ref:
+        out |= {
+            "throughput_ratio": out["throughput_tok_s"] / ref["throughput_tok_s"],
+            "ttft_p50_ratio": out["ttft_p50_s"] / ref["ttft_p50_s"],
+            "ttft_p99_ratio": out["ttft_p99_s"] / ref["ttft_p99_s"],
+        }
+    return out
+
+
+def knots_phase(root: Path, cfg: dict, requests, args, label: str) -> tuple[list[dict], dict]:
+    t0 = time.perf_counter()
+    with start_server(root, cfg, {"KNOTS_ADMIN_KEY": KEY}, timeout=1800) as srv:
+        print(f"# {label}: knots-serve up in {time.perf_counter() - t0:.0f} s", flush=True)
+        before, sampler = cache_counts(srv.url), Sampler(srv.pid, srv.url)
+        results = asyncio.run(drive(srv.url, requests, args.max_tokens))
+        sampler.stop()
+        after = cache_counts(srv.url)
+        lookups = {k: after[k] - before[k] for k in after}
+        seen = sum(lookups.values())
+        info = {
+            "start_s": time.perf_counter() - t0 - results[0]["wall"],
+            "hit_rate": (lookups["hit"] / seen) if seen else float("nan"),
+            "cache_lookups": lookups,
+            "compose_queue_max": sampler.queue,
+            "lora_loads": lora_loads(srv.log),
+            "max_rss_bytes": sampler.rss,
+        }
+    return results, info
+
+
+def reference_phase(root: Path, cfg: dict, premerged: Path, requests, args) -> tuple[list[dict], dict]:
+    """Plain vLLM multi-LoRA (no knots plugin): each subset a pre-merged adapter its filesystem resolver finds."""
+    config_path = root / "ref.yaml"
+    config_path.write_text(json.dumps(cfg | {"tasks": {}, "port": free_port()}))
+    c = load_config(config_path)
+    argv = vllm_argv(c, {})
+    i = argv.index("--worker-extension-cls")
+    del argv[i : i + 2]
+    env = os.environ | {
+        "VLLM_PLUGINS": "lora_filesystem_resolver",
+        "VLLM_LORA_RESOLVER_CACHE_DIR": str(premerged),
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
+    }
+    log = root / "ref.log"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "knots_serve.serving.engine.launch", *argv],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{c.port}"
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"reference exited:\n{log.read_text()[-3000:]}")
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            time.sleep(1)
+        print(f"# reference: vLLM up in {time.perf_counter() - t0:.0f} s", flush=True)
+        sampler = Sampler(proc.pid, None)
+        results = asyncio.run(drive(url, requests, args.max_tokens))
+        sampler.stop()
+        info = {"lora_loads": lora_loads(log), "max_rss_bytes": sampler.rss}
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+    return results, info
+
+
+def as_merges(requests) -> list[tuple[float, str]]:
+    return [(t, f"tasks:{'+'.join(s)}") for t, s in requests]
+
+
+def premerge(pool: dict[str, str], subsets: set[tuple], out: Path) -> dict[tuple, str]:
+    """Each subset merged as the server would (knots-ties, basis auto) and saved as a plain adapter."""
+    store = BasisStore({n: load_adapter(p, n) for n, p in pool.items()}, "cpu")
+    names = {}
+    t0 = time.perf_counter()
+    for i, s in enumerate(sorted(subsets)):
+        name = f"m{i:05d}"
+        save_adapter(store.merge(parse_model(f"tasks:{'+'.join(s)}", "knots-ties")), out / name, store.base_model)
+        names[s] = name
+    print(f"# reference: {len(subsets)} subsets pre-merged offline in {time.perf_counter() - t0:.0f} s", flush=True)
+    return names
+
+
+def plot(runs: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
+    for ax, (pool, phases) in zip(axes[0], runs.items()):
+        for label, results in phases.items():
+            pts = [(r["sent"], r["ttft"]) for r in results if r["ttft"] is not None]
+            ax.scatter(*zip(*pts), s=8, label=label, alpha=0.7)
+        ax.set_yscale("log")
+        ax.set_xlabel("request sent at (s)")
+        ax.set_ylabel("TTFT (s)")
+        ax.set_title(f"pool of {pool}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pools", default="32,128")
+    ap.add_argument("--rate", type=float, default=1.0, help="requests per second (Poisson)")
+    ap.add_argument("--duration", type=float, default=150, help="seconds of traffic per phase")
+    ap.add_argument("--warmup", type=float, default=30, help="seconds not counted (the steady state after)")
+    ap.add_argument("--restart", type=float, default=60, help="seconds of traffic after the restart")
+    ap.add_argument("--zipf", type=float, default=1.1)
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = ap.parse_args()
+    report, runs = (
+        {"meta": vars(args) | {"out": str(args.out), "machine": os.uname().machine, "cpus": os.cpu_count()}},
+        {},
+    )
+    for P in (int(p) for p in args.pools.split(",")):
+        with tempfile.TemporaryDirectory(prefix="knots-pool-", dir="/dev/shm") as tmp:
+            root = Path(tmp)
+            pool = make_pool(root, P)
+            tasks = sorted(pool)
+            steady = trace(tasks, args.rate, args.duration, args.zipf, args.seed * 1000)
+            after = trace(tasks, args.rate, args.restart, args.zipf, args.seed * 1000 + 1)
+            distinct = {s for _, s in steady}
+            print(
+                f"# pool {P}: {subset_count(P)} subsets; {len(steady)} requests over {len(distinct)} subsets",
+                flush=True,
+            )
+            cfg = server_config(root / "cache", root / "state") | {
+                "tasks": pool,
+                "adapter_dirs": [str(ROOT / "adapters"), str(root / "pool")],
+                "basis_file": str(root / "state" / "basis.safetensors"),
+            }
+            (root / "knots").mkdir()
+            k_results, k_info = knots_phase(root / "knots", cfg, as_merges(steady), args, "steady")
+            r_results, r_info = knots_phase(root / "knots", cfg, as_merges(after), args, "restart")
+            names = premerge(pool, distinct, root / "premerged")
+            premerged = [(t, names[s]) for t, s in steady]
+            ref_results, ref_info = reference_phase(root, cfg, root / "premerged", premerged, args)
+            ref = stats(ref_results, args.warmup) | ref_info
+            ours = stats(k_results, args.warmup, ref) | k_info
+            restarted = stats(r_results, 0.0)
+            report[str(P)] = {
+                "hit_rate": ours["hit_rate"],
+                "throughput_ratio": ours["throughput_ratio"],
+                "ttft_p50_ratio": ours["ttft_p50_ratio"],
+                "ttft_p99_ratio": ours["ttft_p99_ratio"],
+                "restart_p99_ratio": restarted["ttft_p99_s"] / ref["ttft_p99_s"],
+                "max_rss_bytes": ours["max_rss_bytes"],
+                "requests": len(steady),
+                "distinct_subsets": len(distinct),
+                "knots": ours,
+                "knots_restart": restarted | r_info,
+                "reference": ref,
+            }
+            runs[P] = {"knots-serve": k_results, "pre-merged (vLLM)": ref_results, "knots-serve, restarted": r_results}
+            print(json.dumps(report[str(P)], indent=1, default=float), flush=True)
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "pool_traffic.json").write_text(json.dumps(report, indent=1, default=float))
+    plot(runs, args.out / "pool_traffic.png")
+
+
+if __name__ == "__main__":
+    main()
