@@ -213,11 +213,15 @@ def knots_phase(root: Path, cfg: dict, requests, args, label: str) -> tuple[list
     return results, info
 
 
-def reference_phase(root: Path, cfg: dict, premerged: Path, requests, args) -> tuple[list[dict], dict]:
-    """Plain vLLM multi-LoRA (no knots plugin): each subset a pre-merged adapter its filesystem resolver finds."""
+def reference_config(root: Path, cfg: dict):
+    """The reference server's config: knots-serve's own, without tasks (its model path resolved)."""
     config_path = root / "ref.yaml"
     config_path.write_text(json.dumps(cfg | {"tasks": {}, "port": free_port()}))
-    c = load_config(config_path)
+    return load_config(config_path)
+
+
+def reference_phase(root: Path, c, premerged: Path, requests, args) -> tuple[list[dict], dict]:
+    """Plain vLLM multi-LoRA (no knots plugin): each subset a pre-merged adapter its filesystem resolver finds."""
     argv = vllm_argv(c, {})
     i = argv.index("--worker-extension-cls")
     del argv[i : i + 2]
@@ -260,14 +264,15 @@ def as_merges(requests) -> list[tuple[float, str]]:
     return [(t, f"tasks:{'+'.join(s)}") for t, s in requests]
 
 
-def premerge(pool: dict[str, str], subsets: set[tuple], out: Path) -> dict[tuple, str]:
-    """Each subset merged as the server would (knots-ties, basis auto) and saved as a plain adapter."""
+def premerge(pool: dict[str, str], subsets: set[tuple], out: Path, base_model: str) -> dict[tuple, str]:
+    """Each subset merged as the server would (knots-ties, basis auto) and saved as a plain adapter whose
+    base_model_name_or_path is the model vLLM serves (what its filesystem resolver checks)."""
     store = BasisStore({n: load_adapter(p, n) for n, p in pool.items()}, "cpu")
     names = {}
     t0 = time.perf_counter()
     for i, s in enumerate(sorted(subsets)):
         name = f"m{i:05d}"
-        save_adapter(store.merge(parse_model(f"tasks:{'+'.join(s)}", "knots-ties")), out / name, store.base_model)
+        save_adapter(store.merge(parse_model(f"tasks:{'+'.join(s)}", "knots-ties")), out / name, base_model)
         names[s] = name
     print(f"# reference: {len(subsets)} subsets pre-merged offline in {time.perf_counter() - t0:.0f} s", flush=True)
     return names
@@ -329,9 +334,10 @@ def main():
             (root / "knots").mkdir()
             k_results, k_info = knots_phase(root / "knots", cfg, as_merges(steady), args, "steady")
             r_results, r_info = knots_phase(root / "knots", cfg, as_merges(after), args, "restart")
-            names = premerge(pool, distinct, root / "premerged")
+            ref_cfg = reference_config(root, cfg)
+            names = premerge(pool, distinct, root / "premerged", str(ref_cfg.model))
             premerged = [(t, names[s]) for t, s in steady]
-            ref_results, ref_info = reference_phase(root, cfg, root / "premerged", premerged, args)
+            ref_results, ref_info = reference_phase(root, ref_cfg, root / "premerged", premerged, args)
             ref = stats(ref_results, args.warmup) | ref_info
             ours = stats(k_results, args.warmup, ref) | k_info
             restarted = stats(r_results, 0.0)

@@ -8,6 +8,9 @@ versions are read, and each kind that changed since is applied (docs/DEPLOY.md, 
 - experiments: the table read again and the server's dict swapped;
 - recipes: read again; recipes that do not parse keep the ones served before (and say why).
 
+Each poll also adds the merges this server served since the last one to the store's traffic counts
+(state/traffic.py), which the prewarm of servers that start later reads.
+
 Tasks first: an experiment or a recipe may name a task registered with it. A kind counts as applied only once
 it was, so a failure (the store away, an adapter missing on this host) is retried at the next poll, logged
 once, and shown by GET /admin/store.
