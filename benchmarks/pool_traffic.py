@@ -260,6 +260,16 @@ def reference_phase(root: Path, c, premerged: Path, requests, args) -> tuple[lis
     return results, info
 
 
+def first_seen(requests, warmup: float) -> float:
+    seen, first, steady = set(), 0, 0
+    for t, subset in requests:
+        if t >= warmup:
+            steady += 1
+            first += subset not in seen
+        seen.add(subset)
+    return first / max(steady, 1)
+
+
 def as_merges(requests) -> list[tuple[float, str]]:
     return [(t, f"tasks:{'+'.join(s)}") for t, s in requests]
 
@@ -350,6 +360,8 @@ def main():
                 "max_rss_bytes": ours["max_rss_bytes"],
                 "requests": len(steady),
                 "distinct_subsets": len(distinct),
+                # steady requests whose subset no earlier request named: misses no cache avoids (hit rate ≤ 1 − this)
+                "first_seen_fraction": first_seen(steady, args.warmup),
                 "knots": ours,
                 "knots_restart": restarted | r_info,
                 "reference": ref,
