@@ -10,7 +10,8 @@ Per pool size P (the 8 demo adapters plus P − 8 generated ones: perturbed copi
   this pool, same LoRA slots; then restarted on the same store (its traffic counts: prewarm) and driven
   --restart more seconds of the same traffic;
 - the reference: every subset the trace asks for merged offline (the same merge, the server's compose path)
-  and served by plain vLLM multi-LoRA (its filesystem LoRA resolver; no knots plugin), same slots.
+  and served by vLLM multi-LoRA (its filesystem LoRA resolver) on the same engine: `knots-serve serve` with
+  an empty pool, so the same flags, LoRA slots and CPU LoRA-op fix, and no merge layer in the way.
 Measured after --warmup seconds (steady state): output tokens/s, TTFT p50/p99, knots' merge hit rate (its
 cache's hits over lookups), compose queue depth (max sampled), LoRA loads (vLLM's "loaded LoRA" log lines),
 the server process tree's peak RSS. Writes benchmarks/results/pool_traffic.json and pool_traffic.png.
@@ -26,8 +27,6 @@ import math
 import os
 import random
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -42,12 +41,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from serve_load import server_config  # noqa: E402
-from server_process import free_port, start_server  # noqa: E402
+from server_process import start_server  # noqa: E402
 
 from knots_serve.adapters import load_adapter, save_adapter  # noqa: E402
 from knots_serve.serving.merges.basis_store import BasisStore  # noqa: E402
 from knots_serve.serving.merges.names import parse_model  # noqa: E402
-from knots_serve.serving.server.config import load_config, vllm_argv  # noqa: E402
+from knots_serve.serving.server.config import load_config  # noqa: E402
 
 KEY = "bench-key"
 PROMPT = "Add the two numbers and give only the sum.\n{a} + {b}"
@@ -130,6 +129,7 @@ async def drive(url: str, requests: list[tuple[float, str]], max_tokens: int) ->
 
     results = await asyncio.gather(*(at(i, w, m) for i, (w, m) in enumerate(requests)))
     wall = time.perf_counter() - t0
+    await client.close()
     return [r | {"wall": wall} for r in results]
 
 
@@ -214,49 +214,26 @@ def knots_phase(root: Path, cfg: dict, requests, args, label: str) -> tuple[list
 
 
 def reference_config(root: Path, cfg: dict):
-    """The reference server's config: knots-serve's own, without tasks (its model path resolved)."""
+    """The reference server's config: knots-serve's own with no tasks, merges or experiments — the same engine,
+    flags and LoRA slots (and the CPU LoRA-op fix the plugin applies to any LoRA), nothing to merge."""
+    ref = cfg | {"tasks": {}, "merges": {}, "experiments": {}, "prewarm": 0, "state_dir": str(root / "ref-state")}
     config_path = root / "ref.yaml"
-    config_path.write_text(json.dumps(cfg | {"tasks": {}, "port": free_port()}))
-    return load_config(config_path)
+    config_path.write_text(json.dumps(ref))
+    return ref, load_config(config_path)
 
 
-def reference_phase(root: Path, c, premerged: Path, requests, args) -> tuple[list[dict], dict]:
-    """Plain vLLM multi-LoRA (no knots plugin): each subset a pre-merged adapter its filesystem resolver finds."""
-    argv = vllm_argv(c, {})
-    i = argv.index("--worker-extension-cls")
-    del argv[i : i + 2]
-    env = os.environ | {
-        "VLLM_PLUGINS": "lora_filesystem_resolver",
-        "VLLM_LORA_RESOLVER_CACHE_DIR": str(premerged),
-        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
-    }
-    log = root / "ref.log"
+def reference_phase(root: Path, ref: dict, premerged: Path, requests, args) -> tuple[list[dict], dict]:
+    """Pre-merged adapters served by vLLM multi-LoRA: each subset's adapter found by vLLM's own filesystem LoRA
+    resolver, on the same engine as knots-serve (`knots-serve serve` with an empty pool)."""
+    env = {"VLLM_PLUGINS": "lora_filesystem_resolver", "VLLM_LORA_RESOLVER_CACHE_DIR": str(premerged)}
+    (root / "ref").mkdir()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "knots_serve.serving.engine.launch", *argv],
-        stdout=open(log, "w"),
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{c.port}"
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"reference exited:\n{log.read_text()[-3000:]}")
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            time.sleep(1)
-        print(f"# reference: vLLM up in {time.perf_counter() - t0:.0f} s", flush=True)
-        sampler = Sampler(proc.pid, None)
-        results = asyncio.run(drive(url, requests, args.max_tokens))
+    with start_server(root / "ref", ref, env, timeout=1800) as srv:
+        print(f"# reference: up in {time.perf_counter() - t0:.0f} s", flush=True)
+        sampler = Sampler(srv.pid, None)
+        results = asyncio.run(drive(srv.url, requests, args.max_tokens))
         sampler.stop()
-        info = {"lora_loads": lora_loads(log), "max_rss_bytes": sampler.rss}
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(60)
+        info = {"lora_loads": lora_loads(srv.log), "max_rss_bytes": sampler.rss}
     return results, info
 
 
@@ -344,8 +321,8 @@ def main():
             (root / "knots").mkdir()
             k_results, k_info = knots_phase(root / "knots", cfg, as_merges(steady), args, "steady")
             r_results, r_info = knots_phase(root / "knots", cfg, as_merges(after), args, "restart")
-            ref_cfg = reference_config(root, cfg)
-            names = premerge(pool, distinct, root / "premerged", str(ref_cfg.model))
+            ref_cfg, loaded = reference_config(root, cfg)
+            names = premerge(pool, distinct, root / "premerged", str(loaded.model))
             premerged = [(t, names[s]) for t, s in steady]
             ref_results, ref_info = reference_phase(root, ref_cfg, root / "premerged", premerged, args)
             ref = stats(ref_results, args.warmup) | ref_info
