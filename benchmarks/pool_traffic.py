@@ -14,7 +14,8 @@ Per pool size P (the 8 demo adapters plus P − 8 generated ones: perturbed copi
   an empty pool, so the same flags, LoRA slots and CPU LoRA-op fix, and no merge layer in the way.
 Measured after --warmup seconds (steady state): output tokens/s, TTFT p50/p99, knots' merge hit rate (its
 cache's hits over lookups), compose queue depth (max sampled), LoRA loads (vLLM's "loaded LoRA" log lines),
-the server process tree's peak RSS. Writes benchmarks/results/pool_traffic.json and pool_traffic.png.
+the server process tree's peak RSS. Writes benchmarks/results/pool_traffic.json (a pool size run again
+replaces its entry) and pool_traffic_P.png per pool size.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from knots_serve.serving.server.config import load_config  # noqa: E402
 
 KEY = "bench-key"
 PROMPT = "Add the two numbers and give only the sum.\n{a} + {b}"
+STAGES = ("plan", "compose", "write")
 DEMO = ["add", "sentiment", "reverse_words", "to_digits", "sort_numbers", "max_number", "last_word", "pick_category"]
 
 
@@ -130,7 +132,11 @@ async def drive(url: str, requests: list[tuple[float, str]], max_tokens: int) ->
     results = await asyncio.gather(*(at(i, w, m) for i, (w, m) in enumerate(requests)))
     wall = time.perf_counter() - t0
     await client.close()
-    return [r | {"wall": wall} for r in results]
+    seen = set()
+    for r in results:  # in send order: was this the first request for its model?
+        r["first"], r["wall"] = r["model"] not in seen, wall
+        seen.add(r["model"])
+    return results
 
 
 class Sampler:
@@ -183,6 +189,9 @@ def stats(results: list[dict], warmup: float, ref: dict | None = None) -> dict:
         "ttft_p50_s": float(np.percentile(ttfts, 50)),
         "ttft_p99_s": float(np.percentile(ttfts, 99)),
     }
+    for kind, first in (("first_request", True), ("repeat", False)):  # a subset's first request, and the rest
+        picked = [r["ttft"] for r in ok if r["first"] == first]
+        out[f"ttft_p50_{kind}_s"] = float(np.percentile(picked, 50)) if picked else float("nan")
     if ref:
         out |= {
             "throughput_ratio": out["throughput_tok_s"] / ref["throughput_tok_s"],
@@ -200,6 +209,8 @@ def knots_phase(root: Path, cfg: dict, requests, args, label: str) -> tuple[list
         results = asyncio.run(drive(srv.url, requests, args.max_tokens))
         sampler.stop()
         after = cache_counts(srv.url)
+        stage = {k: metric(srv.url, "knots_new_merge_stage_seconds_sum", f'stage="{k}"') for k in STAGES}
+        composed = metric(srv.url, "knots_new_merge_stage_seconds_count", 'stage="compose"')
         lookups = {k: after[k] - before[k] for k in after}
         seen = sum(lookups.values())
         info = {
@@ -207,6 +218,7 @@ def knots_phase(root: Path, cfg: dict, requests, args, label: str) -> tuple[list
             "hit_rate": (lookups["hit"] / seen) if seen else float("nan"),
             "cache_lookups": lookups,
             "compose_queue_max": sampler.queue,
+            "new_merge_stage_mean_s": {k: v / max(composed, 1) for k, v in stage.items()},
             "lora_loads": lora_loads(srv.log),
             "max_rss_bytes": sampler.rss,
         }
@@ -265,22 +277,22 @@ def premerge(pool: dict[str, str], subsets: set[tuple], out: Path, base_model: s
     return names
 
 
-def plot(runs: dict, path: Path) -> None:
+def plot(pool: int, phases: dict, path: Path) -> None:
+    """TTFT over time, one point per request: knots-serve, the pre-merged reference, knots-serve restarted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
-    for ax, (pool, phases) in zip(axes[0], runs.items()):
-        for label, results in phases.items():
-            pts = [(r["sent"], r["ttft"]) for r in results if r["ttft"] is not None]
-            ax.scatter(*zip(*pts), s=8, label=label, alpha=0.7)
-        ax.set_yscale("log")
-        ax.set_xlabel("request sent at (s)")
-        ax.set_ylabel("TTFT (s)")
-        ax.set_title(f"pool of {pool}")
-        ax.legend()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for label, results in phases.items():
+        pts = [(r["sent"], r["ttft"]) for r in results if r["ttft"] is not None]
+        ax.scatter(*zip(*pts), s=10, label=label, alpha=0.7)
+    ax.set_yscale("log")
+    ax.set_xlabel("request sent at (s)")
+    ax.set_ylabel("TTFT (s)")
+    ax.set_title(f"pool of {pool} adapters: Zipf traffic over 2-4-task subsets")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -297,10 +309,13 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
-    report, runs = (
-        {"meta": vars(args) | {"out": str(args.out), "machine": os.uname().machine, "cpus": os.cpu_count()}},
-        {},
-    )
+    meta = vars(args) | {"out": str(args.out), "machine": os.uname().machine, "cpus": os.cpu_count()}
+    meta["date"] = time.strftime("%Y-%m-%d")
+    path = args.out / "pool_traffic.json"  # pool sizes of earlier runs are kept; this run's replace theirs
+    report = json.loads(path.read_text()) if path.exists() else {}
+    shared = report.pop("meta", None)  # (older files: one meta for all their pool sizes)
+    for entry in report.values():
+        entry.setdefault("meta", shared)
     for P in (int(p) for p in args.pools.split(",")):
         with tempfile.TemporaryDirectory(prefix="knots-pool-", dir="/dev/shm") as tmp:
             root = Path(tmp)
@@ -335,6 +350,7 @@ def main():
                 "ttft_p99_ratio": ours["ttft_p99_ratio"],
                 "restart_p99_ratio": restarted["ttft_p99_s"] / ref["ttft_p99_s"],
                 "max_rss_bytes": ours["max_rss_bytes"],
+                "meta": meta,
                 "requests": len(steady),
                 "distinct_subsets": len(distinct),
                 # steady requests whose subset no earlier request named: misses no cache avoids (hit rate ≤ 1 − this)
@@ -343,11 +359,11 @@ def main():
                 "knots_restart": restarted | r_info,
                 "reference": ref,
             }
-            runs[P] = {"knots-serve": k_results, "pre-merged (vLLM)": ref_results, "knots-serve, restarted": r_results}
             print(json.dumps(report[str(P)], indent=1, default=float), flush=True)
             args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "pool_traffic.json").write_text(json.dumps(report, indent=1, default=float))
-    plot(runs, args.out / "pool_traffic.png")
+            path.write_text(json.dumps(report, indent=1, default=float))
+            phases = {"knots-serve": k_results, "pre-merged (vLLM)": ref_results, "knots-serve, restarted": r_results}
+            plot(P, phases, args.out / f"pool_traffic_{P}.png")
 
 
 if __name__ == "__main__":
