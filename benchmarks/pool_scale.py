@@ -19,27 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
 import torch
 from basis import SHAPES, synthetic_pool
+from method_compose import timed
 
 from knots_serve.basis import lora_ranks
 from knots_serve.serving.merges.basis_store import BasisStore
 from knots_serve.serving.merges.names import parse_model
 
 LAYERS = {"llama3-8b": 32, "smollm2-135m": 30}
-
-
-def seconds(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main():
@@ -74,9 +65,8 @@ def main():
         rank = sum(lora_ranks(adapters).values())
         names = "+".join(a.name for a in pool[:2])
         ties, ta = (parse_model(f"tasks:{names}@{m}", "knots-ties") for m in ("knots-ties", "knots-ta"))
-        store.merge(ties)  # warm-up
-        t_ties = seconds(lambda: (store.clear_subsets(), store.merge(ties)), args.repeat)
-        t_ta = seconds(lambda: store.merge(ta), args.repeat)
+        t_ties = timed(lambda: (store.clear_subsets(), store.merge(ties)), args.repeat)
+        t_ta = timed(lambda: store.merge(ta), args.repeat)
         before = store._device_adapters
         t0 = time.perf_counter()
         prepared = store.prepare(adapters | {pool[P].name: pool[P]})

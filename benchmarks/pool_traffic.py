@@ -41,6 +41,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+import serve_load  # noqa: E402
 from serve_load import server_config  # noqa: E402
 from server_process import start_server  # noqa: E402
 
@@ -50,7 +51,6 @@ from knots_serve.serving.merges.names import parse_model  # noqa: E402
 from knots_serve.serving.server.config import load_config  # noqa: E402
 
 KEY = "bench-key"
-PROMPT = "Add the two numbers and give only the sum.\n{a} + {b}"
 STAGES = ("plan", "compose", "write")
 DEMO = ["add", "sentiment", "reverse_words", "to_digits", "sort_numbers", "max_number", "last_word", "pick_category"]
 
@@ -94,27 +94,13 @@ def trace(tasks: list[str], rate: float, seconds: float, zipf: float, seed: int)
 
 
 async def one(client, model: str, i: int, max_tokens: int) -> tuple[float | None, float, int]:
+    """serve_load's streamed request; an error is a result (TTFT None), counted, never retried."""
     t0 = time.perf_counter()
-    ttft, tokens = None, 0
     try:
-        stream = await client.chat.completions.create(
-            model=model,
-            temperature=0,
-            max_tokens=max_tokens,
-            stream=True,
-            stream_options={"include_usage": True},
-            messages=[{"role": "user", "content": PROMPT.format(a=10 + i % 80, b=47 + i % 50)}],
-            extra_body={"ignore_eos": True},
-        )
-        async for chunk in stream:
-            if ttft is None and chunk.choices and chunk.choices[0].delta.content:
-                ttft = time.perf_counter() - t0
-            if chunk.usage:
-                tokens = chunk.usage.completion_tokens
-    except Exception as e:  # an error is a result: counted, never retried
+        return await serve_load.one(client, model, i, max_tokens)
+    except Exception as e:
         print(f"  request {i} ({model}): {type(e).__name__}: {e}", flush=True)
         return None, time.perf_counter() - t0, 0
-    return ttft, time.perf_counter() - t0, tokens
 
 
 async def drive(url: str, requests: list[tuple[float, str]], max_tokens: int) -> list[dict]:
