@@ -377,7 +377,7 @@ def tune(
     except (AdapterError, MergeError, ValueError, OSError) as e:
         _fail(e)
     work = work or cfg.state_dir / "tune-work"
-    report = report or cfg.state_dir / "tune-report"
+    report = report or cfg.tune_report_dir
     typer.echo(f"tune: {len(chosen)} subsets x {len(method_ids)} methods; starting the engine ({cfg.model})", err=True)
     t0 = time.time()
     work.mkdir(parents=True, exist_ok=True)

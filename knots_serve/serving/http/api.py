@@ -4,6 +4,7 @@ recipes, pins) and a /v1/models that also lists every task as `tasks:NAME` and t
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 from dataclasses import asdict
 
@@ -12,7 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...compose import MergeError
-from ..errors import ERRORS, BadRequest, Conflict, NotFound, error_response
+from ..errors import ERRORS, BadRequest, Conflict, NotFound, Unavailable, error_response
 from ..merges.names import recipe_model
 from ..server import pins
 from ..server.hub import KnotsServer
@@ -43,8 +44,11 @@ class RegisterTask(BaseModel):
 
 @router.get("/admin/tasks", dependencies=[Depends(admin)])
 async def list_tasks(request: Request):
+    """Each task (rank, modules, source, bytes of its factors) and the pool's shared basis: its fingerprint
+    (changes with the pool), its bytes, and all that the pool holds on the compose device."""
     s = server(request)
-    return {"tasks": [s.describe(n) for n in sorted(s.bases.adapters)]}
+    basis = {"fingerprint": s.bases.pool_id, "bytes": s.bases.shared_nbytes(), "resident_bytes": s.bases.nbytes()}
+    return {"tasks": [s.describe(n) for n in sorted(s.bases.adapters)], "basis": basis}
 
 
 @router.post("/admin/tasks", dependencies=[Depends(admin)], status_code=201)
@@ -167,7 +171,9 @@ async def delete_experiment(name: str, request: Request):
 
 
 @router.get("/admin/experiments/{name}/report", dependencies=[Depends(admin)])
-async def report(name: str, request: Request):
+async def report(name: str, request: Request, history: bool = False):
+    """Per arm: served, errors, latency and TTFT quantiles, mean feedback with its 95% interval; whether
+    promote would succeed now (and why not); with ?history=true, this replica's earlier reports."""
     s = server(request)
     if name not in s.experiments:
         return error_response(NotFound(f"unknown experiment {name!r}"))
@@ -176,9 +182,11 @@ async def report(name: str, request: Request):
         arms = await asyncio.to_thread(s.outcomes.report, name, sorted(exp.arms))
     except ERRORS as e:  # the store away: 503
         return error_response(e)
+    promotable = s.ab.promotable(name, arms)
     for arm, row in arms.items():
         row |= {"model": exp.arms[arm].model, "weight": exp.arms[arm].weight}
-    return {"experiment": name, "arms": arms}
+    doc = {"experiment": name, "arms": arms, "promotable": promotable}
+    return doc | {"history": s.outcomes.history(name)} if history else doc
 
 
 @router.post("/admin/experiments/{name}/promote", dependencies=[Depends(admin)])
@@ -203,6 +211,23 @@ async def list_recipes(request: Request):
         "rule": {n: {"method": c.method, "params": c.params} for n, c in ((n, book.rule(n)) for n in sizes)},
         "error": s.recipes_error,
     }
+
+
+@router.get("/admin/recipes/report", dependencies=[Depends(admin)])
+async def tuning_report(request: Request):
+    """The report of the last `knots-serve tune` into this server's state_dir: its markdown, and its picture
+    as a data URL (null for what is not there)."""
+    where = server(request).cfg.tune_report_dir
+
+    def read():
+        md, png = where / "report.md", where / "report.png"
+        picture = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode() if png.exists() else None
+        return {"path": str(where), "markdown": md.read_text() if md.exists() else None, "picture": picture}
+
+    try:
+        return await asyncio.to_thread(read)
+    except OSError as e:
+        return error_response(Unavailable(f"cannot read the tuning report in {where}: {e}"))
 
 
 @router.get("/admin/store", dependencies=[Depends(admin)])
@@ -245,7 +270,9 @@ class Pin(BaseModel):
 
 @router.get("/admin/pin", dependencies=[Depends(admin)])
 async def show_pin(request: Request):
-    return {"pinned": server(request).pinned}
+    """The pinned merge, and the pin or unpin under way (its phase, and the requests its drain waits for)."""
+    s = server(request)
+    return {"pinned": s.pinned, "pending": pins.pending(s)}
 
 
 @router.post("/admin/pin", dependencies=[Depends(admin)])

@@ -91,8 +91,10 @@ class ArmLabeller:
         metrics.AB_REQUESTS.labels(*self.labels).inc()
         if self.status >= 400:
             metrics.AB_ERRORS.labels(*self.labels).inc()
+            self.server.outcomes.failed(*self.labels)
             return
+        ttft = (self.first or time.perf_counter()) - self.t0
         metrics.AB_TOKENS.labels(*self.labels).inc(self.usage if self.usage is not None else self.tokens)
-        metrics.AB_TTFT.labels(*self.labels).observe((self.first or time.perf_counter()) - self.t0)
+        metrics.AB_TTFT.labels(*self.labels).observe(ttft)
         metrics.AB_LATENCY.labels(*self.labels).observe(total)
-        self.server.outcomes.served(*self.labels, total)
+        self.server.outcomes.served(*self.labels, total, ttft)

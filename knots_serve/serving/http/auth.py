@@ -7,8 +7,9 @@
   profiler, fault-tolerance and abort routes that flags of vLLM mount (pause the engine, abort others'
   requests, replace or reset the weights, start a profiler).
 - The API key, when one is set (VLLM_API_KEY or --api-key, vLLM's own): every other route but the public
-  probes. vLLM checks it only on /v1/*, /v2/*, /inference, /cohere, which leaves /invocations (SageMaker
-  inference), /tokenize, /generative_scoring, ... open; here it is deny by default.
+  probes and the console's files (which hold no data). vLLM checks it only on /v1/*, /v2/*, /inference,
+  /cohere, which leaves /invocations (SageMaker inference), /tokenize, /generative_scoring, ... open; here
+  it is deny by default. The admin key passes wherever an API key does (the console's playground sends it).
 """
 
 from __future__ import annotations
@@ -82,9 +83,10 @@ def refusal(
 
     if path in ADMIN_PATHS or path.startswith(ADMIN_PREFIXES):
         return admin_refusal(key_env, header(b"authorization"), header(b"x-admin-key"))
-    if not api_keys or method == "OPTIONS" or path in PUBLIC or path.startswith("/docs"):
+    if not api_keys or method == "OPTIONS" or path in PUBLIC or path.startswith(("/docs", "/console")):
         return None
     given = digest(_bearer(header(b"authorization")))
     if not any([hmac.compare_digest(given, k) for k in api_keys]):  # a list: every key is compared
-        return 401, "missing or wrong API key (Authorization: Bearer KEY)"
+        if admin_refusal(key_env, header(b"authorization"), None) is not None:
+            return 401, "missing or wrong API key (Authorization: Bearer KEY)"
     return None

@@ -384,6 +384,7 @@ class AdapterCache:
                     "hits": self._policy.entries[name].hits,
                     "compose_s": round(self._policy.entries[name].cost, 4),
                     "priority": self._policy.entries[name].priority,
+                    "last_used": self._policy.entries[name].last_used,
                     "in_use": self._held.get(c.path, 0),
                 }
                 for name, c in self._cache.items()

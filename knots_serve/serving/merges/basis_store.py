@@ -244,10 +244,20 @@ class BasisStore:
     def nbytes(self) -> int:
         """Bytes resident on the device: the pool's factors, its bases, the cached subset bases."""
         with self._lock:
-            factors = sum(
-                t.numel() * t.element_size()
-                for a in self._device_adapters.values()
-                for l in a.modules.values()
-                for t in (l.A, l.B)
-            )
+            factors = sum(_factor_bytes(a) for a in self._device_adapters.values())
             return factors + sum(b.nbytes() for b in (*self._bases.values(), *self._subset.values()))
+
+    def task_nbytes(self, name: str) -> int:
+        """Bytes of one task's factors on the device (0 for a task no longer in the pool)."""
+        with self._lock:
+            a = self._device_adapters.get(name)
+            return _factor_bytes(a) if a else 0
+
+    def shared_nbytes(self) -> int:
+        """Bytes of the pool's shared KnOTS basis on the device (0 for an empty pool)."""
+        with self._lock:
+            return sum(b.nbytes() for b in self._bases.values())
+
+
+def _factor_bytes(a: LoraAdapter) -> int:
+    return sum(t.numel() * t.element_size() for m in a.modules.values() for t in (m.A, m.B))

@@ -13,6 +13,7 @@ Pure bookkeeping, no locks: the caches call it under their own lock."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ class Entry:
     size: int  # bytes
     hits: int = 1
     priority: float = 0.0
+    last_used: float = 0.0  # wall-clock time of the last add or hit (shown to operators, not used to evict)
 
 
 class GreedyDualSizeFrequency:
@@ -36,12 +38,13 @@ class GreedyDualSizeFrequency:
         return key in self.entries
 
     def add(self, key, cost: float, size: int) -> None:
-        e = self.entries[key] = Entry(max(cost, MIN_COST_S), max(size, 1))
+        e = self.entries[key] = Entry(max(cost, MIN_COST_S), max(size, 1), last_used=time.time())
         e.priority = self._priority(e)
 
     def hit(self, key) -> None:
         e = self.entries[key]
         e.hits += 1
+        e.last_used = time.time()
         e.priority = self._priority(e)
 
     def remove(self, key) -> None:

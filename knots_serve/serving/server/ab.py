@@ -49,6 +49,15 @@ class ABTests:
         await self.put(name, new)
         return new
 
+    def promotable(self, name: str, report: dict) -> dict:
+        """Whether promote would succeed on this report: {"ok": true, "model": the recipe's merge}, or
+        {"ok": false, "reason": the 409 it would answer}."""
+        try:
+            recipe = promotion(name, self._get(name), report, self.server.router.selection)
+        except Conflict as e:
+            return {"ok": False, "reason": str(e)}
+        return {"ok": True, "model": recipe_model(recipe)}
+
     async def promote(self, name: str) -> dict:
         """The experiment's winning arm, once it separates, as its subset's recipe (experiments.promotion)."""
         s, exp = self.server, self._get(name)
@@ -69,6 +78,7 @@ class ABTests:
             await asyncio.to_thread(s.experiment_store.delete, name)
             s.store_sync.written("experiments")
             s.experiments = {n: e for n, e in s.experiments.items() if n != name}
+            s.outcomes.forget(name)
         await s.in_step()
 
     def _get(self, name: str) -> Experiment:

@@ -237,6 +237,11 @@ class ServeConfig(BaseModel):
         return self
 
     @property
+    def tune_report_dir(self) -> Path:
+        """Where `knots-serve tune` writes its report by default (the console shows it)."""
+        return self.state_dir / "tune-report"
+
+    @property
     def base_name(self) -> str:
         return self.served_model_name or str(self.model)
 

@@ -16,6 +16,11 @@ class Gate:
         self._cond = asyncio.Condition()
         self._inside, self._closed = 0, False
 
+    @property
+    def inside(self) -> int:
+        """Requests holding the gate now (those a drain waits for)."""
+        return self._inside
+
     @contextlib.asynccontextmanager
     async def shared(self):
         async with self._cond:

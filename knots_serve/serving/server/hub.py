@@ -75,6 +75,7 @@ class KnotsServer:
         self.outcomes = Outcomes(self.store)
         # pins.py
         self.pinned: dict | None = None  # {"model": canonical name, ...} while a merge is in the weights
+        self.pin_pending: dict | None = None  # the pin or unpin under way and its phase (pins.stage)
         self.pin_serial = itertools.count()  # a new factors file per pin
         self.pin_lock = asyncio.Lock()  # one pin or unpin at a time
         self.traffic = Traffic()  # merges requested here, added to the store's counts at each poll

@@ -39,13 +39,16 @@ async def pin(server, model: str) -> dict:
     engine = server.engine
     try:
         async with one_at_a_time(server):
+            stage(server, model, "preparing")
             try:
                 prepared = await rpc(engine, "knots_prepare", args)
             except Exception as e:  # the weights are untouched: nothing to restore
                 raise Unavailable(f"preparing the pin of {model!r} failed, nothing changed: {e}") from None
             t1 = time.perf_counter()
+            stage(server, model, "draining")
             async with drained(server):
                 t2 = time.perf_counter()
+                stage(server, model, "swapping")
                 try:
                     written = await rpc(engine, "knots_pin")
                 except Exception as e:  # back to the base weights on every worker: never half a merge
@@ -72,12 +75,26 @@ async def unpin(server) -> dict:
     async with one_at_a_time(server):
         if server.pinned is None:
             raise NotFound("no merge is pinned")
+        stage(server, None, "draining")
         async with drained(server):
+            stage(server, None, "swapping")
             t0 = time.perf_counter()
             results = await rpc(server.engine, "knots_unpin")
             await server.engine.reset_prefix_cache()
             was, server.pinned = server.pinned, None
     return {"unpinned": was["model"], "swap_s": time.perf_counter() - t0, "workers": results}
+
+
+def stage(server, model: str | None, phase: str) -> None:
+    """What a pin (model) or an unpin (None) is doing now, for GET /admin/pin: preparing (the workers load
+    it), draining (requests in flight finish, new ones wait) or swapping (the weights)."""
+    server.pin_pending = {"model": model, "phase": phase, "since": time.time()}
+
+
+def pending(server) -> dict | None:
+    """The pin or unpin under way, with the requests the drain still waits for."""
+    p = server.pin_pending
+    return p and p | {"in_flight": server.gate.inside}
 
 
 @contextlib.asynccontextmanager
@@ -88,7 +105,10 @@ async def one_at_a_time(server):
         await stack.enter_async_context(server.pin_lock)
         if server.group is not None:
             await stack.enter_async_context(server.group.swap_lock(server.cfg.drain_timeout_s + PIN_WAIT_S))
-        yield
+        try:
+            yield
+        finally:
+            server.pin_pending = None  # what the pin or unpin was doing (stage) ends with it
 
 
 @contextlib.asynccontextmanager

@@ -144,6 +144,7 @@ class Pool:
             "source": self.sources.get(name, a.path),  # as configured or registered: a path or hf://…
             "modules": len(a.modules),
             "ranks": sorted({m.rank for m in a.modules.values()}),
+            "bytes": self.server.bases.task_nbytes(name),  # its factors on the compose device
         }
 
 

@@ -8,11 +8,13 @@ covers nothing. Requests without a user are assigned at random, by weight.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
 import random
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -69,16 +71,23 @@ def assign(experiment: str, exp: Experiment, user: str | None) -> str:
     return next(name for name, arm in reversed(arms) if arm.weight > 0)  # u fell on the rounding edge
 
 
+HISTORY_EVERY_S, HISTORY_LEN = 5.0, 720  # a report's sample kept at most every 5 s: the last hour
+
+
 class Outcomes:
-    """Per-arm latencies (recent, for quantiles) and served counts of this replica, in memory; which arm served
-    each response, and the feedback scores, in the store (shared by replicas: store.py)."""
+    """Per-arm latencies and TTFTs (recent, for quantiles), served and error counts of this replica, and
+    the history of its reports, in memory; which arm served each response, and the feedback scores, in the
+    store (shared by replicas: store.py)."""
 
     def __init__(self, store: Store, max_latencies: int = 10_000):
         self.store = store
         self._lock = threading.Lock()
         self._latency: dict[tuple[str, str], deque] = {}
+        self._ttft: dict[tuple[str, str], deque] = {}
         self._max_latencies = max_latencies
         self._served: dict[tuple[str, str], int] = {}
+        self._errors: dict[tuple[str, str], int] = {}
+        self._history: dict[str, deque] = {}
         self._writer = ThreadPoolExecutor(1, "knots-outcomes")  # store writes, in order, off the event loop
 
     def remember(self, response_id: str, experiment: str, arm: str) -> None:
@@ -92,10 +101,25 @@ class Outcomes:
         except StoreUnavailable as e:
             log.warning("feedback for %r will not find its arm: %s", response_id, e)
 
-    def served(self, experiment: str, arm: str, seconds: float) -> None:
+    def served(self, experiment: str, arm: str, seconds: float, ttft: float) -> None:
+        key = experiment, arm
         with self._lock:
-            self._latency.setdefault((experiment, arm), deque(maxlen=self._max_latencies)).append(seconds)
-            self._served[experiment, arm] = self._served.get((experiment, arm), 0) + 1
+            self._latency.setdefault(key, deque(maxlen=self._max_latencies)).append(seconds)
+            self._ttft.setdefault(key, deque(maxlen=self._max_latencies)).append(ttft)
+            self._served[key] = self._served.get(key, 0) + 1
+
+    def failed(self, experiment: str, arm: str) -> None:
+        """A response of the arm that ended in an HTTP error."""
+        with self._lock:
+            self._errors[experiment, arm] = self._errors.get((experiment, arm), 0) + 1
+
+    def forget(self, experiment: str) -> None:
+        """A deleted experiment: its counts and history go (a new one of the same name starts afresh)."""
+        with self._lock:
+            for table in (self._latency, self._ttft, self._served, self._errors):
+                for key in [k for k in table if k[0] == experiment]:
+                    del table[key]
+            self._history.pop(experiment, None)
 
     def flush(self) -> None:
         """Wait until every response served so far is remembered in the store."""
@@ -114,29 +138,51 @@ class Outcomes:
         return experiment, arm, before is None
 
     def report(self, experiment: str, arms: list[str]) -> dict:
-        """Per arm: served, latency quantiles (this replica's), feedback (all replicas'). Blocking (reads the store)."""
+        """Per arm: served, errors, latency and TTFT quantiles (this replica's), feedback (all replicas').
+        Sampled into the history (at most every HISTORY_EVERY_S). Blocking (reads the store)."""
         out, feedback = {}, self.store.feedback(experiment)
         with self._lock:
             for arm in arms:
-                lat = sorted(self._latency.get((experiment, arm), ()))
+                key = experiment, arm
                 n, s, ss = feedback.get(arm, [0, 0.0, 0.0])
                 mean = s / n if n else None
                 # normal-approximation 95% interval of the mean score
                 sd = math.sqrt(max(ss / n - mean * mean, 0.0) * n / (n - 1)) if n > 1 else None
                 half = 1.96 * sd / math.sqrt(n) if sd is not None else None
                 out[arm] = {
-                    "served": self._served.get((experiment, arm), 0),
-                    "latency_s": {
-                        q: lat[min(int(p * len(lat)), len(lat) - 1)] if lat else None
-                        for q, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
-                    },
+                    "served": self._served.get(key, 0),
+                    "errors": self._errors.get(key, 0),
+                    "latency_s": _quantiles(self._latency.get(key, ())),
+                    "ttft_s": _quantiles(self._ttft.get(key, ())),
                     "feedback": {
                         "n": n,
                         "mean": mean,
                         "ci95": [mean - half, mean + half] if half is not None else None,
                     },
                 }
+            self._sample(experiment, out)
         return out
+
+    def _sample(self, experiment: str, report: dict) -> None:
+        history = self._history.setdefault(experiment, deque(maxlen=HISTORY_LEN))
+        now = time.time()
+        if history and now - history[-1]["t"] < HISTORY_EVERY_S:
+            return
+        history.append({"t": now, "arms": copy.deepcopy(report)})
+
+    def history(self, experiment: str) -> list[dict]:
+        """This replica's reports of the experiment over time, oldest first: {"t": unix time, "arms": report}.
+        A sample is taken when a report is read (the console reads one every few seconds while it shows the
+        experiment), at most every HISTORY_EVERY_S, for the last HISTORY_LEN samples."""
+        with self._lock:
+            return list(self._history.get(experiment, ()))
+
+
+def _quantiles(values) -> dict:
+    v = sorted(values)
+    return {
+        q: v[min(int(p * len(v)), len(v) - 1)] if v else None for q, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
+    }
 
 
 def separated_winner(experiment: str, report: dict) -> tuple[str, dict]:
