@@ -61,9 +61,10 @@ class KnotsEndpoint:
     required_tasks = None
 
     def attach_router(self, app) -> None:
-        from .http.api import router
+        from .http import api, console
 
-        app.include_router(router)
+        app.include_router(api.router)
+        app.include_router(console.router)
         app.add_middleware(KnotsMiddleware)
 
     async def init_state(self, engine_client, state, args) -> None:
