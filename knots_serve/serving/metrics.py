@@ -36,3 +36,14 @@ AB_ERRORS = Counter("knots_ab_errors", "experiment requests per arm that ended i
 AB_TOKENS = Counter("knots_ab_tokens", "completion tokens per experiment arm", AB)
 AB_TTFT = Histogram("knots_ab_ttft_seconds", "time to the first response byte per experiment arm", AB)
 AB_LATENCY = Histogram("knots_ab_latency_seconds", "total request time per experiment arm", AB)
+
+PINNED = Gauge("knots_pinned", "1 while a merge is written into the engine's weights, 0 on the base weights")
+PIN_SECONDS = Histogram(
+    "knots_pin_seconds",
+    "pins and unpins by phase: prepare (the workers load the merge), drain (requests in flight finish, new ones "
+    "wait), swap (the weights written)",
+    ["phase"],
+    buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100),
+)
+for _phase in ("prepare", "drain", "swap"):  # each phase's series exists from the start (0 until a pin)
+    PIN_SECONDS.labels(_phase)

@@ -17,6 +17,7 @@ import itertools
 from pathlib import Path
 
 from ...recipes import Choice
+from .. import metrics
 from ..errors import Unavailable
 from ..merges.adapter_cache import AdapterCache
 from ..merges.basis_store import BasisStore, compose_device
@@ -76,6 +77,7 @@ class KnotsServer:
         # pins.py
         self.pinned: dict | None = None  # {"model": canonical name, ...} while a merge is in the weights
         self.pin_pending: dict | None = None  # the pin or unpin under way and its phase (pins.stage)
+        metrics.PINNED.set_function(lambda: self.pinned is not None)  # however it changes (pins.py, group.py)
         self.pin_serial = itertools.count()  # a new factors file per pin
         self.pin_lock = asyncio.Lock()  # one pin or unpin at a time
         self.traffic = Traffic()  # merges requested here, added to the store's counts at each poll

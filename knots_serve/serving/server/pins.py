@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ...atomic import atomic_write_file
 from ...methods import full_rank
+from .. import metrics
 from ..engine.pinning import save_factors
 from ..errors import BadRequest, Conflict, NotFound, Unavailable
 
@@ -65,6 +66,8 @@ async def pin(server, model: str) -> dict:
                     "swap_s": time.perf_counter() - t2,
                     "workers": [p | w for p, w in zip(prepared, written)],
                 }
+                for phase in ("prepare", "drain", "swap"):
+                    metrics.PIN_SECONDS.labels(phase).observe(pinned[f"{phase}_s"])
     finally:
         if args[0] == "factors":
             Path(args[1]).unlink(missing_ok=True)
@@ -76,13 +79,17 @@ async def unpin(server) -> dict:
         if server.pinned is None:
             raise NotFound("no merge is pinned")
         stage(server, None, "draining")
+        t0 = time.perf_counter()
         async with drained(server):
             stage(server, None, "swapping")
-            t0 = time.perf_counter()
+            t1 = time.perf_counter()
             results = await rpc(server.engine, "knots_unpin")
             await server.engine.reset_prefix_cache()
             was, server.pinned = server.pinned, None
-    return {"unpinned": was["model"], "swap_s": time.perf_counter() - t0, "workers": results}
+    swap_s = time.perf_counter() - t1
+    metrics.PIN_SECONDS.labels("drain").observe(t1 - t0)
+    metrics.PIN_SECONDS.labels("swap").observe(swap_s)
+    return {"unpinned": was["model"], "drain_s": t1 - t0, "swap_s": swap_s, "workers": results}
 
 
 def stage(server, model: str | None, phase: str) -> None:
