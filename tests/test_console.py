@@ -197,6 +197,7 @@ def arm_feedback(server, experiment, arm, scores):
 
 def test_an_experiment_is_created_charted_and_its_winner_promoted(page, server, recipes_file):
     name, winner = "console-exp", "tasks:alpha+beta@knots-ties"
+    report = server.root / "state" / "tune-report"
     log_in(page)
     view(page, "experiments")
     try:
@@ -238,6 +239,29 @@ def test_an_experiment_is_created_charted_and_its_winner_promoted(page, server, 
         row = page.locator("#recipe-table tbody tr").first.inner_text()
         assert "alpha+beta" in row and winner in row and f"ab:{name}" in row
         assert "No tuning report" in page.text_content("#tune-report")
+        # a tuning report, as `knots-serve tune` writes it, is shown with its table and picture
+        write_tuning_report(report)
+        page.reload()
+        page.wait_for_selector("#tune-report table")
+        assert "beta+gamma" in page.locator("#tune-report table").first.inner_text()
+        picture = page.locator("#tune-report img")
+        assert picture.evaluate("img => img.complete && img.naturalWidth > 0")
         shot(page, "recipes")
     finally:
         http(server, "DELETE", f"/admin/experiments/{name}", key=ADMIN_KEY)
+        shutil.rmtree(report, ignore_errors=True)
+
+
+def write_tuning_report(where: Path) -> None:
+    """tune.py's report of one tuned subset (made-up scores: the view is tested here, not the tuning)."""
+    from knots_serve.recipes import Recipe
+    from knots_serve.tune import plot, report_markdown
+
+    recipe = Recipe(("beta", "gamma"), "iso-c", score=0.61, default_score=0.55, date="2026-12-05")
+    stats = {"score": [0.61, 0.58, 0.64], "default": [0.55, 0.52, 0.58], "gain": [0.06, 0.02, 0.1]}
+    log = [{"tasks": ["beta", "gamma"], "method": "iso-c", "params": {}, "score": 0.61, "outcome": "tuned"}]
+    log[0]["versus_default"] = stats | {"replaced": True}
+    meta = {"date": "2026-12-05", "data": "val.jsonl", "methods": ["iso-c"], "default_method": "knots-ties"}
+    where.mkdir(parents=True)
+    (where / "report.md").write_text(report_markdown([recipe], log, meta | {"wall_s": 60}))
+    plot([recipe], where / "report.png")

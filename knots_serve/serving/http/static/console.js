@@ -338,16 +338,22 @@ const CHARTS = [
 ];
 
 function drawCharts(c, arms, history) {
-  if (c.arms !== arms.join()) { // new arms: new charts
+  if (c.arms !== arms.join()) { // new arms: new charts, and the arms' colours above them
     c.charts.forEach((u) => u.destroy());
+    $(".legend", c.card).replaceChildren(...arms.map((arm, i) =>
+      el("span", {}, el("b", { style: `color: ${COLORS[i % COLORS.length]}` }, "■ "), arm, "  ")));
     c.charts = CHARTS.map(([title, values]) => {
-      const series = [{}];
-      arms.forEach((arm, i) => values(emptyArm).forEach((_, j) => series.push({
-        label: j ? `${arm} ${j === 1 ? "low" : "high"}` : arm, stroke: COLORS[i % COLORS.length],
-        dash: j ? [4, 4] : undefined, width: j ? 1 : 2, spanGaps: true,
-      })));
-      const chart = new uPlot({ title, width: 440, height: 220, scales: { x: { time: true } }, series },
-        [[]], $(".charts", c.card));
+      const series = [{}], bands = [];
+      arms.forEach((arm, i) => {
+        const color = COLORS[i % COLORS.length], per = values(emptyArm).length;
+        values(emptyArm).forEach((_, j) => series.push({
+          label: j ? `${arm} ${j === 1 ? "low" : "high"}` : arm, stroke: color,
+          dash: j ? [4, 4] : undefined, width: j ? 1 : 2, spanGaps: true,
+        }));
+        if (per === 3) bands.push({ series: [series.length - 1, series.length - 2], fill: color + "22" }); // the interval
+      });
+      const chart = new uPlot({ title, width: 440, height: 200, scales: { x: { time: true } }, series, bands,
+        legend: { show: false } }, [[]], $(".charts", c.card));
       chart.root.dataset.title = title;
       return chart;
     });
