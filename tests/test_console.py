@@ -2,6 +2,7 @@
 session's real server on the tiny model. Without Chromium these tests fail, saying so; KNOTS_BROWSER_TESTS=skip
 skips them explicitly. With KNOTS_CONSOLE_SCREENSHOTS=DIR each view's screenshot is saved there (docs/console)."""
 
+import contextlib
 import json
 import os
 import re
@@ -41,11 +42,11 @@ def browser():
         browser.close()
 
 
-@pytest.fixture
-def page(browser, server):
-    """A fresh browser context (empty session storage) on the console; JavaScript errors and CSP violations
-    fail the test."""
-    context = browser.new_context(base_url=server.url, viewport={"width": 1400, "height": 1000})
+@contextlib.contextmanager
+def console(browser, srv):
+    """A fresh browser context (empty session storage) on a server's console; JavaScript errors and CSP
+    violations fail the test."""
+    context = browser.new_context(base_url=srv.url, viewport={"width": 1400, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(90_000)  # a new merge is composed on the CPU the server shares with the tests
     problems = []
@@ -57,9 +58,29 @@ def page(browser, server):
     assert not problems
 
 
-def log_in(page, key=ADMIN_KEY):
+@pytest.fixture
+def page(browser, server):
+    with console(browser, server) as page:
+        yield page
+
+
+def log_in(page, key=ADMIN_KEY, api_key=None):
     page.fill("#key", key)
+    if api_key:
+        page.fill("#api-key", api_key)
     page.click("#login button[type=submit]")
+
+
+def play(page, *models, prompt="hello world", max_tokens=8):
+    """Runs the playground on the models and waits until every column is done or failed."""
+    view(page, "playground")
+    page.fill("#play textarea[name=prompt]", prompt)
+    page.fill("#play input[name=max_tokens]", str(max_tokens))
+    inputs = page.locator("#play-models input")
+    for i in range(inputs.count()):
+        inputs.nth(i).fill(models[i] if i < len(models) else "")
+    page.click("#play button[type=submit]")
+    page.locator("#answers .answer.done, #answers .answer.failed").nth(len(models) - 1).wait_for()
 
 
 def view(page, name):
@@ -106,13 +127,7 @@ def test_the_pool_shows_each_task_and_the_shared_basis(page, server):
 
 def test_the_playground_streams_two_merges_side_by_side(page, server):
     log_in(page)
-    view(page, "playground")
-    page.fill("#play textarea[name=prompt]", "hello world")
-    page.fill("#play input[name=max_tokens]", "8")
-    for i, model in enumerate(PLAY_MODELS):
-        page.locator("#play-models input").nth(i).fill(model)
-    page.click("#play button[type=submit]")
-    page.locator("#answers .answer.done").nth(1).wait_for()
+    play(page, *PLAY_MODELS)
     answers = {}
     for box in page.locator("#answers .answer").all():
         model = box.get_attribute("data-model")
@@ -134,11 +149,25 @@ def test_the_playground_streams_two_merges_side_by_side(page, server):
     cached = page.text_content("#cached tbody")
     assert all(m in cached for m in PLAY_MODELS)
     # a merge that does not exist answers in its column with the server's error
-    view(page, "playground")
-    page.locator("#play-models input").nth(0).fill("tasks:alpha+nosuch")
-    page.click("#play button[type=submit]")
-    page.wait_for_selector("#answers .answer.failed")
+    play(page, "tasks:alpha+nosuch")
     assert "nosuch" in page.locator("#answers .answer.failed .meta").inner_text()
+
+
+def test_the_playground_sends_the_api_key_where_inference_needs_one(browser, guarded):
+    model = PLAY_MODELS[0]
+    with console(browser, guarded) as page:  # the admin key alone: the admin views work, inference does not
+        log_in(page)
+        page.wait_for_selector("#tasks tbody tr")
+        play(page, model)
+        assert page.locator("#answers .answer.failed .meta").inner_text() == "HTTP 401: Unauthorized"
+        assert "log in with the API key too" in page.text_content("#status")
+    with console(browser, guarded) as page:
+        log_in(page, api_key=guarded.api_key)
+        play(page, model)
+        chat = guarded.client().chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hello world"}], max_tokens=8, temperature=0
+        )
+        assert page.locator("#answers .answer.done .text").inner_text() == chat.choices[0].message.content
 
 
 def hold_a_request(server) -> socket.socket:

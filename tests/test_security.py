@@ -49,6 +49,18 @@ def test_inference_needs_the_api_key_before_anything_is_routed_or_composed(guard
     assert call(guarded, "GET", "/health").status_code == 200  # liveness stays open
 
 
+def test_the_console_page_is_open_and_holds_no_data(guarded):
+    """/console is its page, script and styles only: open without a key (the key is entered in the page),
+    with nothing of the server's state in it, and no other file of the package reachable through it."""
+    page = call(guarded, "GET", "/console")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert "alpha" not in page.text and "tasks:" not in page.text
+    assert call(guarded, "GET", "/console/console.js").status_code == 200
+    for other in ("console.py", "api.py", "..%2Fapi.py", "static", "%2e%2e/auth.py"):
+        assert call(guarded, "GET", f"/console/{other}").status_code == 404
+
+
 def test_admin_routes_need_the_admin_key_not_the_api_key(guarded):
     assert call(guarded, "GET", "/admin/tasks", **bearer(API_KEY)).status_code == 401
     assert call(guarded, "GET", "/admin/tasks", **bearer(ADMIN_KEY)).status_code == 200

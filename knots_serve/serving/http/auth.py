@@ -9,7 +9,7 @@
 - The API key, when one is set (VLLM_API_KEY or --api-key, vLLM's own): every other route but the public
   probes and the console's files (which hold no data). vLLM checks it only on /v1/*, /v2/*, /inference,
   /cohere, which leaves /invocations (SageMaker inference), /tokenize, /generative_scoring, ... open; here
-  it is deny by default. The admin key passes wherever an API key does (the console's playground sends it).
+  it is deny by default. The two keys stay apart: the admin key is no API key (the console asks for both).
 """
 
 from __future__ import annotations
@@ -87,6 +87,5 @@ def refusal(
         return None
     given = digest(_bearer(header(b"authorization")))
     if not any([hmac.compare_digest(given, k) for k in api_keys]):  # a list: every key is compared
-        if admin_refusal(key_env, header(b"authorization"), None) is not None:
-            return 401, "missing or wrong API key (Authorization: Bearer KEY)"
+        return 401, "missing or wrong API key (Authorization: Bearer KEY)"
     return None

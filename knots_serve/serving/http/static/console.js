@@ -2,7 +2,7 @@
 // key from session storage as a bearer header; server data reaches the page as text nodes only.
 "use strict";
 
-const KEY = "knots-admin-key";
+const KEY = "knots-admin-key", API_KEY = "knots-api-key"; // the API key: only where inference needs one
 const $ = (sel, root = document) => root.querySelector(sel);
 const COLORS = ["#2a6fdb", "#d9480f", "#2b8a3e", "#862e9c", "#e67700", "#0b7285"];
 
@@ -21,15 +21,27 @@ function say(message, error = false) {
   status.className = error ? "error" : "";
 }
 
+// an error body's message: ours and vLLM's are {"error": {"message"}}, vLLM's key check {"error": "Unauthorized"}
+function problem(doc, status) {
+  const e = doc?.error;
+  return (typeof e === "string" ? e : e?.message) || doc?.detail || `HTTP ${status}`;
+}
+
 // --- the admin API -------------------------------------------------------------------------------------
 async function api(method, path, body) {
   const headers = { Authorization: "Bearer " + sessionStorage.getItem(KEY) };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const r = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
   const doc = await r.json().catch(() => null);
-  if (r.status === 401 || r.status === 403) logout(doc?.error?.message || `HTTP ${r.status}`);
-  if (!r.ok) throw new Error(doc?.error?.message || doc?.detail || `HTTP ${r.status}`);
+  if (r.status === 401 || r.status === 403) logout(problem(doc, r.status));
+  if (!r.ok) throw new Error(problem(doc, r.status));
   return doc;
+}
+
+// inference (the playground): the API key, if the operator gave one; the admin key is no API key
+function inferenceHeaders(extra = {}) {
+  const key = sessionStorage.getItem(API_KEY);
+  return key ? { ...extra, Authorization: "Bearer " + key } : extra;
 }
 
 // runs an action from a button or form: its error goes to the status line, and the view is read again
@@ -49,6 +61,7 @@ async function act(what, fn) {
 // --- login, tabs, refresh ------------------------------------------------------------------------------
 function logout(reason) {
   sessionStorage.removeItem(KEY);
+  sessionStorage.removeItem(API_KEY);
   $("main").hidden = $("#tabs").hidden = $("#logout").hidden = true;
   $("#login").hidden = false;
   for (const body of document.querySelectorAll("main tbody")) body.replaceChildren();
@@ -58,7 +71,8 @@ function logout(reason) {
 $("#login").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   sessionStorage.setItem(KEY, $("#key").value);
-  $("#key").value = "";
+  if ($("#api-key").value) sessionStorage.setItem(API_KEY, $("#api-key").value);
+  $("#key").value = $("#api-key").value = "";
   try {
     await api("GET", "/admin/store");
   } catch (e) {
@@ -194,7 +208,9 @@ modelInput();
 
 VIEWS.playground = async () => {
   if ($("#model-ids").childElementCount) return; // read once per page
-  const doc = await api("GET", "/v1/models");
+  const r = await fetch("/v1/models", { headers: inferenceHeaders() });
+  const doc = await r.json().catch(() => null);
+  if (!r.ok) throw new Error(`the model list: ${problem(doc, r.status)} (log in with the API key too)`);
   $("#model-ids").replaceChildren(...doc.data.map((m) => el("option", { value: m.id })));
 };
 
@@ -225,12 +241,12 @@ async function stream(model, messages, options) {
   try {
     const r = await fetch("/v1/chat/completions", {
       method: "POST",
-      headers: { Authorization: "Bearer " + sessionStorage.getItem(KEY), "Content-Type": "application/json" },
+      headers: inferenceHeaders({ "Content-Type": "application/json" }),
       body: JSON.stringify({ model, messages, ...options, stream: true, stream_options: { include_usage: true } }),
     });
     if (!r.ok) {
       const doc = await r.json().catch(() => null);
-      return fail(doc?.error?.message || `HTTP ${r.status}`);
+      return fail(`HTTP ${r.status}: ${problem(doc, r.status)}`);
     }
     const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
     let held = "";
