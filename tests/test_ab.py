@@ -6,6 +6,7 @@ import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import openai
 import pytest
 from conftest import ADMIN_KEY
 from server_process import CLI
@@ -133,6 +134,18 @@ def test_per_arm_metrics_feedback_and_report(server):
     lo, hi = merge["feedback"]["ci95"]
     assert lo < 1.15 < hi and merge["served"] >= 4 and merge["latency_s"]["p50"] > 0
     assert json.loads((server.root / "state" / "feedback.json").read_text())["exp"]["merge"][0] == 4
+    assert 0 < merge["ttft_s"]["p50"] <= merge["latency_s"]["p99"]
+    # the arms without feedback give no interval yet: the report says promote would refuse, and why
+    assert rep["promotable"] == {"ok": False, "reason": rep["promotable"]["reason"]}
+    assert "does not yet separate" in rep["promotable"]["reason"] and "adapter: n=0" in rep["promotable"]["reason"]
+    # an arm's HTTP errors are counted apart from what it served; the history holds the earlier reads
+    with pytest.raises(openai.BadRequestError):
+        ask(c, arm="merge", max_tokens=10**6)
+    status, later = http(server, "GET", "/admin/experiments/exp/report?history=true", key=ADMIN_KEY)
+    now = later["arms"]["merge"]
+    assert now["errors"] == merge["errors"] + 1 and now["served"] == merge["served"]
+    assert later["history"] and later["history"][0]["arms"]["merge"]["feedback"]["n"] >= 4
+    assert "history" not in rep
     r = subprocess.run(
         [CLI, "ab", "report", "exp", "--url", server.url],
         capture_output=True,
@@ -264,3 +277,29 @@ def test_promote_waits_until_the_feedback_separates_then_serves_the_winner_for_t
         assert [r["model"] for r in listed["recipes"]] == [recipe] and listed["rule"] == {}  # promoted: no rule
     finally:
         http(server, "DELETE", "/admin/experiments/promo", key=ADMIN_KEY)
+
+
+def test_outcomes_keep_a_history_of_reports_and_forget_a_deleted_experiment(tmp_path, monkeypatch):
+    from knots_serve.serving.state import experiments
+    from knots_serve.serving.state.store import FileStore
+
+    clock = [1000.0]
+    monkeypatch.setattr(experiments.time, "time", lambda: clock[0])
+    out = experiments.Outcomes(FileStore(tmp_path))
+    out.served("e", "a", 0.5, 0.1)
+    out.failed("e", "a")
+    for step in (0, 1, experiments.HISTORY_EVERY_S, 1):  # one sample per HISTORY_EVERY_S, however often read
+        clock[0] += step
+        out.served("e", "a", 0.7, 0.2)
+        row = out.report("e", ["a", "b"])["a"]
+    assert [h["t"] for h in out.history("e")] == [1000.0, 1000.0 + 1 + experiments.HISTORY_EVERY_S]
+    assert out.history("e")[0]["arms"]["a"]["served"] == 2  # a copy of the report then, not the live numbers
+    assert row["served"] == 5 and row["errors"] == 1 and row["ttft_s"]["p50"] == 0.2
+    out.served("other", "a", 0.5, 0.1)
+    out.forget("e")
+    assert (
+        out.history("e") == []
+        and out.report("e", ["a"])["a"]["served"] == 0
+        and not out.report("e", ["a"])["a"]["errors"]
+    )
+    assert out.report("other", ["a"])["a"]["served"] == 1
