@@ -7,6 +7,8 @@ objects and never touches files, so all file-format and validation concerns live
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import os
@@ -62,6 +64,18 @@ class LoraAdapter:
     base_model: str | None = None
     path: str | None = None
     config: dict = field(default_factory=dict)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """SHA-256 of every module's factors and scale: what a basis is built from. Hashed once per loaded
+        adapter, so a pool change hashes only the adapters it adds (basis.fingerprint)."""
+        h = hashlib.sha256()
+        for m, lora in sorted(self.modules.items()):
+            h.update(m.encode())
+            h.update(repr(lora.scale).encode())
+            for t in (lora.A, lora.B):
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
 
 
 def _pattern_value(patterns: dict, module: str, default):

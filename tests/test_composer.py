@@ -146,7 +146,8 @@ def test_adding_a_task_keeps_the_device_factors_of_the_others():
     before = dict(store._device_adapters)
     prepared = store.prepare(adapters)
     assert all(prepared["_device_adapters"][n] is before[n] for n in before)  # not copied again
-    assert "t4" in prepared["_device_adapters"] and prepared["_pool_id"] != store.pool_id  # the shared basis is new
+    assert "t4" in prepared["_device_adapters"] and prepared["_pool_id"] != store.pool_id  # a new pool
+    assert prepared["_bases"] == {}  # its shared basis: on first use
 
 
 def test_rank_above_the_server_limit_and_unknown_tasks_are_refused(tmp_path, composer):
@@ -168,41 +169,49 @@ def test_a_new_pool_drops_every_composed_merge(composer):
     assert again.path != c.path  # a new path: vLLM must not reuse KV blocks cached for the old weights
 
 
-def test_shared_basis_is_loaded_from_its_file_when_the_pool_matches(tmp_path):
-    file = tmp_path / "pool.safetensors"
+def test_the_shared_basis_is_built_on_first_use_and_loaded_from_its_file_when_the_pool_matches(tmp_path):
+    file, shared = tmp_path / "pool.safetensors", sel("tasks:t0+t3@knots-ties?basis=shared")
     first = new_cache(pool(), tmp_path / "a", 1 << 20, 64, basis_file=file)
-    assert file.exists()
+    first.get(sel("tasks:t0+t3@knots-ties"))  # basis auto: the subset's own
+    assert not file.exists() and first.store.shared_nbytes() == 0  # nothing needed the pool's basis yet
+    a = load_adapter(first.get(shared).path)
+    assert file.exists() and first.store.shared_nbytes() > 0
     mtime = file.stat().st_mtime_ns
     second = new_cache(pool(), tmp_path / "b", 1 << 20, 64, basis_file=file)
+    b = load_adapter(second.get(shared).path)
     assert file.stat().st_mtime_ns == mtime  # reused, not rebuilt
-    a, b = (load_adapter(c.get(sel("tasks:t0+t3")).path) for c in (first, second))
     assert all(torch.equal(a.modules[m].A, b.modules[m].A) for m in a.modules)
-    new_cache(pool(3), tmp_path / "c", 1 << 20, 64, basis_file=file)
+    new_cache(pool(3), tmp_path / "c", 1 << 20, 64, basis_file=file).get(sel("tasks:t0+t2@knots-ties?basis=shared"))
     assert file.stat().st_mtime_ns != mtime  # another pool: rebuilt and saved
 
 
-def test_a_pool_change_loads_the_basis_another_api_server_saved_for_that_pool_and_only_that_pool(tmp_path):
-    """Several API servers (group.py): the one that changes the pool saves its new basis in its cache dir; the
-    others find it there by the pool's fingerprint and load it instead of building it, never for another pool."""
-    owner = tmp_path / "knots-1-000000000000"  # another server's instance dir under the shared cache_dir
-    owner.mkdir()
-    path = BasisStore.save_basis(BasisStore(pool(3), "cpu").prepare(pool(4)), owner)
+def test_api_servers_load_the_shared_basis_another_one_built_for_that_pool_and_only_that_pool(tmp_path):
+    """Several API servers (group.py): the first to need a pool's shared basis builds it and saves it in its
+    instance dir; the others find it there by the pool's fingerprint and load it instead of building it,
+    never for another pool; a pool change deletes the copy saved for the old pool."""
+    owner_dir = tmp_path / "knots-1-000000000000"  # another server's instance dir under the shared cache_dir
+    owner = BasisStore(pool(4), "cpu")
+    owner.save_dir = owner_dir
+    built = owner.basis("knots", "shared", ("t0", "t1"))
+    path = owner_dir / SHARED_BASIS.format(owner.pool_id)
     saved = Basis.load(path)
     module = next(iter(saved.modules))
     saved.modules[module].coef[0].add_(1.0)  # a mark only a load can carry (the fingerprint is kept)
     saved.save(path)
-    other = BasisStore(pool(3), "cpu")
 
-    def coef(prepared):
-        return prepared["_bases"]["knots"].modules[module].coef[0]
+    def coef(store):
+        return store.basis("knots", "shared", ("t0", "t1")).modules[module].coef[0]
 
-    assert not torch.equal(coef(other.prepare(pool(4))), saved.modules[module].coef[0])  # not shared: built
+    assert not torch.equal(coef(BasisStore(pool(4), "cpu")), saved.modules[module].coef[0])  # not shared: built
+    other = BasisStore(pool(4), "cpu")
     other.shared_root = tmp_path
-    assert torch.equal(coef(other.prepare(pool(4))), saved.modules[module].coef[0])  # loaded
-    five = other.prepare(pool(5))["_bases"]["knots"].fingerprint
-    path.rename(owner / SHARED_BASIS.format(five))  # pool 4's basis under pool 5's name
-    assert other.prepare(pool(5))["_bases"]["knots"].fingerprint == five  # refused: built
-    assert BasisStore.save_basis(BasisStore({}, "cpu").prepare({}), owner) is None  # an empty pool
+    assert torch.equal(coef(other), saved.modules[module].coef[0])  # loaded
+    five = BasisStore(pool(5), "cpu")
+    five.shared_root = tmp_path
+    path.rename(owner_dir / SHARED_BASIS.format(five.pool_id))  # pool 4's basis under pool 5's name
+    assert not torch.equal(coef(five), saved.modules[module].coef[0])  # refused: built
+    owner.install(owner.prepare(pool(3)))
+    assert built.fingerprint != owner.pool_id and not list(owner_dir.glob(SHARED_BASIS.format(built.fingerprint)))
 
 
 def test_servers_sharing_a_cache_dir_remove_only_dead_servers_files(tmp_path):

@@ -1,8 +1,10 @@
 """The task pool and its bases, resident on the compose device: what every merge is composed from.
 
-- The pool's shared KnOTS basis is built (float64) when the pool changes — or loaded from basis_file when
-  it was built from this same pool — and kept on the compose device in float32; other spaces' shared
-  bases on first use.
+- The pool's shared bases (KnOTS, or another space's) are built (float64) on first use — or, for KnOTS,
+  loaded from basis_file or from another API server's copy when one was built from this same pool — and
+  kept on the compose device in float32. Lazily: with `basis: auto` a merge of a few tasks in a large pool
+  never needs one, and a pool change then costs its new adapters' copies and hashes, not an SVD over the
+  whole pool (docs/BENCHMARKS.md, "A large pool").
 - Each task's factors (s_i·B_i, A_i) are kept on the device too: TA and the spectral merges (any space)
   are composed straight from them, and a subset's own basis is built from them per request (cached within
   basis_cache_bytes, the cheapest to rebuild per byte dropped first: cache_policy.py).
@@ -26,6 +28,7 @@ import torch
 from safetensors import SafetensorError
 
 from ...adapters import LoraAdapter, check_compatible
+from ...atomic import atomic_write_file
 from ...basis import DEFAULT_RTOL, Basis, auto_basis, build_basis, fingerprint, lora_ranks
 from ...compose import adapter_factors, merge_factors, merge_lora, to_host
 from ...methods import factored, resolve
@@ -67,22 +70,25 @@ class BasisStore:
         subset_bytes: int = 256 << 20,
     ):
         self.device, self.basis_file, self.subset_bytes = torch.device(device), basis_file, subset_bytes
-        self.shared_root: Path | None = None  # with several API servers: cache_dir, where they save_basis
+        # with several API servers: the cache_dir they share, where each saves the shared basis it builds
+        # (save_dir, its own instance dir) for the others to load
+        self.shared_root: Path | None = None
+        self.save_dir: Path | None = None
+        self._saved: Path | None = None  # the shared basis this process saved in save_dir
         self._lock = threading.Lock()
+        self._build = threading.Lock()  # one shared-basis build at a time: a pool's SVD is never run twice at once
         self.set_pool(adapters)
 
     def set_pool(self, adapters: dict[str, LoraAdapter]) -> None:
         self.install(self.prepare(adapters))
 
     def prepare(self, adapters: dict[str, LoraAdapter]) -> dict:
-        """A new pool, ready to install: checked, its shared KnOTS basis built (or loaded: from basis_file, or
-        another API server's save_basis of this very pool) on the device, its factors there (the tasks it
-        keeps reuse theirs). The slow part of a pool change; requests keep being served from the old pool
-        meanwhile. Raises AdapterError for an incompatible pool."""
+        """A new pool, ready to install: checked, fingerprinted (the hash of each new adapter's factors), its
+        factors on the device (the tasks it keeps reuse theirs). Its shared bases come on first use (basis).
+        Requests keep being served from the old pool meanwhile. Raises AdapterError for an incompatible pool."""
         pool = list(adapters.values())
         if pool:
             check_compatible(pool)
-        knots = self._load_or_build(pool) if pool else None
         # what does not change is not copied again: a task already in the pool keeps its device factors
         before = (getattr(self, "adapters", {}), getattr(self, "_device_adapters", {}))
         on_device = {n: before[1][n] if before[0].get(n) is a else self._to_device(a) for n, a in adapters.items()}
@@ -90,8 +96,8 @@ class BasisStore:
             "adapters": dict(adapters),
             "_device_adapters": on_device,
             "_ranks": lora_ranks(adapters),
-            "_pool_id": knots.fingerprint if knots else "",
-            "_bases": {"knots": knots} if knots else {},
+            "_pool_id": fingerprint(pool, "knots", DEFAULT_RTOL) if pool else "",  # the KnOTS basis's name too
+            "_bases": {},
         }
 
     def _to_device(self, a: LoraAdapter) -> LoraAdapter:
@@ -100,10 +106,13 @@ class BasisStore:
         return LoraAdapter(a.name, modules, a.base_model, a.path)
 
     def install(self, prepared: dict) -> None:
-        """Switch to a prepared pool (instant)."""
+        """Switch to a prepared pool (instant). The shared basis this process saved for the old pool goes."""
         with self._lock:
             self.__dict__.update(prepared)
         self.clear_subsets()
+        if self._saved is not None and self._saved.name != SHARED_BASIS.format(self._pool_id):
+            self._saved.unlink(missing_ok=True)
+            self._saved = None
 
     def clear_subsets(self) -> None:
         """Drop the cached subset bases (a new pool; the benchmarks, to time a build)."""
@@ -111,9 +120,14 @@ class BasisStore:
             self._subset: dict[tuple, Basis] = {}
             self._subset_policy = GreedyDualSizeFrequency()  # which subset basis to drop first
 
-    def _load_or_build(self, pool: list[LoraAdapter]) -> Basis:
-        fp = fingerprint(pool, "knots", DEFAULT_RTOL) if self.basis_file or self.shared_root else None
-        shared = sorted(self.shared_root.glob(f"knots-*/{SHARED_BASIS.format(fp)}")) if self.shared_root else []
+    def _load_or_build(self, space: str, members: list[LoraAdapter], pool_id: str) -> Basis:
+        """A pool's shared basis of `space`. KnOTS: loaded when basis_file or another API server's copy was
+        built from this very pool, else built and saved there (basis_file; save_dir for the others)."""
+        name = pool_id if space == "knots" else hashlib.sha256(f"{pool_id}/{space}".encode()).hexdigest()[:16]
+        if space != "knots":
+            return build_basis(members, space, device=self.device, fingerprint_as=name)
+        root = self.shared_root
+        shared = sorted(root.glob(f"knots-*/{SHARED_BASIS.format(pool_id)}")) if root else []
         for path in [self.basis_file, *shared]:
             if path and path.exists():
                 try:
@@ -122,12 +136,15 @@ class BasisStore:
                     if path == self.basis_file:
                         raise
                     continue  # another API server's, deleted as it was read: build it
-                if saved.fingerprint == fp:  # never another pool's
+                if saved.fingerprint == pool_id:  # never another pool's
                     return saved.to(self.device)
-        basis = build_basis(pool, "knots", device=self.device)
-        if self.basis_file:
-            self.basis_file.parent.mkdir(parents=True, exist_ok=True)
-            basis.to("cpu").save(self.basis_file)
+        basis = build_basis(members, space, device=self.device, fingerprint_as=pool_id)
+        if self.save_dir:
+            self._saved = self.save_dir / SHARED_BASIS.format(pool_id)
+        for path in (self.basis_file, self.save_dir and self._saved):
+            if path:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_file(path, lambda tmp: basis.to("cpu").save(tmp))
         return basis
 
     @property
@@ -149,37 +166,39 @@ class BasisStore:
         return mode if mode != "auto" else auto_basis(tasks, self._ranks)
 
     def basis(self, space: str, mode: str, tasks: tuple[str, ...]) -> Basis:
+        if self.choose(mode, tasks) == "shared":
+            with self._build:  # a first use waits for the build under way, never runs a second one
+                return self._shared(space)
         with self._lock:
-            adapters, chosen = self._device_adapters, self.choose(mode, tasks)
-            if chosen == "shared" and space in self._bases:
-                return self._bases[space]
-            key = (space, tasks)
-            if chosen == "subset" and key in self._subset:
+            adapters, key, pool_id = self._device_adapters, (space, tasks), self._pool_id
+            if key in self._subset:
                 self._subset_policy.hit(key)
                 return self._subset[key]
-            pool_id = self._pool_id
-        members = list(adapters.values()) if chosen == "shared" else [adapters[t] for t in tasks]
         # a subset basis is named by the pool and the subset (hashing its factors again would cost more
-        # than building it); the pool's own bases by their fingerprint
-        name = None if chosen == "shared" else hashlib.sha256(f"{pool_id}/{space}/{tasks}".encode()).hexdigest()[:16]
+        # than building it), in float32: enough for a per-request basis
+        name = hashlib.sha256(f"{pool_id}/{space}/{tasks}".encode()).hexdigest()[:16]
         t0 = time.perf_counter()
-        basis = build_basis(
-            members,
-            space,
-            device=self.device,
-            fingerprint_as=name,
-            dtype=torch.float64 if chosen == "shared" else torch.float32,
-        )
+        members = [adapters[t] for t in tasks]
+        basis = build_basis(members, space, device=self.device, fingerprint_as=name, dtype=torch.float32)
         with self._lock:
             if adapters is not self._device_adapters:  # the pool changed meanwhile; do not cache a stale basis
                 return basis
-            if chosen == "shared":
+            self._subset[key] = basis
+            self._subset_policy.add(key, time.perf_counter() - t0, basis.nbytes())
+            for old in self._subset_policy.victims(self.subset_bytes, lambda k: k != key):
+                del self._subset[old]
+        return basis
+
+    def _shared(self, space: str) -> Basis:
+        """The pool's shared basis of `space`, built (or loaded) on first use and kept with the pool."""
+        with self._lock:
+            if space in self._bases:
+                return self._bases[space]
+            adapters, pool_id = self._device_adapters, self._pool_id
+        basis = self._load_or_build(space, list(adapters.values()), pool_id)
+        with self._lock:
+            if adapters is self._device_adapters:  # not for a pool that changed meanwhile
                 self._bases[space] = basis
-            else:
-                self._subset[key] = basis
-                self._subset_policy.add(key, time.perf_counter() - t0, basis.nbytes())
-                for old in self._subset_policy.victims(self.subset_bytes, lambda k: k != key):
-                    del self._subset[old]
         return basis
 
     def plan(self, sel: Selection) -> tuple[int, str, int]:
@@ -220,17 +239,6 @@ class BasisStore:
         else:
             lora = merge_lora(self.basis(space, sel.basis, sel.tasks), sel.spec, max_rank=None)
         return to_host(lora)
-
-    @staticmethod
-    def save_basis(prepared: dict, directory: Path) -> Path | None:
-        """A prepared pool's shared basis saved under `directory`, where the other API servers of a group, whose
-        shared_root holds it, load it instead of building it again; None for an empty pool."""
-        knots = prepared["_bases"].get("knots")
-        if knots is None:
-            return None
-        path = directory / SHARED_BASIS.format(knots.fingerprint)
-        knots.to("cpu").save(path)
-        return path
 
     def basis_file_for(self, sel: Selection, directory: Path) -> Path:
         """The basis a merge is composed in, saved under `directory` (for the engine's workers to load)."""

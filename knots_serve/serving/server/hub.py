@@ -89,6 +89,7 @@ class KnotsServer:
         """Become one of several API server processes (group.py): what one of them composes or builds, the
         others reuse (a new merge's files, a new pool's basis), and they wait for each other to listen."""
         self.group, self.cache.group, self.bases.shared_root = group, group.path, self.cache.root
+        self.bases.save_dir = self.cache.cache_dir  # the shared basis it builds, for the others to load
         await group.join()
 
     def close(self) -> None:
@@ -99,10 +100,9 @@ class KnotsServer:
         self.cache.close()
         self.store.close()
 
-    async def in_step(self, shared_basis: Path | None = None) -> None:
+    async def in_step(self) -> None:
         """After an admin change this process wrote to the store: with several API server processes, answer
-        only once every other one serves it too (group.py). `shared_basis`: the new pool's basis this process
-        saved for them (Pool.change), deleted once they have applied the change."""
+        only once every other one serves it too (group.py)."""
         try:
             if self.group is not None:
                 await self.group.sync(self.cfg.drain_timeout_s + SYNC_S)
@@ -112,9 +112,6 @@ class KnotsServer:
                 f"they apply it from the store within store_poll_s ({self.cfg.store_poll_s:g} s) once they can",
                 param=None,
             ) from None
-        finally:
-            if shared_basis is not None:
-                shared_basis.unlink(missing_ok=True)
 
     # --- what the HTTP edge and the vLLM resolver call --------------------------------------------------
     def selects_merge(self, body: dict) -> bool:

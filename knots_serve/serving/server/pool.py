@@ -5,7 +5,6 @@ registration, an unregistration, or a change another replica wrote to the store 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from pathlib import Path
 
 from ...adapters import WEIGHTS_NAME, AdapterError, LoraAdapter, adapter_dir, is_hub_ref, load_adapter, parse_hub_ref
@@ -76,8 +75,8 @@ class Pool:
             if name in self.server.bases.adapters:
                 raise Conflict(f"task {name!r} is already registered; unregister it first")
             tasks = self.server.tasks
-            shared_basis = await self.change({name: source}, set(), lambda: tasks.put(name, source))
-        await self.server.in_step(shared_basis)
+            await self.change({name: source}, set(), lambda: tasks.put(name, source))
+        await self.server.in_step()
         return self.describe(name)
 
     async def unregister(self, name: str) -> None:
@@ -85,47 +84,39 @@ class Pool:
             if name not in self.server.bases.adapters:
                 raise UnknownTask(f"unknown task {name!r}")
             tasks = self.server.tasks
-            shared_basis = await self.change({}, {name}, lambda: tasks.delete(name))
-        await self.server.in_step(shared_basis)
+            await self.change({}, {name}, lambda: tasks.delete(name))
+        await self.server.in_step()
 
-    async def change(self, add: dict[str, str], remove: set[str], write=None) -> Path | None:
+    async def change(self, add: dict[str, str], remove: set[str], write=None) -> None:
         """Every pool change, under the pool's lock. While requests are served: the new adapters fetched (a
-        Hub download) and loaded, the new pool's basis built. Then drained: the new adapters loaded into vLLM,
-        the change written to the store (`write`; one applied from another replica is there already), the new
-        pool installed. A failure anywhere changes nothing. With several API servers, a change this process
-        writes saves the new basis for the others to load before the write, and returns its path (in_step
-        deletes it)."""
+        Hub download), loaded, hashed and copied to the compose device (the new pool's shared basis is built
+        on its first use: basis_store.py). Then drained: the new adapters loaded into vLLM, the change written
+        to the store (`write`; one applied from another replica is there already), the new pool installed. A
+        failure anywhere changes nothing."""
         s = self.server
         local = {n: await asyncio.to_thread(adapter_dir, src) for n, src in add.items()}
         stamps = {n: _stamp(p / WEIGHTS_NAME) for n, p in local.items()}
         loaded = {n: await asyncio.to_thread(load_adapter, p, n) for n, p in local.items()}
         pool = {n: a for n, a in s.bases.adapters.items() if n not in remove} | loaded
         prepared = await asyncio.to_thread(s.bases.prepare, pool)
-        share = s.group is not None and write is not None
-        shared_basis = await asyncio.to_thread(s.bases.save_basis, prepared, s.cache.cache_dir) if share else None
-        with contextlib.ExitStack() as undo:
-            if shared_basis is not None:
-                undo.callback(shared_basis.unlink, missing_ok=True)  # deleted if the change fails
-            async with s.gate.exclusive(s.cfg.drain_timeout_s):  # drained, like a pin: docs/RELIABILITY.md
-                table = s.models.lora_requests
-                dropped = {n: table.pop(n) for n in remove if n in table}
-                try:
-                    for n, path in local.items():
-                        await self._load_plain(n, path)
-                    if write is not None:
-                        await asyncio.to_thread(write)
-                        s.store_sync.written("tasks")
-                except BaseException:
-                    for n in local:
-                        table.pop(n, None)
-                    table.update(dropped)
-                    raise
-                s.bases.install(prepared)
-                s.cache.clear()  # in a new shared basis every non-TA merge changes
-            undo.pop_all()
+        async with s.gate.exclusive(s.cfg.drain_timeout_s):  # drained, like a pin: docs/RELIABILITY.md
+            table = s.models.lora_requests
+            dropped = {n: table.pop(n) for n in remove if n in table}
+            try:
+                for n, path in local.items():
+                    await self._load_plain(n, path)
+                if write is not None:
+                    await asyncio.to_thread(write)
+                    s.store_sync.written("tasks")
+            except BaseException:
+                for n in local:
+                    table.pop(n, None)
+                table.update(dropped)
+                raise
+            s.bases.install(prepared)
+            s.cache.clear()  # in a new shared basis every non-TA merge changes
         self.sources = {n: src for n, src in self.sources.items() if n not in remove} | add
         self.stamps = {n: st for n, st in self.stamps.items() if n not in remove} | stamps
-        return shared_basis
 
     async def _load_plain(self, name: str, path: Path) -> None:
         from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
