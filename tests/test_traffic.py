@@ -106,3 +106,24 @@ def test_a_restarted_server_prewarms_what_was_popular_in_the_background(tmp_path
         second.close()
 
     asyncio.run(main())
+
+
+def test_prewarm_composes_only_while_no_request_is_in_flight(tmp_path, tiny_adapters, monkeypatch):
+    monkeypatch.setenv("KNOTS_ADMIN_KEY", KEY)
+    hot = "tasks:alpha+beta@knots-ties"
+
+    async def main():
+        first = make_server(tmp_path, tiny_adapters, prewarm=0)
+        assert (await call(KnotsMiddleware(Engine()), hot))[0] == 200
+        first.traffic.flush(first.store)
+        first.close()
+        second = make_server(tmp_path, tiny_adapters, prewarm=1)
+        async with second.gate.shared():  # what every request in flight holds (middleware.py)
+            await asyncio.sleep(1.5)
+            assert second.cache.cached() == [] and not second.prewarm.task.done()  # it waits
+        await asyncio.wait_for(second.prewarm.task, 60)
+        assert [m["model"] for m in second.cache.describe()] == [hot]
+        KnotsMiddleware.server = None
+        second.close()
+
+    asyncio.run(main())

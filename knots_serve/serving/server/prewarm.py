@@ -1,9 +1,10 @@
 """Warm start: when a server starts (a restart, a new replica or API server process), it composes in the
 background the merges it is likely to be asked for first — each recipe's merge, then the `prewarm` merges
 most requested recently across the deployment (the store's traffic counts, state/traffic.py) — one at a
-time in the compose pool, so requests are never held behind it and readiness is not delayed. A merge that
-fails (a task since unregistered, a merge no longer served per request) is skipped and logged. What it
-composed, and why, shows in GET /admin/merges."""
+time in the compose pool, and each only once the server has been idle for QUIET_S (no request in flight,
+nothing composing): a prewarm compose shares the requests' CPU (or GPU), so it yields to them, and
+readiness is not delayed. A merge that fails (a task since unregistered, a merge no longer served per
+request) is skipped and logged. What it composed, and why, shows in GET /admin/merges."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ...compose import MergeError
 from ..merges.names import check_per_request, recipe_model
 
 log = logging.getLogger("vllm.knots_serve")
+QUIET_S, POLL_S = 0.2, 0.05
 
 
 class Prewarm:
@@ -52,6 +54,7 @@ class Prewarm:
                 if sel is None or sel.spec is None or sel.canonical in self.why:
                     continue
                 check_per_request(sel)
+                await self.idle()
                 await s.loop.run_in_executor(s.router.compose_pool, s.cache.get, sel)
             except (MergeError, AdapterError) as e:
                 log.info("knots_serve: prewarm of %s skipped: %s", model, e)
@@ -59,3 +62,10 @@ class Prewarm:
             self.why[sel.canonical] = why
             done += 1
         log.info("knots_serve: prewarmed %d merges (%d wanted)", done, len(wanted))
+
+    async def idle(self) -> None:
+        """Returns once no request has been in flight and nothing composing for QUIET_S."""
+        s, quiet = self.server, 0.0
+        while quiet < QUIET_S:
+            await asyncio.sleep(POLL_S)
+            quiet = 0.0 if s.gate.inside or s.cache.composing_now() else quiet + POLL_S
