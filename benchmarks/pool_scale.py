@@ -7,11 +7,14 @@
 Synthetic rank-16 factors (benchmarks/basis.py) on q/k/v/o/gate/up/down of --layers decoder layers, through
 the server's basis store (serving/merges/basis_store.py) on the CPU; "per model" multiplies by the model's
 layer count. Per pool size P:
-- prepare: what a pool change costs before its drain: the shared KnOTS basis built, the factors on the device;
-- resident: the store's bytes on the device (factors + shared basis), and per unit of the pool's total rank;
+- prepare: what a start or a pool change costs before its drain: each adapter hashed (the pool's
+  fingerprint), its factors on the device; the shared KnOTS basis is not built (on first use);
+- resident: the store's bytes on the device (the factors), and per unit of the pool's total rank;
 - compose: a never-seen 2-task knots-ties merge (`basis: auto`: the subset's own basis) and knots-ta;
-- add one: prepare(P + 1) from the installed pool of P: what is rebuilt (the shared basis: it depends on
-  every task) and what is kept (every other task's device factors).
+- add one: prepare(P + 1) from the installed pool of P: what is redone (the new adapter hashed and copied)
+  and what is kept (every other task's device factors and hash);
+- shared basis: its build on first use (a merge with `basis: shared`, or a subset over half the pool's
+  rank under `auto`), and the resident bytes with it.
 """
 
 from __future__ import annotations
@@ -51,9 +54,10 @@ def main():
     )
     print(
         "| pool | total rank | prepare, per model (s) | resident, per model (MiB) | bytes per unit rank | "
-        "2-task knots-ties (s) | 2-task knots-ta (s) | add one: prepare (s) | kept factors |"
+        "2-task knots-ties (s) | 2-task knots-ta (s) | add one: prepare (s) | kept factors | "
+        "shared basis on first use (s) | resident with it (MiB) |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for P in (int(p) for p in args.pools.split(",")):
         pool = synthetic_pool(shapes, list(shapes), P + 1, args.rank, args.layers)
@@ -72,6 +76,10 @@ def main():
         prepared = store.prepare(adapters | {pool[P].name: pool[P]})
         add = time.perf_counter() - t0
         kept = sum(prepared["_device_adapters"][n] is before[n] for n in adapters)
+        t0 = time.perf_counter()
+        store.basis("knots", "shared", tuple(a.name for a in pool[:2]))
+        shared = time.perf_counter() - t0
+        with_shared = store.nbytes()
         row = {
             "pool": P,
             "total_rank_per_layer": rank / args.layers,
@@ -82,11 +90,14 @@ def main():
             "compose_2_knots_ta_s_per_model": t_ta * scale,
             "add_one_prepare_s_per_model": add * scale,
             "add_one_kept_factors": f"{kept}/{P}",
+            "shared_basis_first_use_s_per_model": shared * scale,
+            "resident_with_shared_bytes_per_model": with_shared * scale,
         }
         rows.append(row)
         print(
             f"| {P} | {rank / args.layers:.0f} | {prepare * scale:.2f} | {resident * scale / 2**20:.0f} | "
-            f"{resident / rank:.0f} | {t_ties * scale:.2f} | {t_ta * scale:.2f} | {add * scale:.2f} | {kept}/{P} |",
+            f"{resident / rank:.0f} | {t_ties * scale:.2f} | {t_ta * scale:.2f} | {add * scale:.2f} | {kept}/{P} | "
+            f"{shared * scale:.2f} | {with_shared * scale / 2**20:.0f} |",
             flush=True,
         )
         store = prepared = before = None
