@@ -303,7 +303,7 @@ function drawExperiment(name, report) {
       const weights = {};
       for (const input of card.querySelectorAll("input.weight")) weights[input.dataset.arm] = Number(input.value);
       act(`weights of ${name}`, () => api("PATCH", `/admin/experiments/${encodeURIComponent(name)}/weights`, weights))
-        .then(() => card.querySelectorAll("input.weight").forEach((i) => delete i.dataset.dirty));
+        .then((saved) => saved && card.querySelectorAll("input.weight").forEach((i) => delete i.dataset.dirty));
     };
     $(".promote", card).onclick = () =>
       act(`promote ${name}`, async () => {
