@@ -183,6 +183,9 @@ def test_the_shared_basis_is_built_on_first_use_and_loaded_from_its_file_when_th
     assert all(torch.equal(a.modules[m].A, b.modules[m].A) for m in a.modules)
     new_cache(pool(3), tmp_path / "c", 1 << 20, 64, basis_file=file).get(sel("tasks:t0+t2@knots-ties?basis=shared"))
     assert file.stat().st_mtime_ns != mtime  # another pool: rebuilt and saved
+    file.write_bytes(b"not a basis")
+    new_cache(pool(), tmp_path / "d", 1 << 20, 64, basis_file=file).get(shared)  # unreadable: built again
+    assert Basis.load(file).fingerprint == first.store.pool_id
 
 
 def test_api_servers_load_the_shared_basis_another_one_built_for_that_pool_and_only_that_pool(tmp_path):

@@ -122,7 +122,8 @@ class BasisStore:
 
     def _load_or_build(self, space: str, members: list[LoraAdapter], pool_id: str) -> Basis:
         """A pool's shared basis of `space`. KnOTS: loaded when basis_file or another API server's copy was
-        built from this very pool, else built and saved there (basis_file; save_dir for the others)."""
+        built from this very pool, else built and saved there (basis_file; save_dir for the others). An
+        unreadable copy is built again (and basis_file written over)."""
         name = pool_id if space == "knots" else hashlib.sha256(f"{pool_id}/{space}".encode()).hexdigest()[:16]
         if space != "knots":
             return build_basis(members, space, device=self.device, fingerprint_as=name)
@@ -132,10 +133,8 @@ class BasisStore:
             if path and path.exists():
                 try:
                     saved = Basis.load(path)
-                except (OSError, SafetensorError):
-                    if path == self.basis_file:
-                        raise
-                    continue  # another API server's, deleted as it was read: build it
+                except (OSError, SafetensorError):  # another API server's, deleted as it was read; a bad file
+                    continue
                 if saved.fingerprint == pool_id:  # never another pool's
                     return saved.to(self.device)
         basis = build_basis(members, space, device=self.device, fingerprint_as=pool_id)
@@ -167,6 +166,9 @@ class BasisStore:
 
     def basis(self, space: str, mode: str, tasks: tuple[str, ...]) -> Basis:
         if self.choose(mode, tasks) == "shared":
+            with self._lock:
+                if space in self._bases:
+                    return self._bases[space]
             with self._build:  # a first use waits for the build under way, never runs a second one
                 return self._shared(space)
         with self._lock:
@@ -262,7 +264,7 @@ class BasisStore:
             return _factor_bytes(a) if a else 0
 
     def shared_nbytes(self) -> int:
-        """Bytes of the pool's shared KnOTS basis on the device (0 for an empty pool)."""
+        """Bytes of the pool's shared bases on the device (0 until a merge needs one)."""
         with self._lock:
             return sum(b.nbytes() for b in self._bases.values())
 
