@@ -54,7 +54,7 @@ class ABTests:
         {"ok": false, "reason": the 409 it would answer}."""
         try:
             recipe = promotion(name, self._get(name), report, self.server.router.selection)
-        except Conflict as e:
+        except MergeError as e:  # Conflict; or an arm's model no longer valid (a task since removed)
             return {"ok": False, "reason": str(e)}
         return {"ok": True, "model": recipe_model(recipe)}
 
