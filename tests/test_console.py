@@ -123,6 +123,10 @@ def test_the_pool_shows_each_task_and_the_shared_basis(page, server):
     status = page.text_content("#status")
     assert status.startswith("add delta: ") and "/nowhere/delta" in status
     assert len(http(server, "GET", "/admin/tasks", key=ADMIN_KEY)[1]["tasks"]) == 3
+    # logging out leaves nothing read with the key: neither the key nor the data
+    page.click("#logout")
+    assert page.is_visible("#login") and page.evaluate("sessionStorage.length") == 0
+    assert fingerprint not in page.content() and "gamma" not in page.content()
 
 
 def test_the_playground_streams_two_merges_side_by_side(page, server):

@@ -64,7 +64,11 @@ function logout(reason) {
   sessionStorage.removeItem(API_KEY);
   $("main").hidden = $("#tabs").hidden = $("#logout").hidden = true;
   $("#login").hidden = false;
-  for (const body of document.querySelectorAll("main tbody")) body.replaceChildren();
+  // nothing read with the key stays in the page
+  for (const node of document.querySelectorAll("main tbody, #basis, #answers, #experiment-list, #tune-report, " +
+    "#recipes-path, #composing, #cache-use, #pin-progress, #model-ids")) node.replaceChildren();
+  for (const name of Object.keys(cards)) (cards[name].charts.forEach((u) => u.destroy()), delete cards[name]);
+  $("#pinned").textContent = "none";
   if (reason) say(reason, true);
 }
 
@@ -96,14 +100,15 @@ function current() {
   return (location.hash || "#pool").slice(1) in VIEWS ? (location.hash || "#pool").slice(1) : "pool";
 }
 
-async function refresh() {
-  if (!sessionStorage.getItem(KEY)) return;
+let reading = null; // the read under way: the timer and an action never draw a view twice at once
+
+function refresh() {
+  if (!sessionStorage.getItem(KEY) || reading) return reading;
   const view = current();
-  try {
-    await VIEWS[view]();
-  } catch (e) {
-    if (sessionStorage.getItem(KEY)) say(`${view}: ${e.message}`, true);
-  }
+  reading = VIEWS[view]()
+    .catch((e) => sessionStorage.getItem(KEY) && say(`${view}: ${e.message}`, true))
+    .finally(() => (reading = null));
+  return reading;
 }
 
 function show() {
