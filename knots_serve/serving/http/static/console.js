@@ -349,13 +349,14 @@ function drawExperiment(name, report) {
   drawCharts(c, arms, report.history);
 }
 
-// per arm over time (this server's reports, every few seconds): mean feedback with its 95% interval,
-// requests served, TTFT p50 and latency p50
+// per arm over time (this server's reports, every few seconds): [title, the series each arm draws (the
+// first solid, the others dashed), their values in one report row]
 const CHARTS = [
-  ["mean feedback (dashed: 95% interval)", (a) => [a.feedback.mean, ...(a.feedback.ci95 || [null, null])]],
-  ["requests served", (a) => [a.served]],
-  ["TTFT p50 (s)", (a) => [a.ttft_s.p50]],
-  ["latency p50 (s)", (a) => [a.latency_s.p50]],
+  ["mean feedback (band: 95% interval)", ["mean", "low", "high"],
+    (a) => [a.feedback.mean, ...(a.feedback.ci95 || [null, null])]],
+  ["requests served (dashed: errors)", ["served", "errors"], (a) => [a.served, a.errors]],
+  ["TTFT p50 (dashed: p99), s", ["p50", "p99"], (a) => [a.ttft_s.p50, a.ttft_s.p99]],
+  ["latency p50 (dashed: p99), s", ["p50", "p99"], (a) => [a.latency_s.p50, a.latency_s.p99]],
 ];
 
 function drawCharts(c, arms, history) {
@@ -363,15 +364,14 @@ function drawCharts(c, arms, history) {
     c.charts.forEach((u) => u.destroy());
     $(".legend", c.card).replaceChildren(...arms.map((arm, i) =>
       el("span", {}, el("b", { style: `color: ${COLORS[i % COLORS.length]}` }, "■ "), arm, "  ")));
-    c.charts = CHARTS.map(([title, values]) => {
+    c.charts = CHARTS.map(([title, names]) => {
       const series = [{}], bands = [];
       arms.forEach((arm, i) => {
-        const color = COLORS[i % COLORS.length], per = values(emptyArm).length;
-        values(emptyArm).forEach((_, j) => series.push({
-          label: j ? `${arm} ${j === 1 ? "low" : "high"}` : arm, stroke: color,
-          dash: j ? [4, 4] : undefined, width: j ? 1 : 2, spanGaps: true,
+        const color = COLORS[i % COLORS.length];
+        names.forEach((name, j) => series.push({
+          label: `${arm} ${name}`, stroke: color, dash: j ? [4, 4] : undefined, width: j ? 1 : 2, spanGaps: true,
         }));
-        if (per === 3) bands.push({ series: [series.length - 1, series.length - 2], fill: color + "22" }); // the interval
+        if (names.length === 3) bands.push({ series: [series.length - 1, series.length - 2], fill: color + "22" });
       });
       const chart = new uPlot({ title, width: 440, height: 200, scales: { x: { time: true } }, series, bands,
         legend: { show: false } }, [[]], $(".charts", c.card));
@@ -381,14 +381,13 @@ function drawCharts(c, arms, history) {
     c.arms = arms.join();
   }
   const t = history.map((h) => h.t);
-  CHARTS.forEach(([, values], k) => {
-    const columns = arms.flatMap((arm) => values(emptyArm).map((_, j) =>
+  CHARTS.forEach(([, names, values], k) => {
+    const columns = arms.flatMap((arm) => names.map((_, j) =>
       history.map((h) => (h.arms[arm] ? values(h.arms[arm])[j] ?? null : null))));
     c.charts[k].setData([t, ...columns]);
     c.charts[k].root.dataset.points = t.length;
   });
 }
-const emptyArm = { feedback: { mean: null, ci95: null }, served: 0, ttft_s: {}, latency_s: {} };
 
 function armRow(arm = "", model = "", weight = 1) {
   const row = el("div", { className: "arm-row" },
