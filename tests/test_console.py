@@ -24,7 +24,7 @@ FLAGS += ["--disable-sync", "--no-first-run", "--disable-quic"]
 PLAY_MODELS = ("tasks:alpha+beta@knots-ta", "tasks:beta+gamma@knots-ties")
 
 
-@pytest.fixture(scope="session")  # session: set up before the servers, so a missing browser costs no server start
+@pytest.fixture(scope="module")
 def browser():
     if os.environ.get("KNOTS_BROWSER_TESTS") == "skip":
         pytest.skip("KNOTS_BROWSER_TESTS=skip: the console's browser tests were skipped on request")
