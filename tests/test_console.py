@@ -24,7 +24,7 @@ FLAGS += ["--disable-sync", "--no-first-run", "--disable-quic"]
 PLAY_MODELS = ("tasks:alpha+beta@knots-ta", "tasks:beta+gamma@knots-ties")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module")  # not session: while Playwright's sync API is open, asyncio.run() fails elsewhere
 def browser():
     if os.environ.get("KNOTS_BROWSER_TESTS") == "skip":
         pytest.skip("KNOTS_BROWSER_TESTS=skip: the console's browser tests were skipped on request")
