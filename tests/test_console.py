@@ -108,9 +108,9 @@ def test_the_pool_shows_each_task_and_the_shared_basis(page, server):
     page.wait_for_selector("#tasks tbody tr")
     rows = page.locator("#tasks tbody tr").all_inner_texts()
     assert [r.split("\t")[0] for r in rows] == ["alpha", "beta", "gamma"]
-    tasks = {t["name"]: t for t in http(server, "GET", "/admin/tasks", key=ADMIN_KEY)[1]["tasks"]}
+    doc = http(server, "GET", "/admin/tasks", key=ADMIN_KEY)[1]
+    tasks, fingerprint = {t["name"]: t for t in doc["tasks"]}, doc["basis"]["fingerprint"]
     assert tasks["beta"]["model"] in rows[1] and tasks["beta"]["source"] in rows[1]
-    fingerprint = http(server, "GET", "/admin/tasks", key=ADMIN_KEY)[1]["basis"]["fingerprint"]
     assert fingerprint and fingerprint in page.text_content("#basis")
     # the key stays in the tab's session storage, never in the URL
     assert page.evaluate("sessionStorage.getItem('knots-admin-key')") == ADMIN_KEY and ADMIN_KEY not in page.url
