@@ -273,7 +273,7 @@ def fingerprint(adapters: list[LoraAdapter], space: str, rtol: float) -> str:
     return h.hexdigest()[:16]
 
 
-def _range(M: torch.Tensor, rtol: float) -> torch.Tensor:
+def column_range(M: torch.Tensor, rtol: float) -> torch.Tensor:
     """Orthonormal basis of M's column space: left singular vectors with σ > rtol·σ_max. (An SVD, not a
     QR: zero or repeated directions, e.g. a rank-padded adapter, must not add basis vectors.)"""
     U, s, _ = torch.linalg.svd(M, full_matrices=False)
@@ -292,8 +292,8 @@ def _module_space(
             space, shape, tasks, U.to(store), None, [c.to(store) for c in coefs], [q.to(store) for q in qs]
         )
     if space == "core":
-        Ub = _range(torch.cat([B.to(F64) for B in Bs], dim=1), rtol)
-        Va = _range(torch.cat([A.to(F64) for A in As], dim=0).T, rtol)
+        Ub = column_range(torch.cat([B.to(F64) for B in Bs], dim=1), rtol)
+        Va = column_range(torch.cat([A.to(F64) for A in As], dim=0).T, rtol)
         cores = [s * (Ub.T @ B.to(F64)) @ (A.to(F64) @ Va) for B, A, s in zip(Bs, As, scales)]
         return ModuleSpace(space, shape, tasks, Ub.to(store), Va.to(store), [c.to(store) for c in cores], [])
     if space == "full":

@@ -97,6 +97,8 @@ def merged_tensors(
     if basis.space != space:
         raise MergeError(f"method {spec.method!r} needs a {space!r} basis, this one is {basis.space!r}")
     _check_tasks(basis, spec)
+    if method.data:
+        raise MergeError(f"{spec.method!r} is composed from the tasks' factors and statistics (merge_factors)")
     names, device = list(spec.tasks), basis.device
     w = _weights(spec, dtype, device)
     kwargs = dict(spec.resolved_params())
@@ -133,9 +135,10 @@ def merge_lora(
     max_rank: int | None = 512,
     progress: bool = False,
     dtype: torch.dtype = torch.float32,
+    stats: dict | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The merge as exact LoRA factors {module: (B, A)} with ΔW = B·A (scale 1), in `dtype` on the
-    basis's device.
+    basis's device; `stats` {task: stats.TaskStats} for the data-aware methods.
 
     Exact in the knots and core spaces; in the dense space a merged ΔW of rank > max_rank is truncated
     to its top max_rank singular directions (None: never; use dense output for an exact dense merge).
@@ -144,8 +147,8 @@ def merge_lora(
     _, method = resolve(spec.method)
     if factored(method) and basis.space != "full":
         _check_tasks(basis, spec)
-        if method.linear:
-            return merge_factors(basis_factors(basis, spec.tasks), spec, dtype)
+        if method.linear or method.data:
+            return merge_factors(basis_factors(basis, spec.tasks), spec, dtype, stats)
         lora = core_merge(basis_cores(basis, spec.tasks, dtype), spec)
         return finish(lora, spec, lambda: _basis_sum_norm2(basis, spec, dtype))
     merged = merged_tensors(basis, spec, progress, dtype)
@@ -242,12 +245,62 @@ def core_merge(cores: Cores, spec: MergeSpec) -> dict[str, tuple[torch.Tensor, t
     return {m: compact_left(P, X, Q) for (m, (P, Q, _)), X in zip(cores.items(), merged)}
 
 
-def merge_factors(
-    factors: dict[str, dict[str, tuple]], spec: MergeSpec, dtype: torch.dtype = torch.float32
+def regression_merge(
+    factors: dict[str, dict[str, tuple]], stats: dict, spec: MergeSpec, dtype: torch.dtype = torch.float32
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """TA or a spectral merge from the tasks' factors (`linear_merge`, `core_merge`), with the options on."""
-    if resolve(spec.method)[1].linear:
+    """RegMean (`regmean` = `knots-regmean`; `core-regmean`: rows in the subset's A-span) from factors
+    {module: {task: (B_t, A_t)}} and each task's statistics {task: stats.TaskStats}, module by module. Only
+    the tasks that adapt a module enter its solve. A task without statistics, or whose statistics lack a
+    module it adapts, is a MergeError that names it."""
+    space, method = resolve(spec.method)
+    lacking = [t for t in spec.tasks if stats.get(t) is None]
+    if lacking:
+        raise MergeError(missing_stats(lacking))
+    params = spec.resolved_params()
+    out = {}
+    for m, per_task in factors.items():
+        ts = [t for t in spec.tasks if t in per_task]
+        if not ts:
+            continue
+        grams = [stats[t].grams.get(m) for t in ts]
+        if None in grams:
+            t = ts[grams.index(None)]
+            raise MergeError(f"the statistics of task {t!r} have no Gram for module {m!r}: measure them again")
+        device = per_task[ts[0]][0].device
+        pairs = [(per_task[t][0].to(dtype), per_task[t][1].to(dtype)) for t in ts]
+        w = [spec.weights.get(t, 1.0) for t in ts]
+        B, A = method.fn(
+            pairs,
+            [g.to(device) for g in grams],
+            w,
+            alpha=params["alpha"],
+            reduce=params["reduce"],
+            restrict=space == "core",
+        )
+        out[m] = compact(B, A)
+    return out
+
+
+def missing_stats(tasks, how: str = "run `knots-serve stats --config CONFIG --data DIR`") -> str:
+    return (
+        f"no statistics for task(s) {', '.join(tasks)} measured with their current adapter: the data-aware "
+        f"merges (regmean, core-regmean) need each task's input Grams; {how}"
+    )
+
+
+def merge_factors(
+    factors: dict[str, dict[str, tuple]],
+    spec: MergeSpec,
+    dtype: torch.dtype = torch.float32,
+    stats: dict | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """TA, a spectral merge or RegMean from the tasks' factors (`linear_merge`, `core_merge`,
+    `regression_merge`: the last with the tasks' statistics), with the options on."""
+    method = resolve(spec.method)[1]
+    if method.linear:
         lora = linear_merge(factors, spec, dtype)
+    elif method.data:
+        lora = regression_merge(factors, stats or {}, spec, dtype)
     else:
         lora = core_merge(factor_cores(factors, spec.tasks, dtype), spec)
     return finish(lora, spec, lambda: factor_sum_norm2(factors, spec))
@@ -317,12 +370,13 @@ def to_host(lora: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tup
 
 
 def merge_dense(
-    basis: Basis, spec: MergeSpec, progress: bool = False, dtype: torch.dtype = torch.float32
+    basis: Basis, spec: MergeSpec, progress: bool = False, dtype: torch.dtype = torch.float32, stats: dict | None = None
 ) -> dict[str, torch.Tensor]:
     """The merge as dense float64 ΔW per module (for writing a merged full model)."""
     _, method = resolve(spec.method)
     if factored(method) and basis.space != "full":
-        return {m: B.to(F64) @ A.to(F64) for m, (B, A) in merge_lora(basis, spec, None, progress, dtype).items()}
+        lora = merge_lora(basis, spec, None, progress, dtype, stats)
+        return {m: B.to(F64) @ A.to(F64) for m, (B, A) in lora.items()}
     merged = merged_tensors(basis, spec, progress, dtype)
     dense = {m: basis.modules[m].to_dense(X) for m, X in merged.items()}
     return finish(dense, spec, lambda: _basis_sum_norm2(basis, spec, dtype))

@@ -175,4 +175,46 @@ def cart(updates, alpha=1.0, rank=0.08, **_):
     return out
 
 
-SPECTRAL = {"iso-c": iso_c, "iso-cts": iso_cts, "tsv": tsv, "cart": cart}
+# --- the least-squares merges (RegMean, core-restricted RegMean, WUDI), on dense per-task updates -----------
+RIDGE = 1e-6  # the ridge ε·mean(diag H)·I of the solve, as the package defines it
+
+
+def reduced(G, reduce):
+    return reduce * G + (1 - reduce) * np.diag(np.diag(G))
+
+
+def ridged_inv(H):
+    return np.linalg.inv(H + RIDGE * np.mean(np.diag(H)) * np.eye(H.shape[0]))
+
+
+def regmean(updates, grams, w, alpha=1.0, reduce=0.95, **_):
+    """α·(Σ_t w_t·ΔW_t·G̃_t)·(H + ε·mean(diag H)·I)⁻¹, H = Σ_t w_t·G̃_t; tasks without the module left out."""
+    ts = [i for i, d in enumerate(updates) if d is not None]
+    Gs = [w[i] * reduced(grams[i], reduce) for i in ts]
+    return alpha * sum(updates[i] @ G for i, G in zip(ts, Gs)) @ ridged_inv(sum(Gs))
+
+
+def core_regmean(updates, grams, w, A_rows, alpha=1.0, reduce=0.95, **_):
+    """The same with ΔW's rows in the span of the tasks' A's (Q: an orthonormal basis of their rows):
+    α·(Σ_t w_t·ΔW_t·G̃_t·Q)·(Qᵀ·H·Q + ε·mean(diag QᵀHQ)·I)⁻¹·Qᵀ."""
+    ts = [i for i, d in enumerate(updates) if d is not None]
+    Q = _range(np.vstack(A_rows).T)
+    Gs = [w[i] * reduced(grams[i], reduce) for i in ts]
+    return alpha * sum(updates[i] @ G @ Q for i, G in zip(ts, Gs)) @ ridged_inv(Q.T @ sum(Gs) @ Q) @ Q.T
+
+
+def wudi(updates, alpha=1.0, **_):
+    """α·(Σ_t ΔW_t·G_t)·(Σ_t G_t)⁺ with G_t = ΔW_tᵀ·ΔW_t/‖ΔW_t‖² (updates already weighted)."""
+    present = [d for d in updates if d is not None and np.any(d)]
+    Gs = [d.T @ d / (d**2).sum() for d in present]
+    return alpha * sum(d @ G for d, G in zip(present, Gs)) @ np.linalg.pinv(sum(Gs), rcond=1e-10, hermitian=True)
+
+
+def wudi_loss_grad(merged, updates):
+    """∇ of Σ_t ‖(ΔW − ΔW_t)·ΔW_tᵀ‖²/‖ΔW_t‖² at ΔW = merged."""
+    present = [d for d in updates if d is not None and np.any(d)]
+    return sum(2 * (merged - d) @ d.T @ d / (d**2).sum() for d in present)
+
+
+# the matrix methods that commute with orthonormal changes of frame: the same merge in every space
+SPECTRAL = {"iso-c": iso_c, "iso-cts": iso_cts, "tsv": tsv, "cart": cart, "wudi": wudi}

@@ -31,7 +31,8 @@ def lora_dense(lora):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method_id", method_ids())
+# the data-aware methods need statistics: their float32 path is checked in test_regression.py
+@pytest.mark.parametrize("method_id", [m for m in method_ids() if not resolve(m)[1].data])
 @pytest.mark.parametrize("scope", ["global", "module"])
 def test_float32_compose_is_within_1e_4_of_the_float64_reference(method_id, scope, device):
     """The factors the server writes (float32, on the compose device), fresh seeds, rank mismatches,

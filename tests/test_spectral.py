@@ -12,9 +12,9 @@ from knots_serve.compose import MergeError, MergeSpec, adapter_factors, merge_de
 from knots_serve.methods import METHODS, PARAMS, resolve
 from knots_serve.methods.optimized import doge_delta, doge_loss, shared_subspace
 
-SPECTRAL = ("iso-c", "iso-cts", "tsv", "cart")
+SPECTRAL = ("iso-c", "iso-cts", "tsv", "cart", "wudi")
 # each method's own knob at a non-default value, so the parameter is exercised
-KNOBS = {"iso-c": {}, "iso-cts": {"common": 0.5}, "tsv": {"keep": 0.5}, "cart": {"rank": 0.3}}
+KNOBS = {"iso-c": {}, "wudi": {}, "iso-cts": {"common": 0.5}, "tsv": {"keep": 0.5}, "cart": {"rank": 0.3}}
 W = {"t0": 1.0, "t1": 0.5, "t2": -0.7}
 
 

@@ -1,10 +1,12 @@
 """Merge methods: small pure functions on stacks of per-task tensors, and the one registry that names them.
 
-Two kinds share the registry (`Method.acts_on`):
+Three kinds share the registry (`Method.acts_on`):
 - "rows" (sparse.py: TA, TIES, DARE, magnitude): X is n × d, one flattened row per task, merged entry by
   entry; a global TIES trim hands the method all of a task's modules as one row.
 - "matrices" (spectral.py: Iso-C, Iso-CTS, TSV-M, CART; optimized.py: DOGE): one module's stack n × p × q,
   merged through its singular vectors (DOGE: a list of every module's stack, for its global mask).
+- "factors" (regression.py: RegMean): one module's per-task factors (B_t, A_t) and input Grams (`data`:
+  the task statistics of stats.py), merged by a least-squares solve into factors (B, A).
 Every method runs in every space. For the row methods and DOGE the space decides what X is (basis.py). TA
 and the spectral methods commute with orthonormal changes of basis (`invariant`): any exact coordinates of
 the updates give the same ΔW, so compose.py hands them the smallest (a core of the subset's factors), and
@@ -25,6 +27,7 @@ import torch
 
 from ..basis import SPACES
 from .optimized import doge
+from .regression import regmean, wudi
 from .sparse import dare, dare_ta, dare_ties, kth_smallest, magnitude, task_arithmetic, ties, trim, trim_thresholds
 from .spectral import cart, iso_c, iso_cts, tsv
 
@@ -74,6 +77,7 @@ PARAMS = {
         Param("mask", 0.3, 0.0, 1.0, "DOGE: fraction of each task's entries kept by the final mask", True),
         Param("lines", 0.0, 0.0, 10.0, "LiNeS depth scaling beta (0 = off): block l gets a + beta*l/(L-1)"),
         Param("isotropize", 0, 0, 1, "1: the merged update's nonzero spectrum replaced by its mean", integer=True),
+        Param("reduce", 0.95, 0.0, 1.0, "RegMean: ratio kept of the Grams' off-diagonal part (0 = diagonal only)"),
     )
 }
 OPTIONS = ("lines", "isotropize")  # taken by every method
@@ -86,12 +90,13 @@ class Method:
     own_params: tuple[str, ...]
     paper: str
     summary: str
-    acts_on: Literal["rows", "matrices"] = "rows"
+    acts_on: Literal["rows", "matrices", "factors"] = "rows"
     trims: bool = False  # uses a magnitude threshold per task, so the trim scope (global / module) matters
     random: bool = False  # uses DARE's seeded random drop
     linear: bool = False  # a weighted sum of the task updates: merged straight from the factors
     invariant: bool = False  # commutes with orthonormal changes of basis: merged on the smallest exact core
     per_request: bool = True  # cheap enough to compose for a request (DOGE is not: pin or precompute it)
+    data: bool = False  # needs each task's input statistics (stats.py): merged from the factors and Grams
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -114,6 +119,8 @@ _ISO = "Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging with C
 _TSV = "Gargiulo et al. 2025, Task Singular Vectors: Reducing Task Interference in Model Merging, CVPR 2025, arXiv:2412.00081"  # noqa: E501
 _CART = "Choi et al. 2024, Revisiting Weight Averaging for Model Merging (CART), arXiv:2412.12153"
 _DOGE = "Wei et al. 2025, Modeling Multi-Task Model Merging as Adaptive Projective Gradient Descent (DOGE), ICML 2025, arXiv:2501.01230"  # noqa: E501
+_REGMEAN = "Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language Models (RegMean), ICLR 2023, arXiv:2212.09849"  # noqa: E501
+_WUDI = "Cheng et al. 2025, Whoever Started the Interference Should End It: Guiding Data-Free Model Merging via Task Vectors (WUDI), ICML 2025, arXiv:2503.08099"  # noqa: E501
 _SPECTRAL = {"acts_on": "matrices", "invariant": True}
 METHODS: dict[str, Method] = {
     m.name: m
@@ -185,6 +192,23 @@ METHODS: dict[str, Method] = {
             **_SPECTRAL,
         ),
         Method(
+            "wudi",
+            per_module(wudi),
+            ("alpha",),
+            _WUDI,
+            "data-free least squares: each task's update rows stand in for its inputs (closed form)",
+            **_SPECTRAL,
+        ),
+        Method(
+            "regmean",
+            regmean,
+            ("alpha", "reduce"),
+            _REGMEAN,
+            "least squares on each task's own inputs (its statistics); core-regmean: rows in the tasks' A-span",
+            acts_on="factors",
+            data=True,
+        ),
+        Method(
             "doge",
             doge,
             ("alpha", "eta", "steps", "lr", "subspace", "mask"),
@@ -224,8 +248,8 @@ def resolve(method_id: str) -> tuple[str, Method]:
 
 
 def factored(method: Method) -> bool:
-    """Merged straight from the tasks' factors whatever the space (TA, the spectral methods)."""
-    return method.linear or method.invariant
+    """Merged straight from the tasks' factors whatever the space (TA, the spectral methods, RegMean)."""
+    return method.linear or method.invariant or method.data
 
 
 def full_rank(method_id: str) -> bool:
