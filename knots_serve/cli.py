@@ -12,8 +12,9 @@ import typer
 
 from .adapters import AdapterError, LoraAdapter, load_adapter, save_adapter, save_merged_model
 from .basis import DEFAULT_RTOL, SPACES, Basis, build_basis, fingerprint
-from .compose import MergeError, MergeSpec, adapter_factors, merge_dense, merge_factors, merge_lora
+from .compose import MergeError, MergeSpec, adapter_factors, merge_dense, merge_factors, merge_lora, missing_stats
 from .methods import METHODS, OPTION_PAPERS, PARAMS, SPACE_PAPERS, factored, resolve
+from .stats import StatsError, TaskStats
 
 app = typer.Typer(
     add_completion=False,
@@ -94,6 +95,9 @@ def merge(
     method: str = typer.Option("knots-ties", help="merge method id (see above)"),
     out: Path = typer.Option(..., help="output directory"),
     weight: list[str] = typer.Option([], help="NAME=W per-task weight (default 1)"),
+    stats: list[str] = typer.Option(
+        [], help="NAME=FILE: a task's statistics (`knots-serve stats`), for regmean and core-regmean; repeat"
+    ),
     seed: int = typer.Option(0, help="seed of DARE's random drop"),
     trim_scope: str = typer.Option("global", help="TIES trim threshold per task over all modules or per module"),
     format: str = typer.Option("adapter", help="adapter (PEFT LoRA, scale 1) or full (base + ΔW)"),
@@ -128,20 +132,47 @@ def merge(
             "seed": seed,
             "trim_scope": trim_scope,
         }
+        measured = _stats_for(adapters, stats, m.data)
         if pool is None:
-            lora = merge_factors(adapter_factors({a.name: a for a in adapters}, spec.tasks), spec)
+            lora = merge_factors(adapter_factors({a.name: a for a in adapters}, spec.tasks), spec, stats=measured)
             base_model = next((a.base_model for a in adapters if a.base_model), None)
         if format == "full":
             dense = {k: B.double() @ A.double() for k, (B, A) in lora.items()} if pool is None else None
-            save_merged_model(base, dense or merge_dense(pool, spec, progress=True), out)
+            save_merged_model(base, dense or merge_dense(pool, spec, True, stats=measured), out)
         elif pool is None:
             save_adapter(lora, out, base_model, torch_dtype, meta)
         else:
-            save_adapter(merge_lora(pool, spec, max_rank, progress=True), out, pool.base_model, torch_dtype, meta)
+            lora = merge_lora(pool, spec, max_rank, progress=True, stats=measured)
+            save_adapter(lora, out, pool.base_model, torch_dtype, meta)
         t2 = time.perf_counter()
-    except (AdapterError, MergeError, OSError) as e:
+    except (AdapterError, MergeError, StatsError, OSError) as e:
         _fail(e)
     typer.echo(f"wrote {out} ({method} over {', '.join(spec.tasks)}; basis {t1 - t0:.2f} s, merge {t2 - t1:.2f} s)")
+
+
+def _stats_for(adapters: list[LoraAdapter], given: list[str], needed: bool) -> dict:
+    """{task: TaskStats} from --stats NAME=FILE, each measured with the very adapter merged."""
+    files = _pairs(given, "--stats")
+    if not needed:
+        if files:
+            raise MergeError("--stats is for the data-aware methods (regmean, core-regmean)")
+        return {}
+    names = {a.name: a for a in adapters}
+    unknown = sorted(set(files) - set(names))
+    if unknown:
+        raise MergeError(f"--stats {unknown[0]}=…: no --adapter named {unknown[0]!r}")
+    lacking = [n for n in names if n not in files]
+    if lacking:
+        raise MergeError(missing_stats(lacking, "give --stats NAME=FILE for each (`knots-serve stats` writes them)"))
+    out = {}
+    for name, path in files.items():
+        s = TaskStats.load(path, name)
+        if s.task != name:
+            raise MergeError(f"--stats {name}={path}: holds the statistics of task {s.task!r}")
+        if s.adapter != names[name].digest:
+            raise MergeError(f"--stats {name}={path}: measured with another version of adapter {name!r}; measure again")
+        out[name] = s
+    return out
 
 
 def _float(v: str, what: str) -> float:
@@ -412,6 +443,60 @@ def tune(
         f"report {report}"
         + (f"; not tuned (budget spent): {', '.join(meta['unfinished'])}" if meta["unfinished"] else "")
     )
+
+
+@app.command(
+    help="Measure each task's statistics for the data-aware merges (regmean, core-regmean): its own adapted model "
+    "(base + its LoRA) run over its examples (DIR/<task>.jsonl, the files `tune` reads), the mean Gram of every "
+    "adapted module's input. One file per task in STATE_DIR/stats, keyed by the adapter's and the data's digests "
+    "(a changed adapter is never merged with stale statistics); every server process reads them there."
+)
+def stats(
+    config: Path = typer.Option(Path("configs/default.yaml"), help="serve config (YAML): base model, tasks, state"),
+    data: Path = typer.Option(
+        ..., help="directory of examples: one <task>.jsonl per task (tasks without one: skipped)"
+    ),
+    max_examples: int | None = typer.Option(None, help="use at most this many examples per task"),
+    sketch_rank: int = typer.Option(0, help="store each Gram as its top S eigenpairs + diagonal (0: dense)"),
+    dtype: str = typer.Option("float32", help="dtype of the forward passes: float32, bfloat16, float16"),
+):
+    from .serving.server.config import load_config
+    from .serving.state.backends import open_store
+    from .serving.state.registry import task_table
+    from .stats import StatsDir
+    from .stats_run import SHAPES, measure_all, shape_bytes
+    from .task_data import load_data
+
+    try:
+        if sketch_rank < 0 or (max_examples is not None and max_examples < 1):
+            raise MergeError("--sketch-rank must be ≥ 0 and --max-examples ≥ 1")
+        cfg = load_config(config)
+        store = open_store(cfg.store, cfg.state_dir)
+        pool = task_table(cfg.tasks, store).items()
+        store.close()
+        with_data = sorted(t for t in pool if (data / f"{t}.jsonl").is_file())
+        if not with_data:
+            raise MergeError(f"{data}: no <task>.jsonl for any task of the pool ({', '.join(sorted(pool))})")
+        val = load_data(data, pool, with_data, {})
+        examples = {t: list(d.examples[:max_examples]) for t, d in val.items()}
+        adapters = {t: load_adapter(pool[t], t) for t in with_data}
+        t0 = time.perf_counter()
+        measured = measure_all(cfg.model, adapters, examples, sketch_rank=sketch_rank, dtype=dtype)
+        out = StatsDir(cfg.stats_dir)
+        paths = [out.put(s) for s in measured]
+    except (AdapterError, MergeError, StatsError, OSError) as e:
+        _fail(e)
+    for s, path in zip(measured, paths):
+        typer.echo(f"{s.task}: {s.examples} examples, {s.tokens} tokens, {s.nbytes() / 2**20:.1f} MiB -> {path}")
+    skipped = sorted(set(pool) - set(with_data))
+    typer.echo(
+        f"statistics of {len(measured)} tasks in {time.perf_counter() - t0:.1f} s"
+        + (f"; no data for {', '.join(skipped)}" if skipped else "")
+    )
+    for name, (inputs, layers) in SHAPES.items():
+        sizes = [f"dense {shape_bytes(inputs, layers) / 2**30:.2f} GiB"]
+        sizes += [f"sketch {r}: {shape_bytes(inputs, layers, r) / 2**30:.2f} GiB" for r in (sketch_rank or 256,)]
+        typer.echo(f"per task at {name} shapes, every projection adapted: {', '.join(sizes)}")
 
 
 def main():

@@ -176,6 +176,18 @@ class TaskStats:
         )
 
 
+def stats_summary(path: Path | None) -> dict | None:
+    """From how many examples and tokens a statistics file was measured, and where it is (its header only)."""
+    if path is None:
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return {"tokens": int(meta.get("tokens", 0)), "examples": int(meta.get("examples", 0)), "file": str(path)}
+    except (OSError, SafetensorError, ValueError):
+        return None
+
+
 def stats_name(task: str, adapter: str, data: str) -> str:
     """The file name of a task's statistics, keyed by the adapter's and the data's digests."""
     return f"{task}.{adapter[:16]}.{data[:16]}.safetensors"

@@ -40,6 +40,7 @@ class RegisterTask(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(max_length=64)
     path: str = Field(max_length=4096)
+    stats: str | None = Field(None, max_length=4096, description="a statistics file (knots-serve stats) for it")
 
 
 @router.get("/admin/tasks", dependencies=[Depends(admin)])
@@ -54,7 +55,7 @@ async def list_tasks(request: Request):
 @router.post("/admin/tasks", dependencies=[Depends(admin)], status_code=201)
 async def register_task(body: RegisterTask, request: Request):
     try:
-        return await server(request).register(body.name, body.path)
+        return await server(request).register(body.name, body.path, body.stats)
     except ERRORS as e:
         return error_response(e)
 

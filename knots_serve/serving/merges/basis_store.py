@@ -8,6 +8,9 @@
 - Each task's factors (s_i·B_i, A_i) are kept on the device too: TA and the spectral merges (any space)
   are composed straight from them, and a subset's own basis is built from them per request (cached within
   basis_cache_bytes, the cheapest to rebuild per byte dropped first: cache_policy.py).
+- Each task's statistics (stats.py), for the data-aware merges: found in stats_dir by the task's adapter
+  digest on each new merge (so statistics measured while the server runs are used by the next merge, and
+  every server process sharing the state dir reads the same files), loaded once per file to the device.
 - `basis: auto` (the default) picks per merge: the subset's own basis when its tasks' summed rank is at
   most half the pool's, else the shared basis. In the shared basis every task tensor has the pool's rank
   in rows, so a 2-task merge in a large pool would cost what the pool costs; with the rule a merge never
@@ -30,13 +33,16 @@ from safetensors import SafetensorError
 from ...adapters import LoraAdapter, check_compatible
 from ...atomic import atomic_write_file
 from ...basis import DEFAULT_RTOL, Basis, auto_basis, build_basis, fingerprint, lora_ranks
-from ...compose import adapter_factors, merge_factors, merge_lora, to_host
+from ...compose import MergeError, adapter_factors, merge_factors, merge_lora, missing_stats, to_host
 from ...methods import factored, resolve
+from ...stats import StatsDir, StatsError, TaskStats
 from ..errors import NotFound
 from .cache_policy import GreedyDualSizeFrequency
 from .names import Selection
 
 SHARED_BASIS = "basis-knots-{}.safetensors"  # a pool's shared basis by its fingerprint (save_basis)
+# RegMean solves I×I per module input; past this many input features per request it is core-regmean's job
+REGMEAN_MAX_INPUT = 8192
 
 
 class UnknownTask(NotFound):
@@ -68,8 +74,11 @@ class BasisStore:
         device: torch.device | str = "cpu",
         basis_file: Path | None = None,
         subset_bytes: int = 256 << 20,
+        stats_dir: Path | None = None,
     ):
         self.device, self.basis_file, self.subset_bytes = torch.device(device), basis_file, subset_bytes
+        self.stats_dir = StatsDir(stats_dir) if stats_dir else None
+        self._stats: dict[Path, tuple[int, TaskStats]] = {}  # file -> (its mtime, its statistics on the device)
         # with several API servers: the cache_dir they share, where each saves the shared basis it builds
         # (save_dir, its own instance dir) for the others to load
         self.shared_root: Path | None = None
@@ -212,13 +221,16 @@ class BasisStore:
             adapters, knots = self.adapters, self._bases.get("knots")
         shared = not factored(method) and self.choose(sel.basis, sel.tasks) == "shared"
         members = adapters.values() if shared else [adapters[t] for t in sel.tasks]
-        rank, worst, sizes = 0, "", []
+        rank, worst, sizes, widest = 0, "", [], 0
         for m in {m for t in sel.tasks for m in adapters[t].modules}:
             out, inp = next(a.modules[m].shape for a in members if m in a.modules)
             r = sum(a.modules[m].rank for a in members if m in a.modules)
             if space == "knots" and shared and knots is not None and m in knots.modules:
                 r = knots.modules[m].left.shape[1]  # the resident basis's own k
-            if factored(method):  # TA, spectral: the subset's Σr × Σr cores
+            if method.data:  # RegMean: the tasks' reduced Grams and H (I×I), or a Σr-sized solve (core)
+                bound, rows, cols = min(r, out, inp), (inp if space != "core" else r), (inp if space != "core" else r)
+                widest = max(widest, inp)
+            elif factored(method):  # TA, spectral: the subset's Σr × Σr cores
                 bound, rows, cols = min(r, out, inp), r, r
             elif space != "full":
                 bound, rows, cols = min(r, out, inp), r, (inp if space == "knots" else r)
@@ -227,6 +239,15 @@ class BasisStore:
             sizes.append(0 if method.linear else (len(sel.tasks) + 1) * rows * cols * 4)
             if bound > rank:
                 rank, worst = bound, m
+        if method.data:
+            lacking = [t for t in sel.tasks if self.stats_file(t) is None]  # found, not loaded: that is merge's
+            if lacking:
+                raise MergeError(missing_stats(lacking))
+            if space != "core" and widest > REGMEAN_MAX_INPUT:
+                raise MergeError(
+                    f"{sel.spec.method!r} solves an I×I system per module and a module here reads {widest} features "
+                    f"(this server's bound: {REGMEAN_MAX_INPUT}); use core-regmean (the solve in the tasks' A-span)"
+                )
         # one buffer over all modules: a global trim; a matrix method's stacks of every module
         whole = (method.trims and sel.spec.trim_scope == "global") or method.acts_on == "matrices"
         return rank, worst, sum(sizes) if whole else max(sizes, default=0)
@@ -237,10 +258,39 @@ class BasisStore:
         if factored(method):  # TA and the spectral merges: the same in every space and basis, from the factors
             with self._lock:
                 adapters = self._device_adapters
-            lora = merge_factors(adapter_factors(adapters, sel.tasks), sel.spec)
+            stats = self.task_stats(sel.tasks) if method.data else None
+            lora = merge_factors(adapter_factors(adapters, sel.tasks), sel.spec, stats=stats)
         else:
             lora = merge_lora(self.basis(space, sel.basis, sel.tasks), sel.spec, max_rank=None)
         return to_host(lora)
+
+    def stats_file(self, task: str) -> Path | None:
+        """The statistics file measured with this task's current adapter, or None."""
+        with self._lock:
+            a = self.adapters.get(task)
+        return self.stats_dir.find(task, a.digest) if a is not None and self.stats_dir else None
+
+    def task_stats(self, tasks) -> dict[str, TaskStats]:
+        """{task: its statistics on the device}; a MergeError (400) naming every task without statistics."""
+        found = {t: self.stats_file(t) for t in tasks}
+        lacking = [t for t, p in found.items() if p is None]
+        if lacking:
+            raise MergeError(missing_stats(lacking))
+        out = {}
+        for t, path in found.items():
+            mtime = path.stat().st_mtime_ns
+            with self._lock:
+                cached = self._stats.get(path)
+            if cached is None or cached[0] != mtime:
+                try:
+                    stats = TaskStats.load(path, t).to(self.device)
+                except StatsError as e:
+                    raise MergeError(f"task {t!r}: {e}") from None
+                with self._lock:
+                    self._stats = {p: v for p, v in self._stats.items() if p.exists()} | {path: (mtime, stats)}
+                cached = (mtime, stats)
+            out[t] = cached[1]
+        return out
 
     def basis_file_for(self, sel: Selection, directory: Path) -> Path:
         """The basis a merge is composed in, saved under `directory` (for the engine's workers to load)."""
@@ -252,10 +302,11 @@ class BasisStore:
         return path
 
     def nbytes(self) -> int:
-        """Bytes resident on the device: the pool's factors, its bases, the cached subset bases."""
+        """Bytes resident on the device: the pool's factors, its bases, the cached subset bases, statistics."""
         with self._lock:
             factors = sum(_factor_bytes(a) for a in self._device_adapters.values())
-            return factors + sum(b.nbytes() for b in (*self._bases.values(), *self._subset.values()))
+            stats = sum(s.nbytes() for _, s in self._stats.values())
+            return factors + stats + sum(b.nbytes() for b in (*self._bases.values(), *self._subset.values()))
 
     def task_nbytes(self, name: str) -> int:
         """Bytes of one task's factors on the device (0 for a task no longer in the pool)."""

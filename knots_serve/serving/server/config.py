@@ -237,6 +237,11 @@ class ServeConfig(BaseModel):
         return self
 
     @property
+    def stats_dir(self) -> Path:
+        """Where `knots-serve stats` writes the task statistics and every server process reads them."""
+        return self.state_dir / "stats"
+
+    @property
     def tune_report_dir(self) -> Path:
         """Where `knots-serve tune` writes its report by default (the console shows it)."""
         return self.state_dir / "tune-report"

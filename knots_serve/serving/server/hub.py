@@ -50,7 +50,7 @@ class KnotsServer:
         self.tasks = task_table(cfg.tasks, self.store)
         self.pool = Pool(self)
         device = compose_device(cfg.compose_device)
-        self.bases = BasisStore(self.pool.load(), device, cfg.basis_file, cfg.basis_cache_bytes)
+        self.bases = BasisStore(self.pool.load(), device, cfg.basis_file, cfg.basis_cache_bytes, cfg.stats_dir)
         if self.bases.device.type == "cpu":
             from ...kernels import cpu
 
@@ -134,8 +134,8 @@ class KnotsServer:
     def check_model(self, model: str) -> None:
         check_model(model, self.cfg, self.bases.adapters, self.choose)
 
-    async def register(self, name: str, path: str) -> dict:
-        return await self.pool.register(name, path)
+    async def register(self, name: str, path: str, stats: str | None = None) -> dict:
+        return await self.pool.register(name, path, stats)
 
     async def unregister(self, name: str) -> None:
         await self.pool.unregister(name)

@@ -8,6 +8,7 @@ import asyncio
 from pathlib import Path
 
 from ...adapters import WEIGHTS_NAME, AdapterError, LoraAdapter, adapter_dir, is_hub_ref, load_adapter, parse_hub_ref
+from ...stats import StatsError, TaskStats, stats_summary
 from ..errors import BadRequest, Conflict, Unavailable
 from ..merges.basis_store import UnknownTask
 from ..merges.names import PREFIX, check_task_name
@@ -65,12 +66,15 @@ class Pool:
             raise BadRequest(f"adapter path {path!r} is outside the configured adapter_dirs")
         return str(resolved)
 
-    async def register(self, name: str, path: str) -> dict:
+    async def register(self, name: str, path: str, stats: str | None = None) -> dict:
         """A local adapter inside adapter_dirs, or an hf:// one from a repo adapter_repos allows (a Hub
         registration downloads: only from repos the operator named). The table keeps an hf:// reference as
-        given, so a restart resolves it again (from the HF cache when offline)."""
+        given, so a restart resolves it again (from the HF cache when offline). `stats`: a statistics file
+        inside adapter_dirs, measured with this adapter, copied into the stats dir before the pool changes."""
         check_task_name(name)
         source = self.admitted(path)
+        if stats is not None:
+            await self._add_stats(name, source, stats)
         async with self.lock:
             if name in self.server.bases.adapters:
                 raise Conflict(f"task {name!r} is already registered; unregister it first")
@@ -78,6 +82,23 @@ class Pool:
             await self.change({name: source}, set(), lambda: tasks.put(name, source))
         await self.server.in_step()
         return self.describe(name)
+
+    async def _add_stats(self, name: str, source: str, stats: str) -> None:
+        bases = self.server.bases
+        if bases.stats_dir is None:
+            raise BadRequest("this server keeps no statistics (no stats dir)")
+        if is_hub_ref(stats):
+            raise BadRequest(f"statistics {stats!r}: a local file inside the configured adapter_dirs, not hf://")
+        try:
+            measured = await asyncio.to_thread(TaskStats.load, self.admitted(stats), name)
+        except StatsError as e:
+            raise BadRequest(str(e)) from None
+        if measured.task != name:
+            raise BadRequest(f"statistics {stats!r} are task {measured.task!r}'s, not {name!r}'s")
+        adapter = await asyncio.to_thread(lambda: load_adapter(adapter_dir(source), name))  # its digest
+        if measured.adapter != adapter.digest:
+            raise BadRequest(f"statistics {stats!r} were measured with another adapter than {source}")
+        await asyncio.to_thread(bases.stats_dir.put, measured)
 
     async def unregister(self, name: str) -> None:
         async with self.lock:
@@ -136,6 +157,7 @@ class Pool:
             "modules": len(a.modules),
             "ranks": sorted({m.rank for m in a.modules.values()}),
             "bytes": self.server.bases.task_nbytes(name),  # its factors on the compose device
+            "stats": stats_summary(self.server.bases.stats_file(name)),  # for the data-aware merges
         }
 
 

@@ -136,7 +136,10 @@ VIEWS.pool = async () => {
         act(`remove ${t.name}`, () => api("DELETE", "/admin/tasks/" + encodeURIComponent(t.name)));
       return el("tr", {}, el("td", {}, t.name), el("td", {}, t.model), el("td", {}, t.ranks.join(", ")),
         el("td", { className: "num" }, t.modules), el("td", {}, t.source),
-        el("td", { className: "num" }, bytes(t.bytes)), el("td", {}, remove));
+        el("td", { className: "num" }, bytes(t.bytes)),
+        el("td", { title: t.stats ? t.stats.file : "knots-serve stats measures them" },
+          t.stats ? `${t.stats.tokens} tokens (${t.stats.examples} examples)` : "none"),
+        el("td", {}, remove));
     }),
   );
 };

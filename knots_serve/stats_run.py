@@ -1,0 +1,145 @@
+"""Measure task statistics (stats.py) with transformers: each task's own adapted model (the base with that
+task's LoRA added into its weights) runs over the task's examples, chat-formatted with the answer as the
+assistant's turn, and a forward pre-hook on every adapted module accumulates the mean Gram of its input.
+
+Modules that read one input tensor (q/k/v read the attention norm's output, gate/up the MLP norm's) are found
+by tensor identity in the forward, not by name, and share one Gram. Padding tokens never enter a Gram.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import torch
+
+from .adapters import LoraAdapter
+from .stats import Gram, StatsError, TaskStats, sketch
+from .task_data import Example, digest
+
+# distinct module inputs per layer, all seven projections adapted: (attention in, o_proj in, MLP in, down_proj in)
+SHAPES = {"SmolLM2-135M": ((576, 576, 576, 1536), 30), "Llama-3-8B": ((4096, 4096, 4096, 14336), 32)}
+
+
+def shape_bytes(inputs: tuple[int, ...], layers: int, sketch_rank: int = 0) -> int:
+    """Bytes of one task's statistics for a model whose layers read inputs of these sizes (float32)."""
+    per = sum(4 * (i * i if not sketch_rank or sketch_rank >= i else i * (sketch_rank + 1)) for i in inputs)
+    return per * layers
+
+
+def data_digest(examples: list[Example]) -> str:
+    return digest(json.dumps([[list(e.messages), e.answer] for e in examples], sort_keys=True).encode())
+
+
+def token_ids(tok, ex: Example) -> list[int]:
+    """The chat as the model reads it once it has answered: the prompt's turns plus the answer's."""
+    chat = [*ex.messages, {"role": "assistant", "content": ex.answer}]
+    return list(tok.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"])
+
+
+class _Recorder:
+    """Forward pre-hooks that add x·xᵀ (float64) of each adapted module's unpadded input tokens."""
+
+    def __init__(self, model, modules: list[str]):
+        named = dict(model.named_modules())
+        missing = [m for m in modules if m not in named]
+        if missing:
+            raise StatsError(f"the base model has no module(s) {', '.join(missing[:3])}: not this adapter's base")
+        self.sums: dict[str, torch.Tensor] = {}
+        self.owner: dict[str, str] = {}  # module -> the module whose Gram it shares (itself if first)
+        self.mask: torch.Tensor | None = None
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}  # the tensor held: its id is never reused meanwhile
+        self._handles = [named[m].register_forward_pre_hook(self._hook(m)) for m in modules]
+
+    def _hook(self, module: str):
+        def hook(_, args):
+            x = args[0]
+            first = self._seen.setdefault(id(x), (x, module))[1]
+            self.owner.setdefault(module, first)
+            if first != module:
+                return
+            rows = x[self.mask].double()
+            total = self.sums.get(module)
+            self.sums[module] = rows.T @ rows if total is None else total + rows.T @ rows
+
+        return hook
+
+    def batch(self, mask: torch.Tensor) -> None:
+        self.mask, self._seen = mask.bool(), {}
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+@torch.no_grad()
+def measure(
+    model,
+    tok,
+    adapter: LoraAdapter,
+    examples: list[Example],
+    *,
+    sketch_rank: int = 0,
+    batch: int = 8,
+    step: Callable[[int], None] = lambda n: None,
+) -> TaskStats:
+    """One task's statistics: its adapter added into `model`'s weights (restored after), its examples run."""
+    named = dict(model.named_modules())
+    saved = {}
+    try:
+        for m, lora in adapter.modules.items():
+            if m not in named:
+                raise StatsError(f"adapter {adapter.name!r}: the base model has no module {m!r}")
+            W = named[m].weight
+            saved[m] = W.detach().clone()
+            W.add_((lora.scale * lora.B.double() @ lora.A.double()).to(W.dtype))
+        rec = _Recorder(model, list(adapter.modules))
+        try:
+            tokens = 0
+            device = next(model.parameters()).device
+            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+            for i in range(0, len(examples), batch):
+                ids = [token_ids(tok, e) for e in examples[i : i + batch]]
+                n = max(map(len, ids))
+                input_ids = torch.tensor([x + [pad] * (n - len(x)) for x in ids], device=device)
+                mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids], device=device)
+                rec.batch(mask)
+                model(input_ids=input_ids, attention_mask=mask)
+                tokens += int(mask.sum())
+                step(len(ids))
+        finally:
+            rec.close()
+    finally:
+        for m, W in saved.items():
+            named[m].weight.copy_(W)
+    grams = {m: Gram(dense=(s / tokens).float()) for m, s in rec.sums.items()}
+    if sketch_rank:
+        grams = {m: sketch(g.dense, sketch_rank) for m, g in grams.items()}
+    shared = {m: grams[owner] for m, owner in rec.owner.items()}
+    meta = {"sketch_rank": sketch_rank, "model": str(getattr(model.config, "_name_or_path", ""))}
+    return TaskStats(adapter.name, tokens, len(examples), adapter.digest, data_digest(examples), shared, meta)
+
+
+def load_model(model_dir, dtype: str = "float32"):
+    """The base model and tokenizer (transformers), in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        raise StatsError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype).eval()
+    return model, tok
+
+
+def measure_all(model_dir, adapters: dict[str, LoraAdapter], data: dict[str, list[Example]], **kw) -> list[TaskStats]:
+    """Every task's statistics, with one progress bar over all the examples."""
+    from tqdm import tqdm
+
+    model, tok = load_model(model_dir, kw.pop("dtype", "float32"))
+    out = []
+    with tqdm(total=sum(map(len, data.values())), desc="statistics", unit="ex") as bar:
+        for task, examples in data.items():
+            bar.set_postfix_str(task)
+            out.append(measure(model, tok, adapters[task], examples, step=bar.update, **kw))
+    return out
