@@ -204,3 +204,45 @@ def test_a_bad_statistics_file_is_an_error_naming_it(tmp_path, tensors, meta, pr
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(StatsError, match="junk.safetensors"):
         TaskStats.load(tmp_path / "junk.safetensors")
+
+
+def test_the_server_s_store_finds_statistics_by_adapter_and_refuses_wide_regmean(tmp_path):
+    """BasisStore reads StatsDir files written by another process at any time, only those measured with the
+    adapter it holds; unrestricted RegMean past REGMEAN_MAX_INPUT features is refused before any work."""
+    from tiny import random_adapter
+
+    from knots_serve.serving.merges.basis_store import REGMEAN_MAX_INPUT, BasisStore
+    from knots_serve.serving.merges.names import parse_model
+
+    wide = REGMEAN_MAX_INPUT + 8
+    shapes = {"model.layers.0.mlp.down_proj": (8, wide), "model.layers.0.self_attn.q_proj": (8, 16)}
+    adapters = {n: random_adapter(n, shapes, 2, seed=i) for i, n in enumerate(("a", "b"))}
+    store = BasisStore(adapters, "cpu", stats_dir=tmp_path / "stats")
+    core = parse_model("tasks:a+b@core-regmean", "knots-ties")
+    with pytest.raises(MergeError, match="a, b.*knots-serve stats"):
+        store.plan(core)
+    g = torch.Generator().manual_seed(5)
+
+    def measured(name, digest):
+        grams = {
+            m: sketch(random_gram(16, g), 4)
+            if I == 16
+            else Gram(low=torch.randn(I, 3, generator=g), diag_rest=torch.rand(I, generator=g))
+            for m, (_, I) in shapes.items()
+        }
+        return TaskStats(name, 50, 2, digest, "data", grams)
+
+    stats_dir = StatsDir(tmp_path / "stats")
+    stats_dir.put(measured("a", adapters["a"].digest))
+    stats_dir.put(measured("b", "0" * 64))  # another version of b's adapter: never used
+    with pytest.raises(MergeError, match="task\\(s\\) b "):
+        store.plan(core)
+    stats_dir.put(measured("b", adapters["b"].digest))  # measured while the server runs
+    assert store.plan(core)[0] == 4
+    with pytest.raises(MergeError, match="core-regmean"):
+        store.plan(parse_model("tasks:a+b@regmean", "knots-ties"))
+    got = store.merge(core)
+    loaded = {t: TaskStats.load(store.stats_file(t)) for t in ("a", "b")}
+    want = merge_factors(adapter_factors(adapters, ("a", "b")), core.spec, stats=loaded)
+    for m, (B, A) in want.items():
+        assert rel(got[m][0].double() @ got[m][1].double(), (B @ A).double()) < 1e-5, m
