@@ -356,6 +356,12 @@ def save_adapter(
     return atomic_write_dir(out_dir, write)
 
 
+def save_factors(lora: dict[str, tuple[torch.Tensor, torch.Tensor]], path) -> None:
+    """A merge's factors {module: (B, A)} as one safetensors file of {module}.B / {module}.A: what a pin
+    loads (`PinWorker.knots_prepare("factors", path)`)."""
+    save_file({f"{m}.{k}": t.contiguous() for m, (B, A) in lora.items() for k, t in (("B", B), ("A", A))}, str(path))
+
+
 def save_merged_model(base_dir: str | os.PathLike, deltas: dict[str, torch.Tensor], out_dir: str | os.PathLike) -> Path:
     """Write base_dir's model with W += ΔW for each module in deltas (a merged full model).
 

@@ -405,6 +405,13 @@ def tune(
             val = {t: dataclasses.replace(d, examples=d.examples[:max_examples]) for t, d in val.items()}
         store.recipes()  # unreadable recipes fail now, before any work
         adapters = {n: load_adapter(p, n) for n, p in pool.items()}
+        measured = {}
+        if any(resolve(m)[1].data for m in method_ids):  # from the validation examples only
+            from .stats import StatsDir
+            from .stats_run import stats_for
+
+            examples = {t: list(d.examples) for t, d in val.items()}
+            measured = stats_for(cfg.model, adapters, examples, StatsDir(cfg.stats_dir))
     except (AdapterError, MergeError, ValueError, OSError) as e:
         _fail(e)
     work = work or cfg.state_dir / "tune-work"
@@ -412,7 +419,7 @@ def tune(
     typer.echo(f"tune: {len(chosen)} subsets x {len(method_ids)} methods; starting the engine ({cfg.model})", err=True)
     t0 = time.time()
     work.mkdir(parents=True, exist_ok=True)
-    tuner = Tuner(adapters, Evaluator(cfg.model, work / "evals.json", eager, dtype, max_tokens), work)
+    tuner = Tuner(adapters, Evaluator(cfg.model, work / "evals.json", eager, dtype, max_tokens), work, measured)
     try:
         recipes, log = tuner.tune(chosen, method_ids, val, cfg.default_method, budget_s=budget_s)
     except MergeError as e:  # a scorer that fails on a generated answer names the example

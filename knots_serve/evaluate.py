@@ -23,11 +23,14 @@ from .task_data import TaskData
 
 @dataclass(frozen=True)
 class Merge:
-    """A merge to pin: a spec, and the basis file it is composed from (its fingerprint names it)."""
+    """A merge to pin: a spec and the file it comes from (its fingerprint names it): a basis the merge is
+    composed from in the engine (kind "basis"), or the merge's own factors composed beforehand ("factors":
+    the data-aware merges, whose statistics the engine does not hold)."""
 
     spec: MergeSpec
-    basis_path: Path
+    path: Path
     fingerprint: str
+    kind: str = "basis"
 
     @property
     def label(self) -> str:
@@ -75,9 +78,7 @@ class Evaluator:
         if merge is None:
             self.llm.collective_rpc("knots_unpin")
         else:
-            self.llm.collective_rpc(
-                "knots_prepare", args=("basis", str(merge.basis_path), json.dumps(asdict(merge.spec)))
-            )
+            self.llm.collective_rpc("knots_prepare", args=(merge.kind, str(merge.path), json.dumps(asdict(merge.spec))))
             self.llm.collective_rpc("knots_pin")
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the previous weights
         self.pinned = label

@@ -210,6 +210,11 @@ class StatsDir:
         stats.save(path)
         return path
 
+    def get(self, task: str, adapter: str, data: str) -> TaskStats | None:
+        """The statistics measured with this adapter on this very data, or None."""
+        path = self.root / stats_name(task, adapter, data)
+        return TaskStats.load(path, task) if path.is_file() else None
+
     def find(self, task: str, adapter: str) -> Path | None:
         if not self.root.is_dir():
             return None

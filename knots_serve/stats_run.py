@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from .adapters import LoraAdapter
-from .stats import Gram, StatsError, TaskStats, sketch
+from .stats import Gram, StatsDir, StatsError, TaskStats, sketch
 from .task_data import Example, digest
 
 # distinct module inputs per layer, all seven projections adapted: (attention in, o_proj in, MLP in, down_proj in)
@@ -130,6 +130,18 @@ def load_model(model_dir, dtype: str = "float32"):
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype).eval()
     return model, tok
+
+
+def stats_for(model_dir, adapters, data: dict[str, list[Example]], where: StatsDir, **kw) -> dict[str, TaskStats]:
+    """{task: statistics on exactly these examples}: read from `where` when measured before (same adapter,
+    same data), else measured now and written there."""
+    out = {t: where.get(t, adapters[t].digest, data_digest(ex)) for t, ex in data.items()}
+    todo = {t: ex for t, ex in data.items() if out[t] is None}
+    if todo:
+        for s in measure_all(model_dir, adapters, todo, **kw):
+            where.put(s)
+            out[s.task] = s
+    return out
 
 
 def measure_all(model_dir, adapters: dict[str, LoraAdapter], data: dict[str, list[Example]], **kw) -> list[TaskStats]:

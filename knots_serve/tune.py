@@ -28,12 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .adapters import LoraAdapter
+from .adapters import LoraAdapter, save_factors
+from .atomic import atomic_write_file
 from .basis import auto_basis, build_basis, lora_ranks
-from .compose import MergeError, MergeSpec
+from .compose import MergeError, MergeSpec, adapter_factors, merge_factors, missing_stats
 from .evaluate import Evaluator, Merge
 from .methods import factored, resolve
 from .recipes import Recipe, subset_key, today
+from .stats import TaskStats
 from .task_data import TaskData, digest
 
 GRID: dict[str, tuple[float, ...]] = {
@@ -43,9 +45,10 @@ GRID: dict[str, tuple[float, ...]] = {
     "common": (0.8, 0.5, 0.9),  # Iso-CTS: the authors' 0.8 first
     "keep": (1.0, 0.5),  # TSV-M: a LoRA's whole rank (the Core Space choice), half of it
     "rank": (0.08, 0.25, 0.5),  # CART: the authors' ~8% of the rank first
+    "reduce": (0.95, 0.6, 0.3),  # RegMean: FusionBench's 0.95 (CLIP) first, then 0.6 (its GPT-2 setting)
     # not searched unless a grid names them: LiNeS beta, DOGE's eta/steps/lr/subspace/mask (alpha scales DOGE)
 }
-SEARCH_ORDER = ("alpha", "top_k", "density", "common", "keep", "rank", "lines")
+SEARCH_ORDER = ("alpha", "reduce", "top_k", "density", "common", "keep", "rank", "lines")
 RESAMPLES = 2000  # bootstrap resamples per comparison (seeded, so a rerun decides the same)
 KEPT = "kept default: gain not significant"
 REPLACED = "replaced the default"
@@ -181,10 +184,18 @@ class Tuner:
     """Scores merges of a pool's adapters on validation data (evaluate.py) and searches their parameters.
 
     Bases are built once per (space, tasks) and kept in `work` as safetensors (the pin path loads a basis
-    file); merges are composed in the basis the server would use (`basis: auto` over this pool)."""
+    file); merges are composed in the basis the server would use (`basis: auto` over this pool). The
+    data-aware merges are composed here from the tasks' statistics (`stats`, measured on the validation
+    examples) and pinned as factors."""
 
-    def __init__(self, adapters: dict[str, LoraAdapter], evaluator: Evaluator, work: Path):
-        self.adapters, self.eval, self.work = adapters, evaluator, work
+    def __init__(
+        self,
+        adapters: dict[str, LoraAdapter],
+        evaluator: Evaluator,
+        work: Path,
+        stats: dict[str, TaskStats] | None = None,
+    ):
+        self.adapters, self.eval, self.work, self.stats = adapters, evaluator, work, stats or {}
         self.work.mkdir(parents=True, exist_ok=True)
         self._bases: dict[tuple, tuple[Path, str]] = {}
         self.deadline = float("inf")
@@ -203,12 +214,27 @@ class Tuner:
         """basis: shared (the whole pool), subset (the merged tasks alone), auto (the server's rule)."""
         space, m = resolve(method)
         spec = MergeSpec(tuple(tasks), method, {p: v for p, v in params.items() if p in m.params}, seed=seed)
+        if m.data:
+            return self._composed(spec)
         if factored(m):  # the same ΔW from any basis with factors: the cheapest is the subset's Core basis
             space, basis = "core", "subset"
         if basis == "auto":
             basis = auto_basis(tasks, lora_ranks(self.adapters))
         path, fp = self.basis(space, tasks if basis == "subset" else self.adapters)
         return Merge(spec, path, fp)
+
+    def _composed(self, spec: MergeSpec) -> Merge:
+        """A data-aware merge composed here (the engine holds no statistics), its factors kept in `work`,
+        named by the tasks' adapters and the data their statistics came from."""
+        lacking = [t for t in spec.tasks if t not in self.stats]
+        if lacking:
+            raise MergeError(missing_stats(lacking))
+        fp = digest(*(f"{self.adapters[t].digest}/{self.stats[t].data}".encode() for t in spec.tasks))
+        path = self.work / f"factors-{digest(fp.encode(), spec.key().encode())}.safetensors"
+        if not path.is_file():
+            lora = merge_factors(adapter_factors(self.adapters, spec.tasks), spec, stats=self.stats)
+            atomic_write_file(path, lambda tmp: save_factors(lora, tmp))
+        return Merge(spec, path, fp, kind="factors")
 
     def scores(self, merge: Merge | None, data: dict[str, TaskData], n: int | None = None) -> dict[str, list[float]]:
         if time.monotonic() > self.deadline:

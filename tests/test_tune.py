@@ -14,6 +14,7 @@ import yaml
 from knots_serve.compose import MergeError
 from knots_serve.demo_tasks import TASKS, jsonl, task_data
 from knots_serve.recipes import Recipe, load_recipes
+from knots_serve.stats import TaskStats
 from knots_serve.task_data import DataError, load_data, scorer
 from knots_serve.tune import (
     KEPT,
@@ -297,7 +298,7 @@ def test_tune_end_to_end_on_the_tiny_model_writes_recipes_and_a_report_and_resum
         "--subsets",
         "alpha+beta",
         "--methods",
-        "knots-ta",
+        "knots-ta,core-regmean",
         "--scorer",
         "alpha=py:op_scorers:words",
         "--scorer",
@@ -314,8 +315,14 @@ def test_tune_end_to_end_on_the_tiny_model_writes_recipes_and_a_report_and_resum
     book = load_recipes(state / "recipes.json")
     recipe = book.get(("alpha", "beta"))
     doc = json.loads((state / "tune-report" / "tune.json").read_text())
-    (search,) = doc["log"]
-    assert [p for p, _ in search["trail"]] == [{"alpha": a} for a in (0.1, 0.2, 0.3, 0.6, 1.0, 1.5, 2.0, 3.0)]
+    search, data_aware = doc["log"]
+    alphas = (0.1, 0.2, 0.3, 0.6, 1.0, 1.5, 2.0, 3.0)
+    assert [p for p, _ in search["trail"]] == [{"alpha": a} for a in alphas]
+    # the data-aware merge: statistics measured from the validation examples, then alpha and reduce searched
+    assert data_aware["method"] == "core-regmean" and len(data_aware["trail"]) == len(alphas) + 3
+    measured = {TaskStats.load(p).task: TaskStats.load(p) for p in (state / "stats").glob("*.safetensors")}
+    assert set(measured) == {"alpha", "beta"} and measured["beta"].examples == 3
+    search = max((search, data_aware), key=lambda e: e["score"])  # the recipe's candidate: the best search
     best = max(s for _, s in search["trail"])
     assert search["score"] == pytest.approx(best, abs=1e-4)
     assert search["params"] in [p for p, s in search["trail"] if s == best]
@@ -324,7 +331,11 @@ def test_tune_end_to_end_on_the_tiny_model_writes_recipes_and_a_report_and_resum
     assert versus["replaced"] == (versus["gain"][1] > 0)  # the tuned point replaces the default on a significant gain
     if versus["replaced"]:
         assert search["outcome"] == "replaced the default"
-        assert recipe.method == "knots-ta" and recipe.params == search["params"] and recipe.score == versus["score"][0]
+        assert (
+            recipe.method == search["method"]
+            and recipe.params == search["params"]
+            and recipe.score == versus["score"][0]
+        )
     else:
         assert search["outcome"] == "kept default: gain not significant"
         assert recipe.method == "knots-ties" and recipe.score == recipe.default_score
@@ -334,7 +345,9 @@ def test_tune_end_to_end_on_the_tiny_model_writes_recipes_and_a_report_and_resum
     assert (state / "tune-report" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # resumable: a second run evaluates nothing new and writes the same recipe
     cache = (state / "tune-work" / "evals.json").read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in (state / "stats").iterdir()}
     again = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (state / "tune-work" / "evals.json").read_text() == cache
+    assert {p: p.stat().st_mtime_ns for p in (state / "stats").iterdir()} == stamps  # not measured again
     assert load_recipes(state / "recipes.json").get(("alpha", "beta")) == recipe

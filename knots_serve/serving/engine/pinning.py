@@ -104,13 +104,6 @@ def keep_cpu_weights() -> None:
     method.process_weights_after_loading = process_weights_after_loading
 
 
-def save_factors(lora: dict[str, tuple[torch.Tensor, torch.Tensor]], path) -> None:
-    """A merge's factors {module: (B, A)} as the file `PinWorker.knots_prepare("factors", path)` reads."""
-    from safetensors.torch import save_file
-
-    save_file({f"{m}.{k}": t.contiguous() for m, (B, A) in lora.items() for k, t in (("B", B), ("A", A))}, str(path))
-
-
 class PinWorker:
     """Worker extension methods (names prefixed, to stay clear of the worker's own)."""
 
@@ -135,7 +128,7 @@ class PinWorker:
 
     def knots_prepare(self, kind: str, path: str, spec_json: str = "") -> dict:
         """Get a pin ready without touching the weights: kind "factors" loads a merge's exact LoRA factors,
-        composed elsewhere (`path`: a safetensors file of {module}.B / {module}.A, see save_factors); kind
+        composed elsewhere (`path`: a safetensors file of {module}.B / {module}.A, see adapters.save_factors); kind
         "basis" composes the merge here from its basis (`path`), dense for a dense-space merge (full-rank:
         too large to send). `knots_pin` then writes it."""
         from safetensors.torch import load_file

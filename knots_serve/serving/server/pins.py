@@ -12,10 +12,10 @@ import json
 import time
 from pathlib import Path
 
+from ...adapters import save_factors
 from ...atomic import atomic_write_file
 from ...methods import full_rank
 from .. import metrics
-from ..engine.pinning import save_factors
 from ..errors import BadRequest, Conflict, NotFound, Unavailable
 
 PIN_WAIT_S = 600  # beyond the drain: how long a pin waits for another one (its prepare) to end
