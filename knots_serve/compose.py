@@ -246,14 +246,20 @@ def core_merge(cores: Cores, spec: MergeSpec) -> dict[str, tuple[torch.Tensor, t
 
 
 def regression_merge(
-    factors: dict[str, dict[str, tuple]], stats: dict, spec: MergeSpec, dtype: torch.dtype = torch.float32
+    factors: dict[str, dict[str, tuple]],
+    grams: dict[str, dict],
+    spec: MergeSpec,
+    dtype: torch.dtype = torch.float32,
+    frames: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """RegMean (`regmean` = `knots-regmean`; `core-regmean`: rows in the subset's A-span) from factors
-    {module: {task: (B_t, A_t)}} and each task's statistics {task: stats.TaskStats}, module by module. Only
-    the tasks that adapt a module enter its solve. A task without statistics, or whose statistics lack a
-    module it adapts, is a MergeError that names it."""
+    {module: {task: (B_t, A_t)}} and each task's Grams {task: {module: stats.Gram}} (TaskStats.grams), module by
+    module. Only the tasks that adapt a module enter its solve. A task without statistics, or whose statistics
+    lack a module it adapts, is a MergeError that names it. `frames` {module: V} (core-regmean only): the Grams
+    are given projected on V (I×R orthonormal, spanning every A_t: stats.Projected), the solve runs in V's
+    coordinates, and the merged A is mapped back (A·Vᵀ) — the same merge, at a cost that follows R, not I."""
     space, method = resolve(spec.method)
-    lacking = [t for t in spec.tasks if stats.get(t) is None]
+    lacking = [t for t in spec.tasks if grams.get(t) is None]
     if lacking:
         raise MergeError(missing_stats(lacking))
     params = spec.resolved_params()
@@ -262,21 +268,26 @@ def regression_merge(
         ts = [t for t in spec.tasks if t in per_task]
         if not ts:
             continue
-        grams = [stats[t].grams.get(m) for t in ts]
-        if None in grams:
-            t = ts[grams.index(None)]
+        gs = [grams[t].get(m) for t in ts]
+        if None in gs:
+            t = ts[gs.index(None)]
             raise MergeError(f"the statistics of task {t!r} have no Gram for module {m!r}: measure them again")
         device = per_task[ts[0]][0].device
+        V = frames[m].to(device, dtype) if frames else None
         pairs = [(per_task[t][0].to(dtype), per_task[t][1].to(dtype)) for t in ts]
+        if V is not None:
+            pairs = [(B, A @ V) for B, A in pairs]
         w = [spec.weights.get(t, 1.0) for t in ts]
         B, A = method.fn(
             pairs,
-            [g.to(device) for g in grams],
+            [g.to(device) for g in gs],
             w,
             alpha=params["alpha"],
             reduce=params["reduce"],
             restrict=space == "core",
         )
+        if V is not None:
+            A = A @ V.T
         out[m] = compact(B, A)
     return out
 
@@ -293,14 +304,16 @@ def merge_factors(
     spec: MergeSpec,
     dtype: torch.dtype = torch.float32,
     stats: dict | None = None,
+    frames: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """TA, a spectral merge or RegMean from the tasks' factors (`linear_merge`, `core_merge`,
-    `regression_merge`: the last with the tasks' statistics), with the options on."""
+    `regression_merge`: the last with the tasks' statistics {task: stats.TaskStats}, and their Grams'
+    frames when projected), with the options on."""
     method = resolve(spec.method)[1]
     if method.linear:
         lora = linear_merge(factors, spec, dtype)
     elif method.data:
-        lora = regression_merge(factors, stats or {}, spec, dtype)
+        lora = regression_merge(factors, {t: s.grams for t, s in (stats or {}).items()}, spec, dtype, frames)
     else:
         lora = core_merge(factor_cores(factors, spec.tasks, dtype), spec)
     return finish(lora, spec, lambda: factor_sum_norm2(factors, spec))

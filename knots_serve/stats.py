@@ -64,16 +64,45 @@ class Gram:
 
     def reduced_times(self, X: torch.Tensor, reduce: float) -> torch.Tensor:
         """G̃·X (X: I×c) without forming G̃ when the Gram is low-rank: a·L·(Lᵀ·X) + (d + (1−a)·rowsq(L))⊙X."""
-        if self.dense is not None:
-            return self.reduced(reduce, X.dtype) @ X
+        if self.dense is not None:  # without the reduced copy of G: a·(G·X) + (1 − a)·diag(G)⊙X
+            G = self.dense.to(X.dtype)
+            return reduce * (G @ X) + (1 - reduce) * G.diagonal()[:, None] * X
         L, d = self.low.to(X.dtype), self.diag_rest.to(X.dtype)
         return reduce * (L @ (L.T @ X)) + (d + (1 - reduce) * L.square().sum(1))[:, None] * X
 
     def to(self, device) -> Gram:
         return Gram(*(None if t is None else t.to(device) for t in (self.dense, self.low, self.diag_rest)))
 
+    def project(self, V: torch.Tensor) -> Projected:
+        """This Gram seen in the frame V (I×R orthonormal): Vᵀ·G·V and Vᵀ·diag(G)·V (R×R each), which is all a
+        solve with rows in span(V) needs of it (core-regmean on the pool's A-span)."""
+        V = V.to(self.diag_rest.dtype if self.dense is None else self.dense.dtype)
+        if self.dense is not None:
+            full = V.T @ (self.dense @ V)
+        else:
+            LV = self.low.T @ V
+            full = LV.T @ LV + (V * self.diag_rest[:, None]).T @ V
+        return Projected(full, (V * self.diagonal()[:, None]).T @ V)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.dense, self.low, self.diag_rest) if t is not None)
+
+
+@dataclass(frozen=True)
+class Projected:
+    """A Gram in a frame V (Gram.project): G̃ = reduce·full + (1 − reduce)·diag, both R×R."""
+
+    full: torch.Tensor
+    diag: torch.Tensor
+
+    def reduced_times(self, X: torch.Tensor, reduce: float) -> torch.Tensor:
+        return (reduce * self.full.to(X.dtype) + (1 - reduce) * self.diag.to(X.dtype)) @ X
+
+    def to(self, device) -> Projected:
+        return Projected(self.full.to(device), self.diag.to(device))
+
+    def nbytes(self) -> int:
+        return 2 * self.full.numel() * self.full.element_size()
 
 
 def sketch(G: torch.Tensor, rank: int) -> Gram:

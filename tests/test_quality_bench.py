@@ -20,6 +20,8 @@ def test_quick_quality_benchmark_runs_end_to_end(tmp_path):
             sys.executable,
             str(ROOT / "benchmarks/quality/bench.py"),
             "--quick",
+            "--stats-curve",
+            "2",
             "--eager",
             "--dtype",
             "float32",
@@ -39,7 +41,17 @@ def test_quick_quality_benchmark_runs_end_to_end(tmp_path):
     for t in tasks:  # each LoRA beats the base model on its own task, through the pinning path
         assert res["lora_test"][t] > res["base"][t], (t, res["lora_test"][t], res["base"][t])
     old = {"ta", "ties", "dare-ties", "knots-ties", "knots-dare-ties", "core-ties"}
-    assert set(res["methods"]) == old | {"iso-c", "iso-cts", "tsv", "cart", "core-doge"}
+    assert set(res["methods"]) == old | {
+        "iso-c",
+        "iso-cts",
+        "tsv",
+        "cart",
+        "core-doge",
+        "regmean",
+        "core-regmean",
+        "wudi",
+    }
+    assert set(res["stats_curve"]) == {"regmean", "core-regmean"} and set(res["stats_curve"]["regmean"]) == {"2"}
     for method, r in res["methods"].items():
         for setting in ("per_task", "joint"):
             chosen = r[setting]
@@ -51,4 +63,7 @@ def test_quick_quality_benchmark_runs_end_to_end(tmp_path):
     assert res["scale"]["knots-ties (subset basis)"]["2"] == res["scale"]["knots-ties"]["2"]
     assert res["scale"]["knots-ties (auto basis)"]["2"] == res["scale"]["knots-ties"]["2"]  # auto: shared here
     assert (out / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Per-task setting" in (out / "results.md").read_text()
+    assert (
+        "Per-task setting" in (out / "results.md").read_text()
+        and "Examples per task" in (out / "results.md").read_text()
+    )

@@ -208,7 +208,8 @@ def test_a_bad_statistics_file_is_an_error_naming_it(tmp_path, tensors, meta, pr
 
 def test_the_server_s_store_finds_statistics_by_adapter_and_refuses_wide_regmean(tmp_path):
     """BasisStore reads StatsDir files written by another process at any time, only those measured with the
-    adapter it holds; unrestricted RegMean past REGMEAN_MAX_INPUT features is refused before any work."""
+    adapter it holds; unrestricted RegMean past REGMEAN_MAX_INPUT features is refused before any work; its
+    core-regmean (Grams projected on the whole pool's A-span) equals the one from the full Grams."""
     from tiny import random_adapter
 
     from knots_serve.serving.merges.basis_store import REGMEAN_MAX_INPUT, BasisStore
@@ -216,7 +217,7 @@ def test_the_server_s_store_finds_statistics_by_adapter_and_refuses_wide_regmean
 
     wide = REGMEAN_MAX_INPUT + 8
     shapes = {"model.layers.0.mlp.down_proj": (8, wide), "model.layers.0.self_attn.q_proj": (8, 16)}
-    adapters = {n: random_adapter(n, shapes, 2, seed=i) for i, n in enumerate(("a", "b"))}
+    adapters = {n: random_adapter(n, shapes, 2, seed=i) for i, n in enumerate(("a", "b", "c"))}  # c: not merged
     store = BasisStore(adapters, "cpu", stats_dir=tmp_path / "stats")
     core = parse_model("tasks:a+b@core-regmean", "knots-ties")
     with pytest.raises(MergeError, match="a, b.*knots-serve stats"):

@@ -19,7 +19,11 @@ Every number is exact-match accuracy of greedy answers from vLLM with the merge 
   alone, and in the basis the server's `basis: auto` picks (subset when it spans at most half the pool's
   rank).
 - Methods: the classic ones, KnOTS/Core TIES, and the spectral ones (iso-c, iso-cts, tsv, cart: the same
-  merge in every space, one id each) and core-doge; grids in knots_serve/tune.py (GRID).
+  merge in every space, one id each) and core-doge; grids in knots_serve/tune.py (GRID). The data-aware
+  ones (regmean, core-regmean) read each task's statistics, measured (`knots-serve stats`'s code) on the
+  first --stats-n validation examples: the test split never feeds them; wudi is data-free.
+- Examples curve (--stats-curve 4,16,64): the data-aware merges of all tasks, at the per-task parameters
+  chosen above, with statistics from that many validation examples per task, scored on test.
 """
 
 from __future__ import annotations
@@ -44,15 +48,18 @@ from knots_serve.base_model import prepare_base
 from knots_serve.demo_tasks import TASKS, task_data
 from knots_serve.evaluate import Evaluator, Merge
 from knots_serve.methods import resolve
+from knots_serve.stats import StatsDir
+from knots_serve.stats_run import stats_for
 from knots_serve.tune import GRID, Tuner
 
 REPO = Path(__file__).resolve().parents[2]
 OLD = ("ta", "ties", "dare-ties", "knots-ties", "knots-dare-ties", "core-ties")
 # the spectral methods are the same in every space (one id each); DOGE in the Core space, per-request sized
 NEW = ("iso-c", "iso-cts", "tsv", "cart", "core-doge")
-METHODS = OLD + NEW
+DATA = ("regmean", "core-regmean", "wudi")  # wudi: data-free, the closed form of a data-like objective
+METHODS = OLD + NEW + DATA
 SUBSET_BASIS = ("knots-ties",)  # also in the subset's own basis and in the server's auto choice (scale run)
-QUICK_GRID = {"alpha": (1.0, 2.0), "top_k": (0.2,), "density": (0.5,)}
+QUICK_GRID = {"alpha": (1.0, 2.0), "top_k": (0.2,), "density": (0.5,), "reduce": (0.95,)}
 SETTINGS = ("per_task", "joint")
 
 
@@ -71,10 +78,16 @@ class Bench:
             dtype=args.dtype,
             max_model_len=512,
         )
-        self.tuner = Tuner(adapters, evaluator, work)
         self.data = {split: {t: task_data(t, split) for t in self.tasks} for split in ("val", "test")}
+        self.tuner = Tuner(adapters, evaluator, work, self.statistics(args.stats_n, adapters))
         self.n = {"val": args.val_n, "test": args.test_n}
         self.lora = {split: self.tuner.lora(self.data[split], self.n[split]) for split in self.data}
+
+    def statistics(self, n: int, adapters=None) -> dict:
+        """Each task's statistics from its first n validation examples (measured once, kept in --work)."""
+        adapters = adapters or self.tuner.adapters
+        examples = {t: list(self.data["val"][t].examples[:n]) for t in self.tasks}
+        return stats_for(prepare_base(), adapters, examples, StatsDir(Path(self.args.work) / "stats"))
 
     def merge(self, method: str, tasks, params: dict, seed: int = 0, basis: str = "shared") -> Merge:
         """basis: shared (all the run's tasks), subset (the merged tasks alone), auto (the server's rule)."""
@@ -163,6 +176,18 @@ def report(res: dict) -> str:
             se = f" ± {(sum(x * x for x in ses) ** 0.5) / len(ses):.3f}" if ses else ""
             cells.append(f"{statistics.fmean(curve[str(k)]):.3f}{se}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    curve = res.get("stats_curve", {})
+    if curve:
+        ns = sorted({int(n) for c in curve.values() for n in c})
+        lines += [
+            "",
+            f"**Examples per task** behind the statistics (per-task normalized accuracy of the {len(tasks)}-task "
+            f"merge, test split, {res['args']['test_n']} prompts per task; parameters as chosen above)",
+            "",
+            "| method | " + " | ".join(f"n={n}" for n in ns) + " |",
+            "|---|" + "---|" * len(ns),
+        ]
+        lines += [f"| {m} | " + " | ".join(f"{c[str(n)]:.3f}" for n in ns) + " |" for m, c in curve.items()]
     lines += ["", "(± one standard error of the test estimate: binomial per task, combined over tasks and subsets.)"]
     return "\n".join(lines)
 
@@ -223,6 +248,8 @@ def main(argv=None) -> int:
         help="search each scale subset's parameters on its validation examples (else: the all-task ones)",
     )
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--stats-n", type=int, default=64, help="validation examples per task behind the statistics")
+    p.add_argument("--stats-curve", default="", help="comma list of examples per task for the examples curve")
     p.add_argument("--work", default="/tmp/knots-quality", help="bases and the evaluation cache (resumable)")
     p.add_argument("--out", help="results.json, results.md, scale.png (default: benchmarks/quality/results)")
     p.add_argument("--eager", action="store_true", help="no torch.compile in vLLM (starts faster, runs slower)")
@@ -234,7 +261,7 @@ def main(argv=None) -> int:
     p.add_argument("--render", action="store_true", help="only rewrite results.md and scale.png from results.json")
     args = p.parse_args(argv)
     if args.quick:
-        args.val_n, args.test_n, args.scale_n, args.seeds, args.ks = 4, 4, 4, 2, ""
+        args.val_n, args.test_n, args.scale_n, args.seeds, args.ks, args.stats_n = 4, 4, 4, 2, "", 4
         args.tasks = args.tasks or "sentiment,last_word"
     args.tasks = [t.strip() for t in (args.tasks or ",".join(TASKS)).split(",") if t.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -310,6 +337,13 @@ def main(argv=None) -> int:
             f"scale k={k}: " + ", ".join(f"{n} {statistics.fmean(c[str(k)]):.3f}" for n, c in res["scale"].items()),
             flush=True,
         )
+    for n in [int(x) for x in args.stats_curve.split(",") if x.strip()]:
+        bench.tuner.stats = bench.statistics(n)
+        for method in [m for m in args.methods if resolve(m)[1].data]:
+            params = res["methods"][method]["per_task"]["params"]
+            got = bench.score(bench.merge(method, args.tasks, params), "test", args.test_n)
+            res.setdefault("stats_curve", {}).setdefault(method, {})[str(n)] = got["per_task"]
+            print(f"examples curve: {method} n={n}: {got['per_task']:.3f}", flush=True)
     res["wall_s"] = {
         "total": round(time.time() - t0, 1),
         "start_and_bases": round(start_s, 1),

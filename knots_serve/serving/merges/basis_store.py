@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import threading
@@ -32,7 +33,7 @@ from safetensors import SafetensorError
 
 from ...adapters import LoraAdapter, check_compatible
 from ...atomic import atomic_write_file
-from ...basis import DEFAULT_RTOL, Basis, auto_basis, build_basis, fingerprint, lora_ranks
+from ...basis import DEFAULT_RTOL, Basis, auto_basis, build_basis, column_range, fingerprint, lora_ranks, rtol_for
 from ...compose import MergeError, adapter_factors, merge_factors, merge_lora, missing_stats, to_host
 from ...methods import factored, resolve
 from ...stats import StatsDir, StatsError, TaskStats
@@ -107,6 +108,8 @@ class BasisStore:
             "_ranks": lora_ranks(adapters),
             "_pool_id": fingerprint(pool, "knots", DEFAULT_RTOL) if pool else "",  # the KnOTS basis's name too
             "_bases": {},
+            "_frames": {},  # core-regmean: per module, the pool's A-span (core_stats)
+            "_projected": {},  # core-regmean: id(task statistics) -> (them, their Grams on those frames)
         }
 
     def _to_device(self, a: LoraAdapter) -> LoraAdapter:
@@ -258,8 +261,10 @@ class BasisStore:
         if factored(method):  # TA and the spectral merges: the same in every space and basis, from the factors
             with self._lock:
                 adapters = self._device_adapters
-            stats = self.task_stats(sel.tasks) if method.data else None
-            lora = merge_factors(adapter_factors(adapters, sel.tasks), sel.spec, stats=stats)
+            stats, frames = None, None
+            if method.data:
+                stats, frames = self.core_stats(sel.tasks) if space == "core" else (self.task_stats(sel.tasks), None)
+            lora = merge_factors(adapter_factors(adapters, sel.tasks), sel.spec, stats=stats, frames=frames)
         else:
             lora = merge_lora(self.basis(space, sel.basis, sel.tasks), sel.spec, max_rank=None)
         return to_host(lora)
@@ -292,6 +297,35 @@ class BasisStore:
             out[t] = cached[1]
         return out
 
+    def core_stats(self, tasks) -> tuple[dict[str, TaskStats], dict[str, torch.Tensor]]:
+        """core-regmean's inputs: per module the pool's A-span V (I×R_pool orthonormal, built once per pool)
+        and each task's Grams projected on it (R_pool×R_pool, once per pool and statistics file). Every
+        subset's A-span lies in V, so the merge is the same as from the full Grams, at a cost that follows
+        the pool's rank, not I² (docs/BENCHMARKS.md, "Compose cost per method")."""
+        full = self.task_stats(tasks)
+        with self._lock:
+            adapters, frames, projected = self._device_adapters, self._frames, self._projected
+        if not frames:
+            modules = {m for a in adapters.values() for m in a.modules}
+            frames = {
+                m: column_range(
+                    torch.cat([a.modules[m].A.double() for a in adapters.values() if m in a.modules]).T,
+                    rtol_for(torch.float32),
+                ).float()
+                for m in modules
+            }
+        out = {}
+        for t, s in full.items():
+            if id(s) not in projected:
+                grams = {m: g.project(frames[m]) for m, g in s.grams.items() if m in frames}
+                projected = {**projected, id(s): (s, dataclasses.replace(s, grams=grams))}
+            out[t] = projected[id(s)][1]
+        with self._lock:
+            if adapters is self._device_adapters:  # not for a pool that changed meanwhile
+                live = {id(v[1]) for v in self._stats.values()}
+                self._frames, self._projected = frames, {k: v for k, v in projected.items() if k in live}
+        return out, frames
+
     def basis_file_for(self, sel: Selection, directory: Path) -> Path:
         """The basis a merge is composed in, saved under `directory` (for the engine's workers to load)."""
         space, _ = resolve(sel.spec.method)
@@ -306,6 +340,8 @@ class BasisStore:
         with self._lock:
             factors = sum(_factor_bytes(a) for a in self._device_adapters.values())
             stats = sum(s.nbytes() for _, s in self._stats.values())
+            stats += sum(s.nbytes() for _, s in self._projected.values())
+            stats += sum(V.numel() * V.element_size() for V in self._frames.values())
             return factors + stats + sum(b.nbytes() for b in (*self._bases.values(), *self._subset.values()))
 
     def task_nbytes(self, name: str) -> int:
