@@ -133,6 +133,13 @@ class TaskStats:
         grams = {m: moved[id(g)] for m, g in self.grams.items()}
         return TaskStats(self.task, self.tokens, self.examples, self.adapter, self.data, grams, self.meta)
 
+    def sketched(self, rank: int) -> TaskStats:
+        """The same statistics with each Gram wider than `rank` as its top-`rank` eigenpairs + diagonal."""
+        done = {id(g): g if g.dense is None else sketch(g.dense, rank) for g in self.grams.values()}
+        grams = {m: done[id(g)] for m, g in self.grams.items()}
+        meta = self.meta | {"sketch_rank": rank}
+        return TaskStats(self.task, self.tokens, self.examples, self.adapter, self.data, grams, meta)
+
     def save(self, path: str | os.PathLike) -> None:
         """Atomically, each distinct Gram once (`same_input` names the modules that share it)."""
         tensors, owner, same = {}, {}, {}

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from .adapters import LoraAdapter
-from .stats import Gram, StatsDir, StatsError, TaskStats, sketch
+from .stats import Gram, StatsDir, StatsError, TaskStats
 from .task_data import Example, digest
 
 # distinct module inputs per layer, all seven projections adapted: (attention in, o_proj in, MLP in, down_proj in)
@@ -113,11 +113,10 @@ def measure(
         for m, W in saved.items():
             named[m].weight.copy_(W)
     grams = {m: Gram(dense=(s / tokens).float()) for m, s in rec.sums.items()}
-    if sketch_rank:
-        grams = {m: sketch(g.dense, sketch_rank) for m, g in grams.items()}
     shared = {m: grams[owner] for m, owner in rec.owner.items()}
-    meta = {"sketch_rank": sketch_rank, "model": str(getattr(model.config, "_name_or_path", ""))}
-    return TaskStats(adapter.name, tokens, len(examples), adapter.digest, data_digest(examples), shared, meta)
+    meta = {"sketch_rank": 0, "model": str(getattr(model.config, "_name_or_path", ""))}
+    stats = TaskStats(adapter.name, tokens, len(examples), adapter.digest, data_digest(examples), shared, meta)
+    return stats.sketched(sketch_rank) if sketch_rank else stats
 
 
 def load_model(model_dir, dtype: str = "float32"):

@@ -229,7 +229,12 @@ class Tuner:
         lacking = [t for t in spec.tasks if t not in self.stats]
         if lacking:
             raise MergeError(missing_stats(lacking))
-        fp = digest(*(f"{self.adapters[t].digest}/{self.stats[t].data}".encode() for t in spec.tasks))
+
+        def measured(t: str) -> str:  # the adapter and the data; a sketched form of them is other statistics
+            rank = int(self.stats[t].meta.get("sketch_rank") or 0)
+            return f"{self.adapters[t].digest}/{self.stats[t].data}" + (f"/sketch{rank}" if rank else "")
+
+        fp = digest(*(measured(t).encode() for t in spec.tasks))
         path = self.work / f"factors-{digest(fp.encode(), spec.key().encode())}.safetensors"
         if not path.is_file():
             lora = merge_factors(adapter_factors(self.adapters, spec.tasks), spec, stats=self.stats)

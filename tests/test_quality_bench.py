@@ -22,6 +22,8 @@ def test_quick_quality_benchmark_runs_end_to_end(tmp_path):
             "--quick",
             "--stats-curve",
             "2",
+            "--sketch-curve",
+            "8",
             "--eager",
             "--dtype",
             "float32",
@@ -52,6 +54,7 @@ def test_quick_quality_benchmark_runs_end_to_end(tmp_path):
         "wudi",
     }
     assert set(res["stats_curve"]) == {"regmean", "core-regmean"} and set(res["stats_curve"]["regmean"]) == {"2"}
+    assert set(res["sketch_curve"]["core-regmean"]) == {"8"} and 0 < res["sketch_bytes"]["8"]
     for method, r in res["methods"].items():
         for setting in ("per_task", "joint"):
             chosen = r[setting]

@@ -184,6 +184,34 @@ def test_low_rank_gram_products_match_its_dense_form():
     assert sketch(G, 20).dense is G  # full rank: kept dense
 
 
+def test_sketched_statistics_keep_shared_inputs_shared_and_say_their_rank():
+    g = torch.Generator().manual_seed(2)
+    shared = Gram(dense=random_gram(10, g).float())
+    stats = TaskStats("t", 9, 2, "a" * 64, "d", {"q": shared, "k": shared, "o": Gram(dense=random_gram(3, g).float())})
+    small = stats.sketched(4)
+    assert small.grams["q"] is small.grams["k"] and small.grams["q"].low.shape == (10, 4)
+    assert small.grams["o"].dense is stats.grams["o"].dense  # narrower than the rank: dense as it was
+    assert small.meta["sketch_rank"] == 4 and small.nbytes() < stats.nbytes()
+
+
+def test_projected_grams_give_core_regmean_exactly():
+    """Gram.project on a frame V spanning every A_t: the solve in V's coordinates is core-regmean itself."""
+    from knots_serve.basis import column_range
+    from knots_serve.compose import regression_merge
+
+    for seed in fresh_seeds():
+        adapters = pool(seed, drop=1)
+        stats = random_stats(adapters, seed, low_rank={"t2": 6})
+        fs = adapter_factors({a.name: a for a in adapters}, ("t0", "t1", "t2"))
+        spec = MergeSpec(("t0", "t2"), "core-regmean", {"reduce": 0.7}, {"t0": 1.0, "t2": 2.0})
+        want = regression_merge(fs, {t: s.grams for t, s in stats.items()}, spec, torch.float64)
+        frames = {m: column_range(torch.cat([A for _, A in per.values()]).T.double(), 1e-12) for m, per in fs.items()}
+        projected = {t: {m: g.project(frames[m]) for m, g in s.grams.items()} for t, s in stats.items()}
+        got = regression_merge(fs, projected, spec, torch.float64, frames)
+        for m in want:
+            assert rel(got[m][0] @ got[m][1], want[m][0] @ want[m][1]) < 1e-6, (m, seed)
+
+
 @pytest.mark.parametrize(
     "tensors,meta,problem",
     [

@@ -24,6 +24,8 @@ Every number is exact-match accuracy of greedy answers from vLLM with the merge 
   first --stats-n validation examples: the test split never feeds them; wudi is data-free.
 - Examples curve (--stats-curve 4,16,64): the data-aware merges of all tasks, at the per-task parameters
   chosen above, with statistics from that many validation examples per task, scored on test.
+- Sketched statistics (--sketch-curve 16,64): the same with each Gram as its top-S eigenpairs + exact
+  diagonal (`knots-serve stats --sketch-rank S`), and the bytes per task each form takes.
 """
 
 from __future__ import annotations
@@ -188,6 +190,19 @@ def report(res: dict) -> str:
             "|---|" + "---|" * len(ns),
         ]
         lines += [f"| {m} | " + " | ".join(f"{c[str(n)]:.3f}" for n in ns) + " |" for m, c in curve.items()]
+    sketch = res.get("sketch_curve", {})
+    if sketch:
+        rs = sorted({int(r) for c in sketch.values() for r in c})
+        mib = res["sketch_bytes"]
+        lines += [
+            "",
+            "**Sketched statistics**: each Gram as its top-S eigenpairs + exact diagonal (S = 0: dense), the "
+            f"{len(tasks)}-task merge at the per-task parameters chosen above, test split; statistics per task",
+            "",
+            "| method | " + " | ".join(f"S={r or 'dense'} ({mib[str(r)] / 2**20:.1f} MiB)" for r in rs) + " |",
+            "|---|" + "---|" * len(rs),
+        ]
+        lines += [f"| {m} | " + " | ".join(f"{c[str(r)]:.3f}" for r in rs) + " |" for m, c in sketch.items()]
     lines += ["", "(± one standard error of the test estimate: binomial per task, combined over tasks and subsets.)"]
     return "\n".join(lines)
 
@@ -250,6 +265,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--stats-n", type=int, default=64, help="validation examples per task behind the statistics")
     p.add_argument("--stats-curve", default="", help="comma list of examples per task for the examples curve")
+    p.add_argument("--sketch-curve", default="", help="comma list of sketch ranks S (0: dense) for the statistics")
     p.add_argument("--work", default="/tmp/knots-quality", help="bases and the evaluation cache (resumable)")
     p.add_argument("--out", help="results.json, results.md, scale.png (default: benchmarks/quality/results)")
     p.add_argument("--eager", action="store_true", help="no torch.compile in vLLM (starts faster, runs slower)")
@@ -344,6 +360,15 @@ def main(argv=None) -> int:
             got = bench.score(bench.merge(method, args.tasks, params), "test", args.test_n)
             res.setdefault("stats_curve", {}).setdefault(method, {})[str(n)] = got["per_task"]
             print(f"examples curve: {method} n={n}: {got['per_task']:.3f}", flush=True)
+    full = bench.statistics(args.stats_n)
+    for r in [int(x) for x in args.sketch_curve.split(",") if x.strip()]:
+        bench.tuner.stats = {t: s.sketched(r) if r else s for t, s in full.items()}
+        res.setdefault("sketch_bytes", {})[str(r)] = statistics.fmean(s.nbytes() for s in bench.tuner.stats.values())
+        for method in [m for m in args.methods if resolve(m)[1].data]:
+            params = res["methods"][method]["per_task"]["params"]
+            got = bench.score(bench.merge(method, args.tasks, params), "test", args.test_n)
+            res.setdefault("sketch_curve", {}).setdefault(method, {})[str(r)] = got["per_task"]
+            print(f"sketch curve: {method} S={r}: {got['per_task']:.3f}", flush=True)
     res["wall_s"] = {
         "total": round(time.time() - t0, 1),
         "start_and_bases": round(start_s, 1),
