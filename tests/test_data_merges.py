@@ -153,3 +153,35 @@ def test_stats_cli_refuses_bad_options_with_one_error_line(server, tmp_path, arg
     r = stats_cli(server.root / "config.yaml", tmp_path, *args)
     assert r.returncode == 2 and r.stderr.startswith("error:") and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_task_registered_with_its_statistics(server, tiny_base, tiny_adapters):
+    """POST /admin/tasks {"stats": FILE}: checked against the adapter before the pool changes, kept in the stats
+    dir, shown by GET /admin/tasks; a file measured with another adapter is a 400 and changes nothing."""
+    import shutil
+
+    extra = server.root / "extra"
+    shutil.copytree(tiny_adapters["alpha"], extra / "epsilon")
+    model, tok = load_model(tiny_base)
+    ok = measure(model, tok, load_adapter(extra / "epsilon", "epsilon"), examples("alpha")[:2])
+    ok.save(extra / "epsilon.safetensors")
+    measure(model, tok, load_adapter(tiny_adapters["gamma"], "epsilon"), examples("alpha")[:2]).save(
+        extra / "bad.safetensors"
+    )
+    task = {"name": "epsilon", "path": str(extra / "epsilon")}
+    for stats, message in (
+        (extra / "bad.safetensors", "another adapter"),
+        (tiny_base / "config.json", "outside the configured adapter_dirs"),
+    ):
+        status, body = http(server, "POST", "/admin/tasks", task | {"stats": str(stats)}, key=ADMIN_KEY)
+        assert status == 400 and message in body["error"]["message"], body
+    assert "epsilon" not in {t["name"] for t in http(server, "GET", "/admin/tasks", key=ADMIN_KEY)[1]["tasks"]}
+    status, body = http(
+        server, "POST", "/admin/tasks", task | {"stats": str(extra / "epsilon.safetensors")}, key=ADMIN_KEY
+    )
+    try:
+        assert status == 201 and body["stats"]["examples"] == 2 and body["stats"]["tokens"] == ok.tokens, body
+        status, body = http(server, "POST", "/v1/completions", {"model": "tasks:epsilon+gamma@regmean", "prompt": "x"})
+        assert status == 400 and "task(s) gamma " in body["error"]["message"], body  # epsilon has its statistics
+    finally:
+        assert http(server, "DELETE", "/admin/tasks/epsilon", key=ADMIN_KEY)[0] == 200
