@@ -283,14 +283,16 @@ class BasisStore:
             raise MergeError(missing_stats(lacking))
         out = {}
         for t, path in found.items():
-            mtime = path.stat().st_mtime_ns
             with self._lock:
                 cached = self._stats.get(path)
-            if cached is None or cached[0] != mtime:
-                try:
+            try:
+                mtime = path.stat().st_mtime_ns
+                if cached is None or cached[0] != mtime:
+                    cached = None
                     stats = TaskStats.load(path, t).to(self.device)
-                except StatsError as e:
-                    raise MergeError(f"task {t!r}: {e}") from None
+            except (StatsError, OSError) as e:  # a bad file; one removed as it was read
+                raise MergeError(f"task {t!r}: {e}") from None
+            if cached is None:
                 with self._lock:
                     self._stats = {p: v for p, v in self._stats.items() if p.exists()} | {path: (mtime, stats)}
                 cached = (mtime, stats)
