@@ -275,3 +275,18 @@ def test_the_server_s_store_finds_statistics_by_adapter_and_refuses_wide_regmean
     want = merge_factors(adapter_factors(adapters, ("a", "b")), core.spec, stats=loaded)
     for m, (B, A) in want.items():
         assert rel(got[m][0].double() @ got[m][1].double(), (B @ A).double()) < 1e-5, m
+
+
+def test_the_options_of_every_method_apply_to_regmean():
+    """--isotropize 1 flattens the merged spectrum; --lines scales deeper blocks more (both in compose.finish)."""
+    adapters = pool(fresh_seeds(1)[0])
+    stats = random_stats(adapters, 4)
+    fs = adapter_factors({a.name: a for a in adapters}, ("t0", "t1"))
+    iso = merge_factors(fs, MergeSpec(("t0", "t1"), "core-regmean", {"isotropize": 1}), torch.float64, stats)
+    for m, (B, A) in iso.items():
+        s = torch.linalg.svdvals(B @ A)
+        s = s[s > 1e-9 * s[0]]
+        assert torch.allclose(s, s.mean().expand_as(s), rtol=1e-6), m
+    plain = merge_factors(fs, MergeSpec(("t0", "t1"), "regmean"), torch.float64, stats)
+    lines = merge_factors(fs, MergeSpec(("t0", "t1"), "regmean", {"lines": 1.0}), torch.float64, stats)
+    assert any(rel(lines[m][0] @ lines[m][1], plain[m][0] @ plain[m][1]) > 1e-3 for m in plain)
