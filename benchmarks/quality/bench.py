@@ -161,15 +161,7 @@ def report(res: dict) -> str:
                 + " |"
             )
     ks = sorted({int(k) for c in res["scale"].values() for k in c})
-    lines += [
-        "",
-        "**Scale** (per-task normalized accuracy, mean over subsets; test split, "
-        f"{res['args']['scale_n']} prompts per task)",
-        "",
-        "| method | " + " | ".join(f"k={k}" for k in ks) + " |",
-        "|---|" + "---|" * len(ks),
-    ]
-    accuracy = res.get("scale_accuracy", {})
+    accuracy, rows = res.get("scale_accuracy", {}), {}
     for name, curve in res["scale"].items():
         cells = []
         for k in ks:
@@ -177,34 +169,31 @@ def report(res: dict) -> str:
             ses = [std_error(a, res["lora_test"], res["args"]["scale_n"]) for a in runs]
             se = f" ± {(sum(x * x for x in ses) ** 0.5) / len(ses):.3f}" if ses else ""
             cells.append(f"{statistics.fmean(curve[str(k)]):.3f}{se}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        rows[name] = cells
+    title = "**Scale** (per-task normalized accuracy, mean over subsets; test split, "
+    title += f"{res['args']['scale_n']} prompts per task)"
+    lines += table(title, [f"k={k}" for k in ks], rows)
+    where = f"the {len(tasks)}-task merge at the per-task parameters chosen above, test split"
     curve = res.get("stats_curve", {})
     if curve:
         ns = sorted({int(n) for c in curve.values() for n in c})
-        lines += [
-            "",
-            f"**Examples per task** behind the statistics (per-task normalized accuracy of the {len(tasks)}-task "
-            f"merge, test split, {res['args']['test_n']} prompts per task; parameters as chosen above)",
-            "",
-            "| method | " + " | ".join(f"n={n}" for n in ns) + " |",
-            "|---|" + "---|" * len(ns),
-        ]
-        lines += [f"| {m} | " + " | ".join(f"{c[str(n)]:.3f}" for n in ns) + " |" for m, c in curve.items()]
+        rows = {m: [f"{c[str(n)]:.3f}" for n in ns] for m, c in curve.items()}
+        lines += table(f"**Examples per task** behind the statistics ({where})", [f"n={n}" for n in ns], rows)
     sketch = res.get("sketch_curve", {})
     if sketch:
-        rs = sorted({int(r) for c in sketch.values() for r in c})
-        mib = res["sketch_bytes"]
-        lines += [
-            "",
-            "**Sketched statistics**: each Gram as its top-S eigenpairs + exact diagonal (S = 0: dense), the "
-            f"{len(tasks)}-task merge at the per-task parameters chosen above, test split; statistics per task",
-            "",
-            "| method | " + " | ".join(f"S={r or 'dense'} ({mib[str(r)] / 2**20:.1f} MiB)" for r in rs) + " |",
-            "|---|" + "---|" * len(rs),
-        ]
-        lines += [f"| {m} | " + " | ".join(f"{c[str(r)]:.3f}" for r in rs) + " |" for m, c in sketch.items()]
+        rs, mib = sorted({int(r) for c in sketch.values() for r in c}), res["sketch_bytes"]
+        heads = [f"S={r or 'dense'} ({mib[str(r)] / 2**20:.1f} MiB)" for r in rs]
+        rows = {m: [f"{c[str(r)]:.3f}" for r in rs] for m, c in sketch.items()}
+        title = f"**Sketched statistics**: each Gram as its top-S eigenpairs + exact diagonal ({where}; MiB per task)"
+        lines += table(title, heads, rows)
     lines += ["", "(± one standard error of the test estimate: binomial per task, combined over tasks and subsets.)"]
     return "\n".join(lines)
+
+
+def table(title: str, heads: list[str], rows: dict[str, list[str]]) -> list[str]:
+    """A markdown table of one row per method, under its title."""
+    out = ["", title, "", "| method | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+    return out + [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows.items()]
 
 
 def std_error(accuracy: dict, lora: dict, n: int) -> float:
@@ -237,6 +226,10 @@ def plot(res: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def numbers(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def main(argv=None) -> int:
@@ -353,22 +346,23 @@ def main(argv=None) -> int:
             f"scale k={k}: " + ", ".join(f"{n} {statistics.fmean(c[str(k)]):.3f}" for n, c in res["scale"].items()),
             flush=True,
         )
-    for n in [int(x) for x in args.stats_curve.split(",") if x.strip()]:
-        bench.tuner.stats = bench.statistics(n)
-        for method in [m for m in args.methods if resolve(m)[1].data]:
-            params = res["methods"][method]["per_task"]["params"]
-            got = bench.score(bench.merge(method, args.tasks, params), "test", args.test_n)
-            res.setdefault("stats_curve", {}).setdefault(method, {})[str(n)] = got["per_task"]
-            print(f"examples curve: {method} n={n}: {got['per_task']:.3f}", flush=True)
     full = bench.statistics(args.stats_n)
-    for r in [int(x) for x in args.sketch_curve.split(",") if x.strip()]:
-        bench.tuner.stats = {t: s.sketched(r) if r else s for t, s in full.items()}
-        res.setdefault("sketch_bytes", {})[str(r)] = statistics.fmean(s.nbytes() for s in bench.tuner.stats.values())
+    points = {("stats_curve", n): lambda n=n: bench.statistics(n) for n in numbers(args.stats_curve)}
+    points |= {
+        ("sketch_curve", r): lambda r=r: {t: s.sketched(r) if r else s for t, s in full.items()}
+        for r in numbers(args.sketch_curve)
+    }
+    for (curve, x), stats in points.items():  # the data-aware merges again, with other statistics
+        bench.tuner.stats = stats()
+        if curve == "sketch_curve":
+            res.setdefault("sketch_bytes", {})[str(x)] = statistics.fmean(
+                s.nbytes() for s in bench.tuner.stats.values()
+            )
         for method in [m for m in args.methods if resolve(m)[1].data]:
             params = res["methods"][method]["per_task"]["params"]
             got = bench.score(bench.merge(method, args.tasks, params), "test", args.test_n)
-            res.setdefault("sketch_curve", {}).setdefault(method, {})[str(r)] = got["per_task"]
-            print(f"sketch curve: {method} S={r}: {got['per_task']:.3f}", flush=True)
+            res.setdefault(curve, {}).setdefault(method, {})[str(x)] = got["per_task"]
+            print(f"{curve}: {method} {x}: {got['per_task']:.3f}", flush=True)
     res["wall_s"] = {
         "total": round(time.time() - t0, 1),
         "start_and_bases": round(start_s, 1),
