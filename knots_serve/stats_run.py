@@ -9,11 +9,14 @@ by tensor identity in the forward, not by name, and share one Gram. Padding toke
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 
 from .adapters import LoraAdapter
+from .compose import MergeSpec, adapter_factors, factor_sum_norm2, finish, regression_merge
 from .stats import Gram, StatsDir, StatsError, TaskStats
 from .task_data import Example, digest
 
@@ -72,6 +75,66 @@ class _Recorder:
             h.remove()
 
 
+@contextmanager
+def _added(model, updates: dict[str, torch.Tensor]):
+    """Each module's weight W + ΔW (updates {module: ΔW}) for the duration; the weights restored after."""
+    named = dict(model.named_modules())
+    missing = [m for m in updates if m not in named]
+    if missing:
+        raise StatsError(f"the base model has no module(s) {', '.join(missing[:3])}: not this adapter's base")
+    saved = {}
+    try:
+        for m, delta in updates.items():
+            W = named[m].weight
+            saved[m] = W.detach().clone()
+            W.add_(delta.to(W.dtype))
+        yield
+    finally:
+        for m, W in saved.items():
+            named[m].weight.copy_(W)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early (layerwise: nothing above the layer is needed)."""
+
+
+def _record(model, tok, examples, modules, batch, step, stop_at=None) -> tuple[dict[str, Gram], int]:
+    """The mean input Gram of each module over the examples' unpadded tokens ({module: Gram}, modules that read
+    one input sharing one), and the token count. stop_at: a submodule after which each forward ends."""
+    rec = _Recorder(model, modules)
+    stopper = stop_at and dict(model.named_modules())[stop_at].register_forward_hook(_stop)
+    try:
+        tokens = 0
+        device = next(model.parameters()).device
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        for i in range(0, len(examples), batch):
+            ids = [token_ids(tok, e) for e in examples[i : i + batch]]
+            n = max(map(len, ids))
+            input_ids = torch.tensor([x + [pad] * (n - len(x)) for x in ids], device=device)
+            mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids], device=device)
+            rec.batch(mask)
+            try:
+                model(input_ids=input_ids, attention_mask=mask)
+            except _Stop:
+                pass
+            tokens += int(mask.sum())
+            step(len(ids))
+    finally:
+        rec.close()
+        if stopper:
+            stopper.remove()
+    grams = {m: Gram(dense=(s / tokens).float()) for m, s in rec.sums.items()}
+    return {m: grams[owner] for m, owner in rec.owner.items()}, tokens
+
+
+def _stop(*_):
+    raise _Stop
+
+
+def _delta(lora) -> torch.Tensor:
+    return lora.scale * lora.B.double() @ lora.A.double()
+
+
 @torch.no_grad()
 def measure(
     model,
@@ -84,39 +147,50 @@ def measure(
     step: Callable[[int], None] = lambda n: None,
 ) -> TaskStats:
     """One task's statistics: its adapter added into `model`'s weights (restored after), its examples run."""
-    named = dict(model.named_modules())
-    saved = {}
-    try:
-        for m, lora in adapter.modules.items():
-            if m not in named:
-                raise StatsError(f"adapter {adapter.name!r}: the base model has no module {m!r}")
-            W = named[m].weight
-            saved[m] = W.detach().clone()
-            W.add_((lora.scale * lora.B.double() @ lora.A.double()).to(W.dtype))
-        rec = _Recorder(model, list(adapter.modules))
-        try:
-            tokens = 0
-            device = next(model.parameters()).device
-            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-            for i in range(0, len(examples), batch):
-                ids = [token_ids(tok, e) for e in examples[i : i + batch]]
-                n = max(map(len, ids))
-                input_ids = torch.tensor([x + [pad] * (n - len(x)) for x in ids], device=device)
-                mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids], device=device)
-                rec.batch(mask)
-                model(input_ids=input_ids, attention_mask=mask)
-                tokens += int(mask.sum())
-                step(len(ids))
-        finally:
-            rec.close()
-    finally:
-        for m, W in saved.items():
-            named[m].weight.copy_(W)
-    grams = {m: Gram(dense=(s / tokens).float()) for m, s in rec.sums.items()}
-    shared = {m: grams[owner] for m, owner in rec.owner.items()}
+    with _added(model, {m: _delta(lora) for m, lora in adapter.modules.items()}):
+        grams, tokens = _record(model, tok, examples, list(adapter.modules), batch, step)
     meta = {"sketch_rank": 0, "model": str(getattr(model.config, "_name_or_path", ""))}
-    stats = TaskStats(adapter.name, tokens, len(examples), adapter.digest, data_digest(examples), shared, meta)
+    stats = TaskStats(adapter.name, tokens, len(examples), adapter.digest, data_digest(examples), grams, meta)
     return stats.sketched(sketch_rank) if sketch_rank else stats
+
+
+LAYER = re.compile(r"^(?P<block>.*\.layers\.(?P<index>\d+))\.")
+
+
+@torch.no_grad()
+def layerwise_regmean(
+    model,
+    tok,
+    adapters: dict[str, LoraAdapter],
+    data: dict[str, list[Example]],
+    spec: MergeSpec,
+    *,
+    batch: int = 8,
+    step: Callable[[int], None] = lambda n: None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """RegMean++ (Nguyen et al.): RegMean layer by layer, bottom up, each task's Grams of layer ℓ measured on
+    its own examples with the layers below ℓ already merged (and layer ℓ that task's own), so a layer's
+    merge sees the inputs the merged model will feed it. Per layer and task, a forward up to layer ℓ:
+    about L/2 full passes per example, offline only. -> the merged factors {module: (B, A)}."""
+    factors = adapter_factors(adapters, spec.tasks)
+    blocks: dict[int, list[str]] = {}
+    for m in factors:
+        found = LAYER.match(m)
+        if found is None:
+            raise StatsError(f"module {m!r} is in no numbered layer (…layers.N.…): layerwise RegMean needs one")
+        blocks.setdefault(int(found["index"]), []).append(m)
+    merged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for index in sorted(blocks):
+        modules, block = blocks[index], LAYER.match(blocks[index][0])["block"]
+        below = {m: B.double() @ A.double() for m, (B, A) in merged.items()}
+        grams = {}
+        with _added(model, below):
+            for t in spec.tasks:
+                own = {m: _delta(adapters[t].modules[m]) for m in modules if m in adapters[t].modules}
+                with _added(model, own):
+                    grams[t], _ = _record(model, tok, data[t], list(own), batch, step, stop_at=block)
+        merged |= regression_merge({m: factors[m] for m in modules}, grams, spec, torch.float32)
+    return finish(merged, spec, lambda: factor_sum_norm2(factors, spec))
 
 
 def load_model(model_dir, dtype: str = "float32"):

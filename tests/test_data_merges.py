@@ -185,3 +185,44 @@ def test_a_task_registered_with_its_statistics(server, tiny_base, tiny_adapters)
         assert status == 400 and "task(s) gamma " in body["error"]["message"], body  # epsilon has its statistics
     finally:
         assert http(server, "DELETE", "/admin/tasks/epsilon", key=ADMIN_KEY)[0] == 200
+
+
+def test_layerwise_regmean_is_regmean_on_layer_0_and_sees_merged_inputs_above(tiny_base, tiny_adapters, tmp_path):
+    """RegMean++: nothing is merged below layer 0, so its merge is RegMean's; layer 1's Grams come from the
+    merged layer 0, so it differs. The weights come back; the CLI writes the same merge."""
+    from knots_serve.compose import MergeSpec, adapter_factors, merge_factors
+    from knots_serve.stats_run import layerwise_regmean
+
+    model, tok = load_model(tiny_base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adapters = {n: load_adapter(tiny_adapters[n], n) for n in DATA}
+    data = {t: examples(t) for t in DATA}
+    spec = MergeSpec(tuple(DATA), "regmean", {"reduce": 0.8})
+    got = layerwise_regmean(model, tok, adapters, data, spec)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    stats = {t: measure(model, tok, adapters[t], data[t]) for t in DATA}
+    plain = merge_factors(adapter_factors(adapters, spec.tasks), spec, stats=stats)
+    assert set(got) == set(plain)
+
+    def rel(m):
+        a, b = (x[m][0].double() @ x[m][1].double() for x in (got, plain))
+        return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+    assert max(rel(m) for m in got if ".layers.0." in m) < 1e-5
+    assert min(rel(m) for m in got if ".layers.1." in m and "q_proj" in m) > 1e-4
+
+    for task, rows in DATA.items():
+        (tmp_path / f"{task}.jsonl").write_text("".join(f'{{"prompt": "{p}", "answer": "{a}"}}\n' for p, a in rows))
+    out = tmp_path / "merged"
+    r = subprocess.run(
+        [CLI, "merge", *(f"--adapter={n}={tiny_adapters[n]}" for n in DATA), "--method", "regmean", "--reduce", "0.8"]
+        + ["--layerwise", str(tmp_path), "--base", str(tiny_base), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    written = load_adapter(out, "m")
+    for m, (B, A) in got.items():
+        delta = written.modules[m].delta(torch.float64)
+        assert torch.linalg.norm(delta - B.double() @ A.double()) < 1e-5 * torch.linalg.norm(delta), m

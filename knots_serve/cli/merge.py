@@ -26,10 +26,16 @@ def merge(
     stats: list[str] = typer.Option(
         [], help="NAME=FILE: a task's statistics (`knots-serve stats`), for regmean and core-regmean; repeat"
     ),
+    layerwise: Path | None = typer.Option(
+        None,
+        help="DIR of <task>.jsonl examples: RegMean++ (regmean, core-regmean), the statistics of each layer measured "
+        "with the layers below it merged (offline: about L/2 forward passes per example; needs --base)",
+    ),
+    max_examples: int | None = typer.Option(None, help="--layerwise: at most this many examples per task"),
     seed: int = typer.Option(0, help="seed of DARE's random drop"),
     trim_scope: str = typer.Option("global", help="TIES trim threshold per task over all modules or per module"),
     format: str = typer.Option("adapter", help="adapter (PEFT LoRA, scale 1) or full (base + ΔW)"),
-    base: Path | None = typer.Option(None, help="base model directory (for --format full)"),
+    base: Path | None = typer.Option(None, help="base model directory (for --format full, --layerwise)"),
     basis: Path | None = typer.Option(None, help="saved basis file to reuse (see `knots-serve basis`)"),
     max_rank: int = typer.Option(512, help="largest rank of the written adapter (dense-space merges only)"),
     dtype: str = typer.Option("float32", help="dtype of the written adapter: float32, bfloat16, float16"),
@@ -60,8 +66,11 @@ def merge(
             "seed": seed,
             "trim_scope": trim_scope,
         }
-        measured = _stats_for(adapters, stats, m.data)
-        if pool is None:
+        measured = _stats_for(adapters, stats, m.data and layerwise is None)
+        if layerwise is not None:
+            lora = _layerwise(adapters, spec, base, layerwise, max_examples)
+            pool, base_model = None, next((a.base_model for a in adapters if a.base_model), None)
+        elif pool is None:
             lora = merge_factors(adapter_factors({a.name: a for a in adapters}, spec.tasks), spec, stats=measured)
             base_model = next((a.base_model for a in adapters if a.base_model), None)
         if format == "full":
@@ -76,6 +85,26 @@ def merge(
     except (AdapterError, MergeError, StatsError, OSError) as e:
         fail(e)
     typer.echo(f"wrote {out} ({method} over {', '.join(spec.tasks)}; basis {t1 - t0:.2f} s, merge {t2 - t1:.2f} s)")
+
+
+def _layerwise(adapters: list[LoraAdapter], spec: MergeSpec, base: Path | None, data: Path, max_examples: int | None):
+    """RegMean++ (stats_run.layerwise_regmean) on the examples in `data`, with a progress bar."""
+    from tqdm import tqdm
+
+    from ..stats_run import layerwise_regmean, load_model
+    from ..task_data import load_data
+
+    if not resolve(spec.method)[1].data:
+        raise MergeError("--layerwise is RegMean++: for --method regmean or core-regmean")
+    if base is None:
+        raise MergeError("--layerwise needs --base MODEL_DIR (the adapters' base model)")
+    names = list(spec.tasks)
+    examples = {t: list(d.examples[:max_examples]) for t, d in load_data(data, names, names, {}).items()}
+    model, tok = load_model(base)
+    layers = len({m.rsplit(".", 2)[0] for a in adapters for m in a.modules})  # a pass per layer and example
+    with tqdm(total=layers * sum(map(len, examples.values())), desc="RegMean++", unit="ex") as bar:
+        lora = layerwise_regmean(model, tok, {a.name: a for a in adapters}, examples, spec, step=bar.update)
+    return lora
 
 
 def _stats_for(adapters: list[LoraAdapter], given: list[str], needed: bool) -> dict:
