@@ -24,6 +24,8 @@ def test_quick_quality_benchmark_runs_end_to_end(tmp_path):
             "2",
             "--sketch-curve",
             "8",
+            "--layerwise",
+            "2",
             "--eager",
             "--dtype",
             "float32",
@@ -55,6 +57,7 @@ def test_quick_quality_benchmark_runs_end_to_end(tmp_path):
     }
     assert set(res["stats_curve"]) == {"regmean", "core-regmean"} and set(res["stats_curve"]["regmean"]) == {"2"}
     assert set(res["sketch_curve"]["core-regmean"]) == {"8"} and 0 < res["sketch_bytes"]["8"]
+    assert res["layerwise"]["n"] == 2 and res["layerwise"]["regmean"] == res["stats_curve"]["regmean"]["2"]
     for method, r in res["methods"].items():
         for setting in ("per_task", "joint"):
             chosen = r[setting]

@@ -24,6 +24,9 @@ Every number is exact-match accuracy of greedy answers from vLLM with the merge 
   first --stats-n validation examples: the test split never feeds them; wudi is data-free.
 - Examples curve (--stats-curve 4,16,64): the data-aware merges of all tasks, at the per-task parameters
   chosen above, with statistics from that many validation examples per task, scored on test.
+- RegMean++ (--layerwise N): regmean's per-task merge of all tasks made layer by layer (each layer's Grams
+  measured with the layers below merged) from N validation examples per task, at regmean's chosen
+  parameters, against regmean from the same N examples (the examples curve's point N), test split.
 - Sketched statistics (--sketch-curve 16,64): the same with each Gram as its top-S eigenpairs + exact
   diagonal (`knots-serve stats --sketch-rank S`), and the bytes per task each form takes.
 """
@@ -45,13 +48,15 @@ from pathlib import Path
 # Set before torch loads; an explicit setting in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from knots_serve.adapters import load_adapter
+from knots_serve.adapters import load_adapter, save_factors
 from knots_serve.base_model import prepare_base
+from knots_serve.compose import MergeSpec
 from knots_serve.demo_tasks import TASKS, task_data
 from knots_serve.evaluate import Evaluator, Merge
 from knots_serve.methods import resolve
 from knots_serve.stats import StatsDir
-from knots_serve.stats_run import stats_for
+from knots_serve.stats_run import layerwise_regmean, load_model, stats_for
+from knots_serve.task_data import digest
 from knots_serve.tune import GRID, Tuner
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,6 +95,20 @@ class Bench:
         adapters = adapters or self.tuner.adapters
         examples = {t: list(self.data["val"][t].examples[:n]) for t in self.tasks}
         return stats_for(prepare_base(), adapters, examples, StatsDir(Path(self.args.work) / "stats"))
+
+    def layerwise(self, n: int, params: dict) -> float:
+        """RegMean++ of all tasks at regmean's chosen per-task parameters, from n validation examples per
+        task: composed here (transformers), pinned as factors, scored on test (per-task normalized)."""
+        spec = MergeSpec(tuple(self.tasks), "regmean", params)
+        fp = digest(
+            f"regmean++/{n}/{spec.key()}".encode(), *(self.tuner.adapters[t].digest.encode() for t in self.tasks)
+        )
+        path = Path(self.args.work) / f"factors-layerwise-{fp}.safetensors"
+        if not path.is_file():
+            model, tok = load_model(prepare_base())
+            data = {t: list(self.data["val"][t].examples[:n]) for t in self.tasks}
+            save_factors(layerwise_regmean(model, tok, self.tuner.adapters, data, spec), path)
+        return self.score(Merge(spec, path, fp, kind="factors"), "test", self.args.test_n)["per_task"]
 
     def merge(self, method: str, tasks, params: dict, seed: int = 0, basis: str = "shared") -> Merge:
         """basis: shared (all the run's tasks), subset (the merged tasks alone), auto (the server's rule)."""
@@ -186,6 +205,13 @@ def report(res: dict) -> str:
         rows = {m: [f"{c[str(r)]:.3f}" for r in rs] for m, c in sketch.items()}
         title = f"**Sketched statistics**: each Gram as its top-S eigenpairs + exact diagonal ({where}; MiB per task)"
         lines += table(title, heads, rows)
+    if "layerwise" in res:
+        lw = res["layerwise"]
+        lines += [
+            "",
+            f"**RegMean++** ({where}, statistics from {lw['n']} examples per task): layer by layer "
+            f"{lw['regmean++']:.3f}, RegMean {lw['regmean']:.3f}.",
+        ]
     lines += ["", "(± one standard error of the test estimate: binomial per task, combined over tasks and subsets.)"]
     return "\n".join(lines)
 
@@ -258,6 +284,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--stats-n", type=int, default=64, help="validation examples per task behind the statistics")
     p.add_argument("--stats-curve", default="", help="comma list of examples per task for the examples curve")
+    p.add_argument("--layerwise", type=int, default=0, help="RegMean++ from this many examples per task (0: off)")
     p.add_argument("--sketch-curve", default="", help="comma list of sketch ranks S (0: dense) for the statistics")
     p.add_argument("--work", default="/tmp/knots-quality", help="bases and the evaluation cache (resumable)")
     p.add_argument("--out", help="results.json, results.md, scale.png (default: benchmarks/quality/results)")
@@ -363,6 +390,15 @@ def main(argv=None) -> int:
             got = bench.score(bench.merge(method, args.tasks, params), "test", args.test_n)
             res.setdefault(curve, {}).setdefault(method, {})[str(x)] = got["per_task"]
             print(f"{curve}: {method} {x}: {got['per_task']:.3f}", flush=True)
+    if args.layerwise and "regmean" in args.methods:
+        params = res["methods"]["regmean"]["per_task"]["params"]
+        res["layerwise"] = {"n": args.layerwise, "regmean++": bench.layerwise(args.layerwise, params)}
+        if str(args.layerwise) not in res.get("stats_curve", {}).get("regmean", {}):
+            bench.tuner.stats = bench.statistics(args.layerwise)
+            got = bench.score(bench.merge("regmean", args.tasks, params), "test", args.test_n)
+            res.setdefault("stats_curve", {}).setdefault("regmean", {})[str(args.layerwise)] = got["per_task"]
+        res["layerwise"]["regmean"] = res["stats_curve"]["regmean"][str(args.layerwise)]
+        print(f"RegMean++ from {args.layerwise} examples per task: {res['layerwise']}", flush=True)
     res["wall_s"] = {
         "total": round(time.time() - t0, 1),
         "start_and_bases": round(start_s, 1),
