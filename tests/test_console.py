@@ -111,6 +111,9 @@ def test_the_pool_shows_each_task_and_the_shared_basis(page, server):
     doc = http(server, "GET", "/admin/tasks", key=ADMIN_KEY)[1]
     tasks, fingerprint = {t["name"]: t for t in doc["tasks"]}, doc["basis"]["fingerprint"]
     assert tasks["beta"]["model"] in rows[1] and tasks["beta"]["source"] in rows[1]
+    for row, name in zip(rows, ["alpha", "beta", "gamma"]):  # statistics: from how many tokens, or none yet
+        stats = tasks[name]["stats"]
+        assert (f"{stats['tokens']} tokens ({stats['examples']} examples)" if stats else "none") in row
     assert fingerprint and fingerprint in page.text_content("#basis")
     # the key stays in the tab's session storage, never in the URL
     assert page.evaluate("sessionStorage.getItem('knots-admin-key')") == ADMIN_KEY and ADMIN_KEY not in page.url
