@@ -75,8 +75,8 @@ def stats_cli(config, data, *extra):
     )
 
 
-def cli_merge(server, tiny_adapters, names, method, extra, stats: dict):
-    out = server.root / f"disk-{method}-{'-'.join(names)}"
+def cli_merge(server, tiny_adapters, names, method, extra, stats: dict, suffix=""):
+    out = server.root / f"disk-{method}-{'-'.join(names)}{suffix}"
     r = subprocess.run(
         [
             CLI,
@@ -136,6 +136,25 @@ def test_served_regmean_after_knots_serve_stats(server, tiny_adapters, tmp_path)
         model="tasks:alpha+beta@regmean", messages=[{"role": "user", "content": "the cat"}], max_tokens=3
     )
     assert chat.choices[0].message.content is not None
+
+    # statistics measured again (all 4 examples: another data digest): the cached merge is composed again
+    def cached_from(model):
+        merges = http(server, "GET", "/admin/merges", key=ADMIN_KEY)[1]["merges"]
+        return next(r["stats"] for r in merges if r["model"] == model)
+
+    model = "tasks:alpha+beta@regmean"
+    old = cached_from(model)
+    assert [s.split("@")[0] for s in old] == [files["alpha"].name, files["beta"].name]
+    assert stats_cli(server.root / "config.yaml", data).returncode == 0
+    new = {
+        t: max((server.root / "state" / "stats").glob(f"{t}.*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
+        for t in DATA
+    }
+    assert TaskStats.load(new["alpha"]).examples == 4 and new["alpha"] != files["alpha"]
+    disk = cli_merge(server, tiny_adapters, ["alpha", "beta"], "regmean", [], new, "-again")
+    for p in PROMPTS:
+        assert complete(c, model, p) == complete(c, disk, p)
+    assert [s.split("@")[0] for s in cached_from(model)] == [new["alpha"].name, new["beta"].name]
     # a task without statistics is never merged some other way
     status, body = http(server, "POST", "/v1/completions", {"model": "tasks:alpha+gamma@core-regmean", "prompt": "x"})
     assert status == 400 and "gamma" in body["error"]["message"] and "alpha" not in body["error"]["message"]

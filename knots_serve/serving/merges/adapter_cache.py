@@ -64,6 +64,7 @@ class Composed:
     path: Path
     nbytes: int
     rank: int
+    stats: tuple[str, ...] = ()  # a data-aware merge: the statistics files it was composed from (stats_tag)
 
 
 def _dir_bytes(path: Path) -> int:
@@ -124,6 +125,7 @@ class AdapterCache:
         composed, a pending slot free) and may refuse it by raising: a client's budget of new merges is
         charged for the composes it starts, never for a refused merge or for joining one under way."""
         self.store.check(sel.tasks)
+        self._drop_stale(sel)
         name = sel.canonical
         with self._lock:
             if name not in self._cache and name not in self._inflight:
@@ -195,8 +197,23 @@ class AdapterCache:
 
     def hold_cached(self, sel: Selection) -> Composed | None:
         """The cached merge, held — or None (then `get` composes it). Never blocks on a compose."""
+        self._drop_stale(sel)
         with self._lock:
             return self._take(sel.canonical, hold=True)
+
+    def _drop_stale(self, sel: Selection) -> None:
+        """A data-aware merge composed from statistics since measured again (`knots-serve stats` on new data,
+        by any process of the deployment): dropped, so this request composes it from the new ones."""
+        with self._lock:
+            cached = self._cache.get(sel.canonical)
+        if cached is None or not cached.stats or cached.stats == self.store.stats_tag(sel):
+            return
+        with self._lock:
+            if self._cache.get(sel.canonical) is not cached:
+                return
+            self._pop(sel.canonical)
+        self._evict(cached)
+        metrics.CACHE_BYTES.set(self.cached_bytes())
 
     def _take(self, name: str, hold: bool) -> Composed | None:
         """A cache hit (counted by the eviction policy, held if asked), or None. Under the lock."""
@@ -210,22 +227,22 @@ class AdapterCache:
 
     def _compose(self, sel: Selection, generation: int, hold: bool) -> Composed:
         while True:
-            path, pool, seconds = self._make(sel)
-            composed = self._add(sel, path, generation, pool, hold, seconds)
+            path, pool, stats, seconds = self._make(sel)
+            composed = self._add(sel, path, generation, pool, stats, hold, seconds)
             if composed is not None:
                 return composed
             generation = self._generation  # made in a pool that has since been replaced: again, in the new one
 
-    def _make(self, sel: Selection) -> tuple[Path, str, float]:
-        """The merge's files (composed, or linked from another API server of the group), the pool's id and
-        the seconds it took (what a miss of it costs again: the eviction policy's cost)."""
+    def _make(self, sel: Selection) -> tuple[Path, str, tuple[str, ...], float]:
+        """The merge's files (composed, or linked from another API server of the group), the pool's id, the
+        statistics it is composed from and the seconds it took (what a miss costs again: the policy's cost)."""
         metrics.COMPOSE_QUEUE.inc()
         with self._slots:
             metrics.COMPOSE_QUEUE.dec()
             metrics.COMPOSE_RUNNING.inc()
             try:
-                pool = self.store.pool_id
-                key = self._key(sel, pool)
+                pool, stats = self.store.pool_id, self.store.stats_tag(sel)
+                key = self._key(sel, pool, stats)
                 t0 = time.perf_counter()
                 with self._group_lock(key):
                     path = self.cache_dir / f"{key}-{next(self._serial)}"
@@ -237,14 +254,15 @@ class AdapterCache:
                         metrics.NEW_MERGE_STAGE.labels("compose").observe(t1 - t0)
                         metrics.NEW_MERGE_STAGE.labels("write").observe(t2 - t1)
                         metrics.COMPOSE_SECONDS.observe(t2 - t0)
-                return path, pool, time.perf_counter() - t0
+                return path, pool, stats, time.perf_counter() - t0
             finally:
                 metrics.COMPOSE_RUNNING.dec()
 
-    def _key(self, sel: Selection, pool: str) -> str:
-        """What a merge's files are named by: the merge, the pool it was composed in and, with several API
-        servers, their group (group.py), whose members find each other's files by it (_link_from_group)."""
-        what = f"{sel.canonical}\0{pool}\0{self.group or self.cache_dir}"
+    def _key(self, sel: Selection, pool: str, stats: tuple[str, ...]) -> str:
+        """What a merge's files are named by: the merge, the pool and statistics it was composed from and,
+        with several API servers, their group (group.py), whose members find each other's files by it
+        (_link_from_group)."""
+        what = f"{sel.canonical}\0{pool}\0{stats}\0{self.group or self.cache_dir}"
         return hashlib.sha256(what.encode()).hexdigest()[:20]
 
     @contextlib.contextmanager
@@ -278,9 +296,10 @@ class AdapterCache:
                 continue
         return False
 
-    def _add(self, sel: Selection, path: Path, generation: int, pool: str, hold: bool, seconds: float):
+    def _add(self, sel: Selection, path: Path, generation: int, pool: str, stats, hold: bool, seconds: float):
         """Cache the merge's files; None (and the files deleted) if they were made in a pool since replaced."""
-        composed = Composed(sel.canonical, path, _dir_bytes(path), json.loads((path / CONFIG_NAME).read_text())["r"])
+        rank = json.loads((path / CONFIG_NAME).read_text())["r"]
+        composed = Composed(sel.canonical, path, _dir_bytes(path), rank, stats)
         with self._lock:
             stale = generation != self._generation or pool != self.store.pool_id
             if not stale:
@@ -386,6 +405,7 @@ class AdapterCache:
                     "priority": self._policy.entries[name].priority,
                     "last_used": self._policy.entries[name].last_used,
                     "in_use": self._held.get(c.path, 0),
+                    "stats": list(c.stats),
                 }
                 for name, c in self._cache.items()
             ]

@@ -275,6 +275,20 @@ class BasisStore:
             a = self.adapters.get(task)
         return self.stats_dir.find(task, a.digest) if a is not None and self.stats_dir else None
 
+    def stats_tag(self, sel: Selection) -> tuple[str, ...]:
+        """The statistics files a data-aware merge reads now (name and mtime per task; () for any other merge):
+        a cached merge whose tag changed is composed again (adapter_cache.py)."""
+        if self.stats_dir is None or not resolve(sel.spec.method)[1].data:
+            return ()
+        tag = []
+        for t in sel.tasks:
+            path = self.stats_file(t)
+            try:
+                tag.append(f"{path.name}@{path.stat().st_mtime_ns}" if path else "")
+            except OSError:  # removed since found
+                tag.append("")
+        return tuple(tag) if any(tag) else ()
+
     def task_stats(self, tasks) -> dict[str, TaskStats]:
         """{task: its statistics on the device}; a MergeError (400) naming every task without statistics."""
         found = {t: self.stats_file(t) for t in tasks}
