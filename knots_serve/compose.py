@@ -286,9 +286,7 @@ def regression_merge(
             reduce=params["reduce"],
             restrict=space == "core",
         )
-        if V is not None:
-            A = A @ V.T
-        out[m] = compact(B, A)
+        out[m] = (B, A if V is None else A @ V.T)  # regmean's factors are compact; V has orthonormal columns
     return out
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..basis import column_range, rtol_for
+from ..basis import column_range, compact, compact_left, rtol_for
 
 RIDGE = 1e-6  # ε of the ridge ε·mean(diag H)·I: H is PSD and may be singular (unused input directions)
 
@@ -38,8 +38,9 @@ def _ridged_solve(H: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
 
 def regmean(factors, grams, w, *, alpha=1.0, reduce=0.95, restrict=False, **_):
     """RegMean of one module from its tasks' factors [(B_t, A_t)] (ΔW_t = B_t·A_t, scale folded into B_t),
-    Grams [stats.Gram] and weights w (n) -> merged factors (B, A) with ΔW = B·A (rank ≤ Σr, not compacted).
-    restrict: rows in the span of the A's (core-regmean, an R×R solve) instead of an I×I solve."""
+    Grams [stats.Gram] and weights w (n) -> the smallest exact factors (B, A) of the merged ΔW = B·A.
+    restrict: rows in the span of the A's (core-regmean, an R×R solve) instead of an I×I solve; its ΔW is
+    B·X·Qᵀ with Q orthonormal: (B·X, Qᵀ) when R ≤ O, else compacted through B's QR (compact_left)."""
     B = torch.cat([alpha * B for B, _ in factors], dim=1)
     dtype = B.dtype
     if restrict:
@@ -50,11 +51,15 @@ def regmean(factors, grams, w, *, alpha=1.0, reduce=0.95, restrict=False, **_):
         GQ = [float(wt) * g.reduced_times(Q, reduce) for g, wt in zip(grams, w)]  # w_t·G̃_t·Q, I×R
         H = sum(Q.T @ gq for gq in GQ)
         N = torch.cat([A @ gq for (_, A), gq in zip(factors, GQ)])  # rows w_t·A_t·G̃_t·Q
-        return B, _ridged_solve(H, N) @ Q.T
+        X = _ridged_solve(H, N)  # ΔW = B·X·Qᵀ
+        if Q.shape[1] <= B.shape[0]:  # rank R ≤ O: Q's rows are already the smallest row basis (B's independent)
+            return B @ X, Q.T
+        Qb, Rb = torch.linalg.qr(B)
+        return compact_left(Qb, Rb @ X, Q)
     Gs = [float(wt) * g.reduced(reduce, dtype) for g, wt in zip(grams, w)]
     H = sum(Gs)
     N = torch.cat([A @ G for (_, A), G in zip(factors, Gs)])
-    return B, _ridged_solve(H, N)
+    return compact(B, _ridged_solve(H, N))
 
 
 def pinv_psd(K: torch.Tensor) -> torch.Tensor:
