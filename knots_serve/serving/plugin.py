@@ -1,7 +1,8 @@
 """vLLM glue, loaded through entry points (pyproject.toml) when VLLM_PLUGINS names `knots_serve`:
 
 - `register` (vllm.general_plugins, every vLLM process): the LoRA resolver; the CPU LoRA-op fix where
-  vLLM's ops are the buggy ones; W0 kept for pins where pinning is on (config `pinning`).
+  vLLM's ops are the buggy ones; the engine's shared-memory queue spinning 0.1 s, not 1 s, after each read
+  (spin.py); W0 kept for pins where pinning is on (config `pinning`).
 - `KnotsEndpoint` (vllm.endpoint_plugins, API server): the admin and /v1/models routes, the request
   middleware (middleware.py), and the KnotsServer state.
 
@@ -19,7 +20,7 @@ import os
 from pathlib import Path
 
 from .cluster.group import Group, StripedIds
-from .engine import launch, lora_fix, pinning
+from .engine import launch, lora_fix, pinning, spin
 from .engine.launch import GROUP_ENV
 from .http.middleware import KnotsMiddleware
 from .server import pins
@@ -45,6 +46,7 @@ def register() -> None:
     else:
         log.info("knots_serve: pinning is off (pinning: false): vLLM's CPU weight packing left as it is")
     log.info("knots_serve: %s", lora_fix.apply())
+    log.info("knots_serve: %s", spin.apply())
 
 
 async def join_group(server, models, engine_client, args) -> None:
