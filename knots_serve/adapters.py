@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_write_dir
+from .atomic import atomic_write_dir, atomic_write_file
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -356,10 +356,14 @@ def save_adapter(
     return atomic_write_dir(out_dir, write)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype names
+
+
 def save_factors(lora: dict[str, tuple[torch.Tensor, torch.Tensor]], path) -> None:
-    """A merge's factors {module: (B, A)} as one safetensors file of {module}.B / {module}.A: what a pin
-    loads (`PinWorker.knots_prepare("factors", path)`)."""
-    save_file({f"{m}.{k}": t.contiguous() for m, (B, A) in lora.items() for k, t in (("B", B), ("A", A))}, str(path))
+    """A merge's factors {module: (B, A)} as one safetensors file of {module}.B / {module}.A, written
+    atomically: what a pin loads (`PinWorker.knots_prepare("factors", path)`)."""
+    tensors = {f"{m}.{k}": t.contiguous() for m, (B, A) in lora.items() for k, t in (("B", B), ("A", A))}
+    atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def save_merged_model(base_dir: str | os.PathLike, deltas: dict[str, torch.Tensor], out_dir: str | os.PathLike) -> Path:

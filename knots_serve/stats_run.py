@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .adapters import LoraAdapter
+from .adapters import DTYPES, LoraAdapter
 from .compose import MergeSpec, adapter_factors, factor_sum_norm2, finish, regression_merge
 from .stats import Gram, StatsDir, StatsError, TaskStats
 from .task_data import Example, digest
@@ -197,7 +197,7 @@ def load_model(model_dir, dtype: str = "float32"):
     """The base model and tokenizer (transformers), in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    torch_dtype = DTYPES.get(dtype)
     if torch_dtype is None:
         raise StatsError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
     tok = AutoTokenizer.from_pretrained(str(model_dir))

@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 
 from .adapters import LoraAdapter, save_factors
-from .atomic import atomic_write_file
 from .basis import auto_basis, build_basis, lora_ranks
 from .compose import MergeError, MergeSpec, adapter_factors, merge_factors, missing_stats
 from .evaluate import Evaluator, Merge
@@ -238,7 +237,7 @@ class Tuner:
         path = self.work / f"factors-{digest(fp.encode(), spec.key().encode())}.safetensors"
         if not path.is_file():
             lora = merge_factors(adapter_factors(self.adapters, spec.tasks), spec, stats=self.stats)
-            atomic_write_file(path, lambda tmp: save_factors(lora, tmp))
+            save_factors(lora, path)
         return Merge(spec, path, fp, kind="factors")
 
     def scores(self, merge: Merge | None, data: dict[str, TaskData], n: int | None = None) -> dict[str, list[float]]:

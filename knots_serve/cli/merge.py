@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ..adapters import AdapterError, LoraAdapter, save_adapter, save_merged_model
+from ..adapters import DTYPES, AdapterError, LoraAdapter, save_adapter, save_merged_model
 from ..basis import DEFAULT_RTOL, SPACES, Basis, build_basis, fingerprint
 from ..compose import MergeError, MergeSpec, adapter_factors, merge_dense, merge_factors, merge_lora, missing_stats
 from ..methods import factored, resolve
@@ -45,9 +45,7 @@ def merge(
             raise MergeError(f"--format must be adapter or full, got {format!r}")
         if format == "full" and base is None:
             raise MergeError("--format full needs --base MODEL_DIR")
-        import torch
-
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+        torch_dtype = DTYPES.get(dtype)
         if torch_dtype is None:
             raise MergeError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
         adapters = load_adapters(adapter)

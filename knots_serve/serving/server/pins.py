@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 from ...adapters import save_factors
-from ...atomic import atomic_write_file
 from ...methods import full_rank
 from .. import metrics
 from ..errors import BadRequest, Conflict, NotFound, Unavailable
@@ -35,7 +34,7 @@ async def pin(server, model: str) -> dict:
     else:
         path = server.cache.cache_dir / f"pin-{next(server.pin_serial)}.safetensors"
         lora = await server.loop.run_in_executor(server.router.compose_pool, server.bases.merge, sel)
-        await asyncio.to_thread(atomic_write_file, path, lambda tmp: save_factors(lora, tmp))
+        await asyncio.to_thread(save_factors, lora, path)
         args = ("factors", str(path))
     engine = server.engine
     try:
