@@ -195,6 +195,14 @@ def test_a_task_registered_with_its_statistics(server, tiny_base, tiny_adapters)
         status, body = http(server, "POST", "/admin/tasks", task | {"stats": str(stats)}, key=ADMIN_KEY)
         assert status == 400 and message in body["error"]["message"], body
     assert "epsilon" not in {t["name"] for t in http(server, "GET", "/admin/tasks", key=ADMIN_KEY)[1]["tasks"]}
+    # a task already registered: refused before its statistics are copied
+    before = sorted((server.root / "state" / "stats").glob("alpha.*"))
+    # (epsilon's files are alpha's adapter: these statistics would be alpha's)
+    alpha = measure(model, tok, load_adapter(extra / "epsilon", "alpha"), examples("alpha")[1:])
+    alpha.save(extra / "alpha.safetensors")
+    taken = {"name": "alpha", "path": str(extra / "epsilon"), "stats": str(extra / "alpha.safetensors")}
+    assert http(server, "POST", "/admin/tasks", taken, key=ADMIN_KEY)[0] == 409
+    assert sorted((server.root / "state" / "stats").glob("alpha.*")) == before
     status, body = http(
         server, "POST", "/admin/tasks", task | {"stats": str(extra / "epsilon.safetensors")}, key=ADMIN_KEY
     )

@@ -74,14 +74,18 @@ class Pool:
         check_task_name(name)
         source = self.admitted(path)
         if stats is not None:
+            self._refuse_registered(name)  # before the file is copied: a refused request changes nothing
             await self._add_stats(name, source, stats)
         async with self.lock:
-            if name in self.server.bases.adapters:
-                raise Conflict(f"task {name!r} is already registered; unregister it first")
+            self._refuse_registered(name)
             tasks = self.server.tasks
             await self.change({name: source}, set(), lambda: tasks.put(name, source))
         await self.server.in_step()
         return self.describe(name)
+
+    def _refuse_registered(self, name: str) -> None:
+        if name in self.server.bases.adapters:
+            raise Conflict(f"task {name!r} is already registered; unregister it first")
 
     async def _add_stats(self, name: str, source: str, stats: str) -> None:
         bases = self.server.bases
