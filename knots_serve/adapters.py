@@ -44,6 +44,8 @@ class LoraModule:
     A: torch.Tensor
     B: torch.Tensor
     scale: float
+    # dtype -> the QR of Aᵀ, kept by basis.a_frames: a task's own half of every per-request joint SVD
+    frames: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def rank(self) -> int:

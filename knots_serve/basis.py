@@ -55,29 +55,78 @@ def joint_svd(
     Returns U (O×k), σ (k), and per task (coef_i, Q_i) with diag(σ)·Vh_i = coef_i·Q_iᵀ.
     Only σ > rtol·σ_max are kept (default: `rtol_for(dtype)`).
     """
+    frames = [torch.linalg.qr(A.to(dtype).T) for A in As]  # A = Ra^T Qa^T
+    (out,) = joint_svds(
+        [B[None] for B in Bs],
+        [(Qa[None], Ra[None]) for Qa, Ra in frames],
+        [torch.tensor([s], dtype=F64) for s in scales],
+        rtol,
+        dtype,
+    )
+    return out
+
+
+def joint_svds(
+    Bs: list[torch.Tensor],
+    frames: list[tuple[torch.Tensor, torch.Tensor]],
+    scales: list[torch.Tensor],
+    rtol: float | None = None,
+    dtype: torch.dtype = F64,
+) -> list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]]:
+    """`joint_svd` of b modules of one shape at once: per task, Bs[i] (b×O×r_i), the QR of its Aᵀ
+    frames[i] = (Qa (b×I×r_i), Ra (b×r_i×r_i)) (`a_frames`), scales[i] (b); one batched QR, product and SVD
+    per step instead of one per module (a per-module loop pays Python and LAPACK-call overhead 100+ times a
+    merge). Each module's result is cut to its own numerical rank."""
     rtol = rtol_for(dtype) if rtol is None else rtol
-    Qb, Rb = torch.linalg.qr(torch.cat([B.to(dtype) for B in Bs], dim=1))
-    Qas, cores = [], []
+    Qb, Rb = torch.linalg.qr(torch.cat([B.to(dtype) for B in Bs], dim=-1))
     # M = Qb · core · blockdiag(Qa_i)^T, core = Rb · blockdiag(s_i·Ra_i^T) formed a task's columns at a time:
     # never the (Σr)² block-diagonal matrix, so a pool's build grows linearly with its total rank
-    for Rb_i, A, s in zip(torch.split(Rb, [B.shape[1] for B in Bs], dim=1), As, scales):
-        Qa, Ra = torch.linalg.qr(A.to(dtype).T)  # A = Ra^T Qa^T
-        Qas.append(Qa)
-        cores.append(Rb_i @ (s * Ra.T))
-    core = torch.cat(cores, dim=1)
-    Uc, sigma, Vhc = torch.linalg.svd(core, full_matrices=False)
-    keep = sigma > rtol * sigma[0] if sigma.numel() and sigma[0] > 0 else torch.zeros_like(sigma, dtype=bool)
-    Uc, sigma, Vhc = Uc[:, keep], sigma[keep], Vhc[keep]
-    U = Qb @ Uc
-    sVh = sigma[:, None] * Vhc
-    coefs = list(torch.split(sVh, [Qa.shape[1] for Qa in Qas], dim=1))
-    return U, sigma, coefs, Qas
+    cores = [
+        Rb_i @ (s.to(Rb.device, dtype)[:, None, None] * Ra.to(dtype).mT)
+        for Rb_i, (_, Ra), s in zip(Rb.split([B.shape[-1] for B in Bs], dim=-1), frames, scales)
+    ]
+    Uc, sigma, Vhc = torch.linalg.svd(torch.cat(cores, dim=-1), full_matrices=False)
+    U, sVh = Qb @ Uc, sigma[..., None] * Vhc
+    top = sigma[:, :1] if sigma.shape[-1] else sigma.new_zeros(sigma.shape[0], 1)
+    ks = ((sigma > rtol * top) & (top > 0)).sum(-1).tolist()  # σ descends: each module keeps a prefix
+    widths = [Qa.shape[-1] for Qa, _ in frames]
+    return [
+        (U[j, :, :k], sigma[j, :k], list(sVh[j, :k].split(widths, dim=-1)), [Qa[j].to(dtype) for Qa, _ in frames])
+        for j, k in enumerate(ks)
+    ]
+
+
+def a_frames(loras: list, dtype: torch.dtype, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The QR of every LoraModule's Aᵀ = Qa·Ra, stacked (b×I×r, b×r×r), from one batched QR. Kept on each
+    module when computed in its own dtype and place (a per-request subset basis: a task's half of the joint
+    SVD is the same in every subset it enters, so it is factored once per task, not once per merge)."""
+    if all(dtype in lora.frames for lora in loras):
+        return tuple(torch.stack(parts) for parts in zip(*(lora.frames[dtype] for lora in loras)))
+    Qa, Ra = torch.linalg.qr(torch.stack([lora.A for lora in loras]).to(device, dtype).mT)
+    if dtype == loras[0].A.dtype and Qa.device == loras[0].A.device:
+        for lora, q, r in zip(loras, Qa, Ra):
+            lora.frames[dtype] = (q, r)
+    return Qa, Ra
 
 
 def compact(B: torch.Tensor, A: torch.Tensor, rtol: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Smallest exact factorization of B·A (up to rtol), computed in B's dtype: (U, diag(σ)·Vh)."""
-    U, _, (coef,), (Q,) = joint_svd([B], [A], [1.0], rtol, dtype=B.dtype)
-    return U, coef @ Q.T
+    return compacts({None: (B, A)}, rtol)[None]
+
+
+def compacts(pairs: dict, rtol: float | None = None) -> dict:
+    """`compact` of every {key: (B, A)}, as one joint SVD batch per shape (and dtype)."""
+    groups: dict[tuple, list] = {}
+    for key, (B, A) in pairs.items():
+        groups.setdefault((B.shape, A.shape, B.dtype), []).append(key)
+    out = {}
+    for (_, _, dtype), keys in groups.items():
+        B = torch.stack([pairs[k][0] for k in keys])
+        frame = torch.linalg.qr(torch.stack([pairs[k][1] for k in keys]).to(dtype).mT)
+        ones = torch.ones(len(keys), dtype=F64)
+        for k, (U, _, (coef,), (Q,)) in zip(keys, joint_svds([B], [frame], [ones], rtol, dtype)):
+            out[k] = (U, coef @ Q.T)
+    return {k: out[k] for k in pairs}
 
 
 def compact_left(
@@ -98,6 +147,37 @@ def compact_left(
     W = vec[:, keep].to(X.dtype)
     B, A = (U @ (X @ W), W.T) if tall else (U @ W, W.T @ X)  # X = (X·W)·Wᵀ, or W·(Wᵀ·X)
     return B, A if V is None else A @ V.T
+
+
+def compact_lefts(
+    items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], rtol: float | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`compact_left(U, X, V)` of many modules. The usual merged X is of full row rank once the rows a
+    trim emptied are dropped (exact: U·X = U[:, kept]·X[kept]); that is certified for each batch of one X
+    shape by one batched Cholesky of the Grams (float64) instead of an eigendecomposition per module. A
+    module the certificate does not cover goes through `compact_left`."""
+    out: list = [None] * len(items)
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, X, _) in enumerate(items):
+        if 0 < X.shape[0] <= X.shape[1]:
+            groups.setdefault((tuple(X.shape), X.dtype), []).append(i)
+    for (_, dtype), idx in groups.items():
+        cut = rtol_for(dtype) if rtol is None else rtol
+        X = torch.stack([items[i][1] for i in idx]).to(F64)
+        G = X @ X.mT
+        diag = G.diagonal(dim1=-2, dim2=-1)
+        empty, trace = diag == 0, diag.sum(-1)
+        # an emptied row gets the eigenvalue trace ≥ λ_max instead of 0, so it cannot fail the certificate
+        L, info = torch.linalg.cholesky_ex(G + torch.diag_embed(empty * trace[:, None]))
+        Linv = torch.linalg.solve_triangular(L, torch.eye(L.shape[-1], dtype=F64, device=L.device), upper=False)
+        # λ_min ≥ 1/‖L⁻¹‖_F² and λ_max ≤ trace: compact_left's full-rank rule (σ_min > 10·rtol·σ_max) holds
+        full = (info == 0) & (trace > 0) & (Linv.square().sum((-2, -1)).reciprocal() > (10 * cut) ** 2 * trace)
+        for j in full.nonzero().flatten().tolist():
+            U, X, V = items[idx[j]]
+            kept = ~empty[j]
+            B, A = (U, X) if bool(kept.all()) else (U[:, kept], X[kept])
+            out[idx[j]] = (B, A if V is None else A @ V.T)
+    return [pair if pair is not None else compact_left(*items[i], rtol=rtol) for i, pair in enumerate(out)]
 
 
 @dataclass
@@ -144,6 +224,11 @@ class ModuleSpace:
             return self.left @ self.coef[i], self.right.T
         raise ValueError("a dense-space basis keeps no factors")
 
+    def frames(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(U, X, V) with the merged ΔW = U·X·Vᵀ (knots: V = None), U and V in X's dtype: for compact_lefts."""
+        right = None if self.right is None else self.right.to(X.dtype)
+        return self.left.to(X.dtype), X, right
+
     @property
     def tensor_shape(self) -> tuple[int, int]:
         if self.space == "knots":
@@ -180,10 +265,8 @@ class ModuleSpace:
         self, X: torch.Tensor, max_rank: int | None, rtol: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact, minimal LoRA factors (B, A) of the merged ΔW, in X's dtype and on its device."""
-        if self.space == "knots":
-            return compact_left(self.left.to(X.dtype), X, rtol=rtol)
-        if self.space == "core":
-            return compact_left(self.left.to(X.dtype), X, self.right.to(X.dtype), rtol=rtol)
+        if self.space != "full":
+            return compact_lefts([self.frames(X)], rtol)[0]
         # full: a dense merge (TIES trims entries) is in general full-rank; keep the top max_rank.
         rtol = rtol_for(X.dtype) if rtol is None else rtol
         U, s, Vh = torch.linalg.svd(X, full_matrices=False)
@@ -248,6 +331,14 @@ class Basis:
                 )
         return cls(meta["space"], meta["tasks"], modules, meta["base_model"], meta["fingerprint"])
 
+    def to_lora(
+        self, merged: dict[str, torch.Tensor], max_rank: int | None
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """`ModuleSpace.to_lora` of every merged X {module: X}, compacted as batches (compact_lefts)."""
+        if self.space == "full":
+            return {m: self.modules[m].to_lora(X, max_rank) for m, X in merged.items()}
+        return dict(zip(merged, compact_lefts([self.modules[m].frames(X) for m, X in merged.items()])))
+
     def to(self, device: torch.device | str) -> Basis:
         """The same basis with every tensor on `device` (a copy; self is unchanged)."""
         modules = {m: ms.to(device) for m, ms in self.modules.items()}
@@ -276,36 +367,65 @@ def fingerprint(adapters: list[LoraAdapter], space: str, rtol: float) -> str:
 def column_range(M: torch.Tensor, rtol: float) -> torch.Tensor:
     """Orthonormal basis of M's column space: left singular vectors with σ > rtol·σ_max. (An SVD, not a
     QR: zero or repeated directions, e.g. a rank-padded adapter, must not add basis vectors.)"""
+    return column_ranges(M[None], rtol)[0]
+
+
+def column_ranges(M: torch.Tensor, rtol: float) -> list[torch.Tensor]:
+    """`column_range` of each matrix of a batch (b × p × q), from one batched SVD."""
     U, s, _ = torch.linalg.svd(M, full_matrices=False)
-    return U[:, s > rtol * s[0]] if s.numel() and s[0] > 0 else U[:, :0]
+    top = s[:, :1] if s.shape[-1] else s.new_zeros(s.shape[0], 1)
+    return [U[j, :, :k] for j, k in enumerate(((s > rtol * top) & (top > 0)).sum(-1).tolist())]
 
 
-def _module_space(
-    space: str, names: list[str], loras, rtol: float, device=None, dtype=F64, store=torch.float32
-) -> ModuleSpace:
-    shape = loras[0].shape
-    tasks = {n: i for i, n in enumerate(names)}
-    Bs, As, scales = [l.B.to(device) for l in loras], [l.A.to(device) for l in loras], [l.scale for l in loras]
+BATCH_BYTES = 256 << 20  # a batch's float64 working set at most (a pool of many tasks at Llama shapes: chunks)
+
+
+def batch_chunks(items: list, per_item_bytes: int) -> list[list]:
+    """`items` cut into consecutive batches of at most BATCH_BYTES working set (one item at least)."""
+    size = max(1, BATCH_BYTES // max(per_item_bytes, 1))
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _working_set(space: str, have: tuple) -> int:
+    """Bytes of one module's float64 working set in `_module_spaces` (have: (task, B shape, A shape) each)."""
+    (out, _), (_, inp) = have[0][1], have[0][2]
+    total_rank = sum(b[1] for _, b, _ in have)
+    return 8 * (len(have) * out * inp if space == "full" else 4 * (out + inp) * total_rank)
+
+
+def _module_spaces(
+    space: str, names: list[str], per_module: list[list], rtol: float, device=None, dtype=F64, store=torch.float32
+) -> list[ModuleSpace]:
+    """The spaces of modules adapted by the same tasks with the same shapes (per_module: each module's
+    LoraModules, in `names` order), computed as one batch."""
+    shape, tasks = per_module[0][0].shape, {n: i for i, n in enumerate(names)}
+
+    def stacked(get):  # per task: its factor of every module, stacked (b × …)
+        return [torch.stack([get(loras[i]) for loras in per_module]).to(device) for i in range(len(names))]
+
+    Bs = stacked(lambda lora: lora.B)
+    scales = [torch.tensor([loras[i].scale for loras in per_module], dtype=F64) for i in range(len(names))]
     if space == "knots":
-        U, _, coefs, qs = joint_svd(Bs, As, scales, max(rtol, rtol_for(dtype)), dtype)
-        return ModuleSpace(
-            space, shape, tasks, U.to(store), None, [c.to(store) for c in coefs], [q.to(store) for q in qs]
-        )
+        frames = [a_frames([loras[i] for loras in per_module], dtype, device) for i in range(len(names))]
+        return [
+            ModuleSpace(space, shape, tasks, U.to(store), None, [c.to(store) for c in coefs], [q.to(store) for q in qs])
+            for U, _, coefs, qs in joint_svds(Bs, frames, scales, max(rtol, rtol_for(dtype)), dtype)
+        ]
+    As = stacked(lambda lora: lora.A)
     if space == "core":
-        Ub = column_range(torch.cat([B.to(F64) for B in Bs], dim=1), rtol)
-        Va = column_range(torch.cat([A.to(F64) for A in As], dim=0).T, rtol)
-        cores = [s * (Ub.T @ B.to(F64)) @ (A.to(F64) @ Va) for B, A, s in zip(Bs, As, scales)]
-        return ModuleSpace(space, shape, tasks, Ub.to(store), Va.to(store), [c.to(store) for c in cores], [])
+        Ubs = column_ranges(torch.cat([B.to(F64) for B in Bs], dim=-1), rtol)
+        Vas = column_ranges(torch.cat([A.to(F64) for A in As], dim=-2).mT, rtol)
+        out = []
+        for j, (Ub, Va) in enumerate(zip(Ubs, Vas)):
+            cores = [float(s[j]) * (Ub.T @ B[j].to(F64)) @ (A[j].to(F64) @ Va) for B, A, s in zip(Bs, As, scales)]
+            out.append(ModuleSpace(space, shape, tasks, Ub.to(store), Va.to(store), [c.to(store) for c in cores], []))
+        return out
     if space == "full":
-        return ModuleSpace(
-            space,
-            shape,
-            tasks,
-            None,
-            None,
-            [s * (B.to(F64) @ A.to(F64)).to(store) for B, A, s in zip(Bs, As, scales)],
-            [],
-        )
+        deltas = [s.to(F64)[:, None, None] * (B.to(F64) @ A.to(F64)) for B, A, s in zip(Bs, As, scales)]
+        return [
+            ModuleSpace(space, shape, tasks, None, None, [d[j].to(store) for d in deltas], [])
+            for j in range(len(per_module))
+        ]
     raise AdapterError(f"unknown merge space {space!r}; choose one of {', '.join(SPACES)}")
 
 
@@ -325,16 +445,26 @@ def build_basis(
     basis). `fingerprint_as` names the basis instead of hashing every factor (for bases made per request).
     `store` is the dtype it is kept in (float64 only where a test checks a compute path to round-off)."""
     check_compatible(adapters)
-    module_names = sorted({m for a in adapters for m in a.modules})
+    if space not in SPACES:
+        raise AdapterError(f"unknown merge space {space!r}; choose one of {', '.join(SPACES)}")
+    # modules adapted by the same tasks with the same factor shapes (q of every layer, …) form one batch
+    groups: dict[tuple, list[str]] = {}
+    for m in sorted({m for a in adapters for m in a.modules}):
+        have = tuple((a.name, a.modules[m].B.shape, a.modules[m].A.shape) for a in adapters if m in a.modules)
+        groups.setdefault(have, []).append(m)
+    batches = groups.items()
     if progress:
         from tqdm.auto import tqdm
 
-        module_names = tqdm(module_names, desc=f"{space} basis", unit="module")
+        batches = tqdm(batches, desc=f"{space} basis", unit="batch")
     modules = {}
-    for m in module_names:
-        have = [a for a in adapters if m in a.modules]
-        loras = [a.modules[m] for a in have]
-        modules[m] = _module_space(space, [a.name for a in have], loras, rtol, device, dtype, store)
+    by_name = {a.name: a for a in adapters}
+    for have, ms in batches:
+        names = [n for n, _, _ in have]
+        for chunk in batch_chunks(ms, _working_set(space, have)):
+            per_module = [[by_name[n].modules[m] for n in names] for m in chunk]
+            modules.update(zip(chunk, _module_spaces(space, names, per_module, rtol, device, dtype, store)))
+    modules = dict(sorted(modules.items()))
     base = next((a.base_model for a in adapters if a.base_model), None)
     return Basis(space, [a.name for a in adapters], modules, base, fingerprint_as or fingerprint(adapters, space, rtol))
 

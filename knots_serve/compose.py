@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 
 from .adapters import LoraAdapter
-from .basis import F64, Basis, compact, compact_left
+from .basis import F64, Basis, compact_lefts, compacts
 from .methods import OPTIONS, PARAMS, factored, resolve
 from .methods.lines import lines_base, lines_scales
 from .methods.spectral import isotropic, isotropic_factors
@@ -106,23 +106,49 @@ def merged_tensors(
         kwargs["generator"] = torch.Generator(device=device).manual_seed(spec.seed)
     modules = [m for m, ms in basis.modules.items() if any(t in ms.tasks for t in names)]
     shapes = {m: basis.modules[m].tensor_shape for m in modules}
+    X, cols = task_rows(basis, modules, names, dtype)
     if method.acts_on == "matrices":
-        stacks = [basis.modules[m].stack(names, dtype) for m in modules]
+        stacks = [X[:, cols[m]].view(len(names), *shapes[m]) for m in modules]
         return dict(zip(modules, method.fn(stacks, w, trim_scope=spec.trim_scope, **kwargs)))
     if method.trims and spec.trim_scope == "global" and modules:
-        # one buffer over all modules, filled in place (no per-module stacks, no concatenation)
-        sizes = [shapes[m][0] * shapes[m][1] for m in modules]
-        X = torch.empty(len(names), sum(sizes), dtype=dtype, device=device)
-        for m, piece in zip(modules, X.split(sizes, dim=1)):
-            piece.copy_(basis.modules[m].stack(names, dtype).flatten(1))
-        pieces = method.fn(X, w, **kwargs).split(sizes)
-        return {m: p.view(shapes[m]) for m, p in zip(modules, pieces)}
+        merged = method.fn(X, w, **kwargs)  # one row per task over all modules: a per-task trim threshold
+        return {m: merged[cols[m]].view(shapes[m]) for m in modules}
     items = modules
     if progress:
         from tqdm.auto import tqdm
 
         items = tqdm(modules, desc=spec.method, unit="module")
-    return {m: method.fn(basis.modules[m].stack(names, dtype).flatten(1), w, **kwargs).view(shapes[m]) for m in items}
+    return {m: method.fn(X[:, cols[m]].contiguous(), w, **kwargs).view(shapes[m]) for m in items}
+
+
+def task_rows(basis: Basis, modules: list[str], names: list[str], dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
+    """The subset's tensors of `modules` as one buffer X (n × Σ sizes: one row per task) and each module's
+    columns in it. Modules whose tensors have one shape are laid side by side and filled as one batch
+    (KnOTS: X_t = coef_t·Q_tᵀ of all of them by one batched product written in place)."""
+    groups: dict[tuple, list[str]] = {}
+    for m in modules:
+        ms = basis.modules[m]
+        parts = tuple(tuple(ms.coef[ms.tasks[t]].shape) if t in ms.tasks else None for t in names)
+        groups.setdefault((ms.tensor_shape, parts), []).append(m)
+    total = sum(len(ms) * p * q for ((p, q), _), ms in groups.items())
+    X = torch.empty(len(names), total, dtype=dtype, device=basis.device)
+    cols, start = {}, 0
+    for ((p, q), parts), members in groups.items():
+        spaces = [basis.modules[m] for m in members]
+        end = start + len(members) * p * q
+        for row, t, part in zip(X, names, parts):
+            piece = row[start:end].view(len(members), p, q)
+            if part is None:  # a task without these modules
+                piece.zero_()
+                continue
+            coefs = torch.stack([ms.coef[ms.tasks[t]] for ms in spaces]).to(dtype)
+            if basis.space == "knots":
+                torch.bmm(coefs, torch.stack([ms.basis_q[ms.tasks[t]] for ms in spaces]).to(dtype).mT, out=piece)
+            else:
+                piece.copy_(coefs)
+        cols.update((m, slice(start + j * p * q, start + (j + 1) * p * q)) for j, m in enumerate(members))
+        start = end
+    return X, cols
 
 
 def _weights(spec: MergeSpec, dtype: torch.dtype, device) -> torch.Tensor:
@@ -153,7 +179,7 @@ def merge_lora(
         return finish(lora, spec, lambda: _basis_sum_norm2(basis, spec, dtype))
     merged = merged_tensors(basis, spec, progress, dtype)
     # a module whose merge is zero keeps rank 0 (written as zero padding): every adapted module stays listed
-    lora = {m: basis.modules[m].to_lora(X, max_rank) for m, X in merged.items()}
+    lora = basis.to_lora(merged, max_rank)
     return finish(lora, spec, lambda: _basis_sum_norm2(basis, spec, dtype))
 
 
@@ -181,14 +207,13 @@ def linear_merge(
     if not resolve(spec.method)[1].linear:
         raise MergeError(f"{spec.method!r} is not a linear merge")
     alpha = spec.resolved_params()["alpha"]
-    out = {}
+    pairs = {}
     for m, per_task in factors.items():
         if not per_task:
             continue
         B = torch.cat([(alpha * spec.weights.get(t, 1.0)) * B.to(dtype) for t, (B, _) in per_task.items()], dim=1)
-        A = torch.cat([A.to(dtype) for _, A in per_task.values()], dim=0)
-        out[m] = compact(B, A)
-    return out
+        pairs[m] = (B, torch.cat([A.to(dtype) for _, A in per_task.values()], dim=0))
+    return compacts(pairs)
 
 
 Cores = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # module -> (P, Q, stack of C_t)
@@ -199,18 +224,25 @@ def factor_cores(factors: dict[str, dict[str, tuple]], tasks, dtype: torch.dtype
     of the stacked B's and of the stacked Aᵀ's give orthonormal frames P (O×Σr), Q (I×Σr) with
     ΔW_t = P·C_t·Qᵀ, C_t = Rb_t·Ra_tᵀ (Σr × Σr; zeros for a task without the module). No O×I matrix is
     formed: the cost is the subset's, Σr·(O+I)·Σr per module, whatever the pool."""
-    out = {}
+    groups: dict[tuple, list[str]] = {}  # modules with the same tasks and factor shapes: one batch
     for m, per_task in factors.items():
-        present = [t for t in tasks if t in per_task]
-        if not present:
-            continue
-        P, Rb = torch.linalg.qr(torch.cat([per_task[t][0].to(dtype) for t in present], dim=1))
-        Q, Ra = torch.linalg.qr(torch.cat([per_task[t][1].to(dtype).T for t in present], dim=1))
-        sizes = [per_task[t][0].shape[1] for t in present]
-        blocks = dict(zip(present, zip(Rb.split(sizes, dim=1), Ra.split(sizes, dim=1))))
-        zero = Rb.new_zeros(Rb.shape[0], Ra.shape[0])
-        out[m] = (P, Q, torch.stack([blocks[t][0] @ blocks[t][1].T if t in blocks else zero for t in tasks]))
-    return out
+        present = tuple(t for t in tasks if t in per_task)
+        if present:
+            groups.setdefault(
+                (present, tuple(per_task[t][1].shape for t in present), per_task[present[0]][0].shape[0]), []
+            ).append(m)
+    out = {}
+    for (present, shapes, _), ms in groups.items():
+        P, Rb = torch.linalg.qr(
+            torch.stack([torch.cat([factors[m][t][0] for t in present], dim=1) for m in ms]).to(dtype)
+        )
+        Q, Ra = torch.linalg.qr(torch.stack([torch.cat([factors[m][t][1] for t in present]) for m in ms]).to(dtype).mT)
+        sizes = [r for r, _ in shapes]  # each task's rank
+        blocks = dict(zip(present, (b @ a.mT for b, a in zip(Rb.split(sizes, dim=-1), Ra.split(sizes, dim=-1)))))
+        zero = Rb.new_zeros(len(ms), Rb.shape[-2], Ra.shape[-2])
+        C = torch.stack([blocks.get(t, zero) for t in tasks], dim=1)  # b × n × Σr × Σr
+        out.update((m, (P[j], Q[j], C[j])) for j, m in enumerate(ms))
+    return {m: out[m] for m in factors if m in out}
 
 
 def basis_cores(basis: Basis, tasks, dtype: torch.dtype = torch.float32) -> Cores:
@@ -242,7 +274,7 @@ def core_merge(cores: Cores, spec: MergeSpec) -> dict[str, tuple[torch.Tensor, t
         return {}
     stacks = [C for _, _, C in cores.values()]
     merged = method.fn(stacks, _weights(spec, stacks[0].dtype, stacks[0].device), **spec.resolved_params())
-    return {m: compact_left(P, X, Q) for (m, (P, Q, _)), X in zip(cores.items(), merged)}
+    return dict(zip(cores, compact_lefts([(P, X, Q) for (P, Q, _), X in zip(cores.values(), merged)])))
 
 
 def regression_merge(

@@ -7,12 +7,34 @@ import torch
 from tiny import random_adapter
 
 from knots_serve.basis import Basis, build_basis, compact, joint_svd
-from knots_serve.compose import MergeSpec, merge_dense, merge_lora
-from knots_serve.methods import METHODS, dare, method_ids, resolve
+from knots_serve.compose import MergeSpec, adapter_factors, merge_dense, merge_factors, merge_lora
+from knots_serve.methods import METHODS, dare, factored, method_ids, resolve
 
 # (O, I) per module; ranks differ per task and per module; Σr > O in "narrow" (the basis is then O-wide).
-SHAPES = {"m.layers.0.q_proj": (24, 40), "m.layers.0.o_proj": (40, 24), "m.layers.1.v_proj": (8, 30)}
-RANKS = [{"m.layers.0.q_proj": 3, "m.layers.0.o_proj": 5, "m.layers.1.v_proj": 4}, 2, 4]
+# several layers: the compose batches modules of one shape (q of layers 0-2; k reads what q reads but writes
+# fewer rows), and task 0's ranks differ between layers, so batches split by rank too
+SHAPES = {
+    "m.layers.0.q_proj": (24, 40),
+    "m.layers.0.o_proj": (40, 24),
+    "m.layers.1.v_proj": (8, 30),
+    "m.layers.1.q_proj": (24, 40),
+    "m.layers.1.k_proj": (8, 40),
+    "m.layers.2.q_proj": (24, 40),
+    "m.layers.2.k_proj": (8, 40),
+}
+RANKS = [
+    {
+        "m.layers.0.q_proj": 3,
+        "m.layers.0.o_proj": 5,
+        "m.layers.1.v_proj": 4,
+        "m.layers.1.q_proj": 3,
+        "m.layers.1.k_proj": 3,
+        "m.layers.2.q_proj": 5,
+        "m.layers.2.k_proj": 3,
+    },
+    2,
+    4,
+]
 
 
 def pool(seed, n=3, rslora=(False, True, False), drop=None):
@@ -121,6 +143,10 @@ def test_every_method_in_every_space_matches_reference(method_id, scope):
         assert set(got) == set(want)
         for m in want:
             assert rel(got[m], want[m]) < 1e-5, (method_id, scope, m, seed)
+        if factored(method) and not method.data:  # the server's path: from the adapters' factors, no basis
+            lora = merge_factors(adapter_factors({a.name: a for a in adapters}, spec.tasks), spec)
+            for m in want:
+                assert rel(lora[m][0].double() @ lora[m][1].double(), want[m]) < 1e-5, (method_id, m, seed)
 
 
 def test_dare_drops_and_rescales_reproducibly():

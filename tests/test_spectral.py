@@ -126,8 +126,9 @@ def test_lines_scales_deeper_blocks_more_and_is_off_by_default():
     assert all(torch.equal(plain[m][0], off[m][0]) for m in plain)
     on = merge_factors(fs, MergeSpec(names, "ta", {"lines": 0.5}), torch.float64)
     ratio = {m: (on[m][0].norm() / plain[m][0].norm()).item() for m in plain}
-    # task arithmetic: a = 1/T on block 0; block 1 of 2 gets 1/T + beta
-    assert all(abs(r - (1 / 3 + (0.5 if ".layers.1." in m else 0.0))) < 1e-10 for m, r in ratio.items())
+    # task arithmetic: a = 1/T on block 0; block l of L gets 1/T + beta·l/(L − 1) (the pool has 3 blocks)
+    depth = {m: int(m.split(".layers.")[1].split(".")[0]) for m in ratio}
+    assert all(abs(r - (1 / 3 + 0.5 * depth[m] / 2)) < 1e-10 for m, r in ratio.items())
 
 
 def test_options_keep_old_keys_and_reach_the_name():

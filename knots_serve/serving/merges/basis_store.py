@@ -373,4 +373,6 @@ class BasisStore:
 
 
 def _factor_bytes(a: LoraAdapter) -> int:
-    return sum(t.numel() * t.element_size() for m in a.modules.values() for t in (m.A, m.B))
+    """A task's factors on the device, with the QR of its Aᵀ that per-request subset bases keep (basis.a_frames)."""
+    tensors = [t for m in a.modules.values() for t in (m.A, m.B, *(x for f in m.frames.values() for x in f))]
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,0 +1,51 @@
+"""The compose runs batches of same-shaped modules at once: each batch gives what one module alone gives."""
+
+import torch
+from test_merge_math import SHAPES, pool, rel
+
+from knots_serve.adapters import LoraAdapter
+from knots_serve.basis import build_basis, compact_left, compact_lefts
+from knots_serve.compose import MergeSpec, merge_lora
+
+
+def one_module(adapters, m):
+    return [LoraAdapter(a.name, {m: a.modules[m]}, a.base_model) for a in adapters if m in a.modules]
+
+
+def test_a_batch_of_modules_builds_what_each_module_builds_alone():
+    adapters = pool(31, drop=2)
+    batched = build_basis(adapters, "knots", dtype=torch.float32)
+    for m in SHAPES:
+        alone = build_basis(one_module(adapters, m), "knots", dtype=torch.float32).modules[m]
+        ms = batched.modules[m]
+        assert ms.tasks == alone.tasks and ms.left.shape == alone.left.shape
+        for t in ms.tasks:
+            assert rel(ms.to_dense(ms.task_tensor(t)), alone.to_dense(alone.task_tensor(t))) < 1e-5, (m, t)
+
+
+def test_subset_bases_reuse_each_tasks_a_frames_exactly():
+    adapters = pool(32)
+    spec = MergeSpec(("t0", "t1"), "knots-ties")
+    first = merge_lora(build_basis(adapters[:2], "knots", dtype=torch.float32), spec)
+    assert all(torch.float32 in lora.frames for a in adapters[:2] for lora in a.modules.values())
+    again = merge_lora(build_basis(adapters[:2], "knots", dtype=torch.float32), spec)  # from the kept frames
+    assert all(torch.equal(first[m][0], again[m][0]) and torch.equal(first[m][1], again[m][1]) for m in first)
+    build_basis(adapters, "knots")  # a float64 pool basis keeps nothing: it is built once
+    assert not any(torch.float64 in lora.frames for a in adapters for lora in a.modules.values())
+
+
+def test_compact_lefts_certifies_full_rank_and_falls_back_otherwise():
+    g = torch.Generator().manual_seed(5)
+    U = torch.linalg.qr(torch.randn(30, 6, generator=g, dtype=torch.float64))[0]
+    full = torch.randn(6, 20, generator=g, dtype=torch.float64)
+    emptied = full.clone()
+    emptied[[1, 4]] = 0  # rows a trim emptied: dropped, the rest certified
+    deficient = torch.randn(6, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 20, generator=g).double()
+    items = [(U, X, None) for X in (full, emptied, deficient, torch.zeros(6, 20, dtype=torch.float64))]
+    items.append((U, torch.randn(6, 4, generator=g, dtype=torch.float64), None))  # tall: compact_left's own path
+    for (U_, X, _), (B, A) in zip(items, compact_lefts(items)):
+        want = compact_left(U_, X)
+        assert B.shape[1] == want[0].shape[1] == int(torch.linalg.matrix_rank(X)), X.shape
+        assert torch.allclose(B @ A, U_ @ X, atol=1e-12)
+    (B, A), _ = compact_lefts(items[1:3])
+    assert B.shape[1] == 4 and torch.equal(A, emptied[[0, 2, 3, 5]])
