@@ -108,6 +108,21 @@ def test_cache_is_bounded_in_bytes(tmp_path):
     assert max(sizes) <= composer.cache_bytes and len(composer.cached()) == 3
 
 
+def test_a_speculative_merge_goes_first_and_never_displaces_a_requested_one(tmp_path):
+    composer = new_cache(pool(), tmp_path / "cache", cache_bytes=1 << 20, max_lora_rank=64)
+    asked = composer.get(sel("tasks:t0+t1"))
+    composer.cache_bytes = 2 * asked.nbytes  # room for two merges
+    wasted = metrics.SPECULATIVE.labels("wasted")._value.get()
+    ahead = composer.get(sel("tasks:t2+t3"), speculative=True)
+    assert composer.describe()[-1]["model"] == ahead.name and composer.describe()[-1]["speculative"]
+    third = composer.get(sel("tasks:t0+t2"), speculative=True)  # over the bound: the older guess goes
+    assert sorted(c.name for c in composer.cached()) == sorted([asked.name, third.name])
+    assert not ahead.path.exists() and metrics.SPECULATIVE.labels("wasted")._value.get() == wasted + 1
+    newest = composer.get(sel("tasks:t1+t3"))  # asked for: the speculative merge nobody used goes first
+    assert sorted(c.name for c in composer.cached()) == sorted([asked.name, newest.name])
+    assert metrics.SPECULATIVE.labels("wasted")._value.get() == wasted + 2
+
+
 def test_a_popular_merge_outlives_newer_ones_asked_for_once(tmp_path):
     """Eviction by the expected cost of a miss (GreedyDual-Size-Frequency), not recency: plain LRU would drop
     the popular merge here, the least recently used when the third arrives."""

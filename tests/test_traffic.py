@@ -7,8 +7,12 @@ import sqlite3
 
 import pytest
 from asgi_edge import Engine, admin, call, make_server
+from prometheus_client import REGISTRY
 
 from knots_serve.serving.http.middleware import KnotsMiddleware
+from knots_serve.serving.merges.names import parse_model
+from knots_serve.serving.server import speculate
+from knots_serve.serving.server.speculate import candidates
 from knots_serve.serving.state import redis_store, sqlite_store, store
 from knots_serve.serving.state.sqlite_store import MIGRATIONS, SqliteStore
 from knots_serve.serving.state.store import FileStore, StoreUnavailable
@@ -127,3 +131,51 @@ def test_prewarm_composes_only_while_no_request_is_in_flight(tmp_path, tiny_adap
         second.close()
 
     asyncio.run(main())
+
+
+def test_candidates_are_the_requested_merges_then_the_hottest_tasks_pairs_in_their_method():
+    def selection(model):
+        return parse_model(model, "knots-ties") if model.startswith("tasks:") else None
+
+    popular = [("tasks:a+b@iso-c", 5.0), ("tasks:a+c@iso-c", 3.0), ("tiny", 9.0), ("tasks:b+a@iso-c", 1.0)]
+    popular += [("tasks:d+c", 2.0)]
+    got = candidates(popular, selection)
+    requested = ["tasks:a+b@iso-c", "tasks:a+c@iso-c", "tasks:c+d@knots-ties"]  # b+a is a+b; tiny no merge
+    assert got[:3] == [selection(m).canonical for m in requested]
+    # heat: a 9, b 6, c 5, d 2; the pairs not requested yet, hottest first, in the most used method
+    assert got[3:] == [selection(f"tasks:{p}@iso-c").canonical for p in ("b+c", "a+d", "b+d", "c+d")]
+
+
+def test_an_idle_server_composes_the_hottest_pair_ahead_and_counts_the_hit(tmp_path, tiny_adapters, monkeypatch):
+    monkeypatch.setenv("KNOTS_ADMIN_KEY", KEY)
+    monkeypatch.setattr(speculate, "ROUND_S", 0.1)
+    ahead = "tasks:beta+gamma@knots-ties"  # never asked for; its tasks are in the hot merges
+
+    async def main():
+        server = make_server(tmp_path, tiny_adapters, prewarm=0, speculate=2)
+        mw = KnotsMiddleware(Engine())
+        for model in ["tasks:alpha+beta@knots-ties"] * 3 + ["tasks:alpha+gamma@knots-ties"] * 2:
+            assert (await call(mw, model))[0] == 200
+        server.traffic.flush(server.store)  # what the next poll does
+        hits = metric("knots_speculative_total", outcome="hit")
+        for _ in range(300):
+            merges = (await admin(server, "GET", "/admin/merges", key=KEY))[1]["merges"]
+            if ahead in {m["model"] for m in merges}:
+                break
+            await asyncio.sleep(0.1)
+        assert {m["model"]: m["why"] for m in merges}[ahead] == "speculative"
+        assert (await call(mw, ahead))[0] == 200
+        assert metric("knots_speculative_total", outcome="hit") == hits + 1
+        row = next(
+            m for m in (await admin(server, "GET", "/admin/merges", key=KEY))[1]["merges"] if m["model"] == ahead
+        )
+        assert row["why"] == "request" and row["hits"] == 1  # the first request is its first hit
+        assert len(server.cache.cached()) == 3  # nothing else to guess: the three pairs are there
+        KnotsMiddleware.server = None
+        server.close()
+
+    asyncio.run(main())
+
+
+def metric(name, **labels):
+    return REGISTRY.get_sample_value(name, labels) or 0.0

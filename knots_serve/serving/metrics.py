@@ -20,9 +20,17 @@ COMPOSE_BUSY = Counter("knots_compose_busy", "new merges refused (503, Retry-Aft
 CACHE = Counter(
     "knots_compose_cache",
     "composed-adapter cache lookups (hit, miss, wait: joined a compose already under way; linked: a miss served "
-    "by another API server's compose of it, group.py)",
+    "by another API server's compose of it, group.py; speculative: a compose ahead of any request, speculate.py)",
     ["result"],
 )
+SPECULATIVE = Counter(
+    "knots_speculative",
+    "merges composed ahead of any request while idle (speculate.py), by outcome: composed; hit: a request then "
+    "used it; wasted: evicted or dropped before any request did",
+    ["outcome"],
+)
+for _outcome in ("composed", "hit", "wasted"):  # each series exists from the start
+    SPECULATIVE.labels(_outcome)
 CACHE_EVICTIONS = Counter(
     "knots_compose_cache_evictions", "composed merges evicted (bound in bytes or a full cache_dir)"
 )

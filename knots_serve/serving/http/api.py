@@ -72,7 +72,8 @@ async def unregister_task(name: str, request: Request):
 @router.get("/admin/merges", dependencies=[Depends(admin)])
 async def list_merges(request: Request):
     """What is cached (with hits, compose time, eviction priority, requests using it, and why: prewarmed
-    for a recipe or for traffic, or composed for a request), composing, pinned, and hot across the store."""
+    for a recipe or for traffic, composed ahead and not used yet (speculative), or composed for a request),
+    composing, pinned, and hot across the store."""
     s = server(request)
     c, why, now = s.cache, s.prewarm.why, weight()  # counts in the store are forward-decayed: traffic.py
     try:
@@ -80,7 +81,9 @@ async def list_merges(request: Request):
     except MergeError as e:  # the store away: the rest still answers
         hot = str(e)
     return {
-        "merges": [r | {"why": why.get(r["model"], "request")} for r in c.describe()],
+        "merges": [
+            r | {"why": why.get(r["model"]) or ("speculative" if r["speculative"] else "request")} for r in c.describe()
+        ],
         "composing": c.composing_now(),
         "pinned": s.pinned and s.pinned["model"],
         "hot": [{"model": m, "recent_requests": round(n / now, 2)} for m, n in hot] if isinstance(hot, list) else hot,

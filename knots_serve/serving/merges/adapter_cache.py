@@ -5,7 +5,8 @@ or composed by the basis store (basis_store.py) and written to the tmpfs cache. 
 calls for the same new merge compose it once. At most `workers` composes run at once, at most
 `max_pending` distinct new merges wait or run; past that a new merge is refused at once (ComposeBusy,
 HTTP 503 with Retry-After) instead of queueing without bound. The cache is bounded in bytes and evicts by
-the expected cost of a miss (GreedyDual-Size-Frequency, cache_policy.py), not by recency alone.
+the expected cost of a miss (GreedyDual-Size-Frequency, cache_policy.py), not by recency alone; a merge
+composed ahead of any request (`speculative`, server/speculate.py) enters with no hit, the first to go.
 Before a merge's files are deleted it is reported to `on_evict` (the server then drops it from vLLM's
 table, so that vLLM never loads a deleted path; the next request composes it again). Every compose writes a
 new directory, so a merge composed again never shares a path with files about to be deleted.
@@ -97,6 +98,7 @@ class AdapterCache:
         self._cache: dict[str, Composed] = {}
         self._policy = GreedyDualSizeFrequency()  # what to evict first: the cheapest miss per byte
         self._inflight: dict[str, Future] = {}
+        self._speculative: set[str] = set()  # composed ahead (speculate.py) and not used by a request yet
         self._held: dict[Path, int] = {}  # path -> requests using it now
         self._doomed: dict[Path, Composed] = {}  # dropped while held: deleted by the last release
         self._serial = itertools.count()
@@ -114,16 +116,20 @@ class AdapterCache:
         with self._lock:
             self._generation += 1
             dropped, self._cache, self._policy = list(self._cache.values()), {}, GreedyDualSizeFrequency()
+            self._dropped([c.name for c in dropped])
         for c in dropped:
             self._evict(c)
         metrics.CACHE_BYTES.set(0)
 
     # --- composed merges --------------------------------------------------------------------------------
-    def get(self, sel: Selection, hold: bool = False, admit: Callable[[], None] | None = None) -> Composed:
+    def get(
+        self, sel: Selection, hold: bool = False, admit: Callable[[], None] | None = None, speculative: bool = False
+    ) -> Composed:
         """The merge's adapter; with hold=True it stays on disk until `release` (see the module doc).
         `admit()` runs once this call is about to start a compose (the merge checked, not cached, not being
         composed, a pending slot free) and may refuse it by raising: a client's budget of new merges is
-        charged for the composes it starts, never for a refused merge or for joining one under way."""
+        charged for the composes it starts, never for a refused merge or for joining one under way.
+        speculative=True: composed ahead of any request (speculate.py), cached as nobody's hit yet."""
         self.store.check(sel.tasks)
         self._drop_stale(sel)
         name = sel.canonical
@@ -132,7 +138,7 @@ class AdapterCache:
                 t0 = time.perf_counter()
                 self._check_plan(sel)
                 metrics.NEW_MERGE_STAGE.labels("plan").observe(time.perf_counter() - t0)
-            hit = self._take(name, hold)
+            hit = self._take(name, hold, speculative)
             if hit is not None:
                 return hit
             future = self._inflight.get(name)
@@ -152,12 +158,14 @@ class AdapterCache:
             metrics.CACHE.labels("wait").inc()
             composed = future.result()
             with self._lock:
+                if not speculative:
+                    self._used(name)
                 if not hold or self._cache.get(name) is composed:
                     return self._hold(composed) if hold else composed
             return self.get(sel, hold)  # evicted before this waiter could hold it: compose it again
-        metrics.CACHE.labels("miss").inc()
+        metrics.CACHE.labels("speculative" if speculative else "miss").inc()
         try:
-            composed = self._compose(sel, generation, hold)
+            composed = self._compose(sel, generation, hold, speculative)
             future.set_result(composed)
             return composed
         except BaseException as e:
@@ -215,20 +223,35 @@ class AdapterCache:
         self._evict(cached)
         metrics.CACHE_BYTES.set(self.cached_bytes())
 
-    def _take(self, name: str, hold: bool) -> Composed | None:
-        """A cache hit (counted by the eviction policy, held if asked), or None. Under the lock."""
+    def _take(self, name: str, hold: bool, speculative: bool = False) -> Composed | None:
+        """A cache hit (counted by the eviction policy, held if asked), or None; a speculative lookup counts
+        nothing. Under the lock."""
         hit = self._cache.get(name)
-        if hit is not None:
+        if hit is not None and not speculative:
             self._policy.hit(name)
             metrics.CACHE.labels("hit").inc()
+            self._used(name)
             if hold:
                 self._hold(hit)
         return hit
 
-    def _compose(self, sel: Selection, generation: int, hold: bool) -> Composed:
+    def _used(self, name: str) -> None:
+        """A request uses the merge: if it was composed speculatively, that compose was a hit. Under the lock."""
+        if name in self._speculative:
+            self._speculative.discard(name)
+            metrics.SPECULATIVE.labels("hit").inc()
+
+    def _dropped(self, names) -> None:
+        """Merges leave the cache: a speculative one no request used was wasted. Under the lock."""
+        for name in names:
+            if name in self._speculative:
+                self._speculative.discard(name)
+                metrics.SPECULATIVE.labels("wasted").inc()
+
+    def _compose(self, sel: Selection, generation: int, hold: bool, speculative: bool = False) -> Composed:
         while True:
             path, pool, stats, seconds = self._make(sel)
-            composed = self._add(sel, path, generation, pool, stats, hold, seconds)
+            composed = self._add(sel, path, generation, pool, stats, hold, seconds, speculative)
             if composed is not None:
                 return composed
             generation = self._generation  # made in a pool that has since been replaced: again, in the new one
@@ -296,16 +319,22 @@ class AdapterCache:
                 continue
         return False
 
-    def _add(self, sel: Selection, path: Path, generation: int, pool: str, stats, hold: bool, seconds: float):
-        """Cache the merge's files; None (and the files deleted) if they were made in a pool since replaced."""
+    def _add(
+        self, sel: Selection, path: Path, generation: int, pool: str, stats, hold: bool, seconds: float, speculative
+    ):
+        """Cache the merge's files; None (and the files deleted) if they were made in a pool since replaced.
+        A speculative merge enters with no hit and may itself be the one evicted to fit the bound."""
         rank = json.loads((path / CONFIG_NAME).read_text())["r"]
         composed = Composed(sel.canonical, path, _dir_bytes(path), rank, stats)
         with self._lock:
             stale = generation != self._generation or pool != self.store.pool_id
             if not stale:
                 self._cache[sel.canonical] = self._hold(composed) if hold else composed
-                self._policy.add(sel.canonical, seconds, composed.nbytes)
-                evicted = self._over_bound(keep=sel.canonical)
+                self._policy.add(sel.canonical, seconds, composed.nbytes, hits=0 if speculative else 1)
+                if speculative:
+                    self._speculative.add(sel.canonical)
+                    metrics.SPECULATIVE.labels("composed").inc()
+                evicted = self._over_bound(keep=None if speculative else sel.canonical)
         if stale:
             shutil.rmtree(path, ignore_errors=True)
             try:
@@ -342,11 +371,13 @@ class AdapterCache:
         its bound (under the lock)."""
         victims = self._policy.victims(self.cache_bytes, lambda n: n != keep and self._cache[n].path not in self._held)
         metrics.CACHE_EVICTIONS.inc(len(victims))
+        self._dropped(victims)
         return [self._cache.pop(n) for n in victims]
 
     def _pop(self, name: str) -> Composed:
         self._policy.remove(name)
         metrics.CACHE_EVICTIONS.inc()
+        self._dropped([name])
         return self._cache.pop(name)
 
     def _hold(self, c: Composed) -> Composed:
@@ -406,10 +437,22 @@ class AdapterCache:
                     "last_used": self._policy.entries[name].last_used,
                     "in_use": self._held.get(c.path, 0),
                     "stats": list(c.stats),
+                    "speculative": name in self._speculative,
                 }
                 for name, c in self._cache.items()
             ]
         return sorted(rows, key=lambda r: -r["priority"])
+
+    def knows(self, name: str) -> bool:
+        """Cached or being composed."""
+        with self._lock:
+            return name in self._cache or name in self._inflight
+
+    def room_for_one(self) -> bool:
+        """Is there room for one more merge of the cached ones' mean size without evicting (speculate.py)?"""
+        with self._lock:
+            sizes = [c.nbytes for c in self._cache.values()]
+        return not sizes or self.cache_bytes - sum(sizes) >= sum(sizes) / len(sizes)
 
     def cached_bytes(self) -> int:
         with self._lock:

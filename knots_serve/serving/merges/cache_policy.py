@@ -37,8 +37,9 @@ class GreedyDualSizeFrequency:
     def __contains__(self, key) -> bool:
         return key in self.entries
 
-    def add(self, key, cost: float, size: int) -> None:
-        e = self.entries[key] = Entry(max(cost, MIN_COST_S), max(size, 1), last_used=time.time())
+    def add(self, key, cost: float, size: int, hits: int = 1) -> None:
+        """A new entry; hits=0 for one nobody asked for yet (composed speculatively): priority L, the first to go."""
+        e = self.entries[key] = Entry(max(cost, MIN_COST_S), max(size, 1), hits, last_used=time.time())
         e.priority = self._priority(e)
 
     def hit(self, key) -> None:

@@ -78,6 +78,13 @@ class ServeConfig(BaseModel):
         description="at start, compose in the background the recipes' merges and the N merges "
         "most requested recently (request counts kept in the store); 0: start cold",
     )
+    speculate: int = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="while idle, compose ahead up to N merges a round that are likely to be asked for next: "
+        "the most requested across the deployment, then pairs of the hottest tasks (speculate.py); 0: off",
+    )
     basis_cache_bytes: int = Field(
         256 << 20, gt=0, description="bound of the subset bases cached on the compose device (same policy)"
     )

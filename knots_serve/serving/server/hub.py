@@ -6,6 +6,7 @@ plugin. The hub holds what its parts share and the parts, each with one job:
 - `ab` (ab.py): experiments and the promotion of winners to recipes;
 - `store_sync` (sync.py): what other replicas write to the store, applied here;
 - `prewarm` (prewarm.py): at start, the merges likely to be asked for first, composed in the background;
+- `speculate` (speculate.py): while idle, the merges likely to be asked for next, composed ahead;
 - pins (pins.py): merges written into the engine's weights.
 
 The HTTP edge calls the hub's methods only; each is its part's."""
@@ -32,6 +33,7 @@ from .gate import Gate
 from .pool import Pool
 from .prewarm import Prewarm
 from .routing import Route, Router, check_model
+from .speculate import Speculate
 from .sync import StoreSync
 
 SYNC_S = 600  # beyond the drain: what another API server may take to apply a change (a pool's basis build)
@@ -82,8 +84,10 @@ class KnotsServer:
         self.pin_lock = asyncio.Lock()  # one pin or unpin at a time
         self.traffic = Traffic()  # merges requested here, added to the store's counts at each poll
         self.prewarm = Prewarm(self)
+        self.speculate = Speculate(self)
         self.store_sync.start()
         self.prewarm.start()  # in the background: readiness is not delayed
+        self.speculate.start()
 
     async def join(self, group) -> None:
         """Become one of several API server processes (group.py): what one of them composes or builds, the
@@ -97,6 +101,7 @@ class KnotsServer:
             self.group.close()
         self.store_sync.stop()
         self.prewarm.stop()
+        self.speculate.stop()
         self.cache.close()
         self.store.close()
 
