@@ -10,8 +10,10 @@ write) and vLLM loads it; the second request for it is served from the cache.
 
 - single client: --single pairs one after another, each asked twice: first / again;
 - burst: --burst other pairs at once (all never seen), then the same --burst at once again.
-Reported: medians and the ratio first / cached (the issue-12 targets: ≤ 1.5 single, ≤ 2 burst), and
-what the server's /metrics says the composes took.
+Reported: medians and the ratio first / cached (the issue-12 targets: ≤ 1.5 single, ≤ 2 burst), what the
+server's /metrics says the composes took, and the same single-client merges composed again in this process
+once the server is down (`BasisStore.merge`, each subset basis dropped first: never seen) — the server's
+compose stage against the standalone compose of the same merges, in one run. Speculative compose is off.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-from serve_load import one, scenario, server_config, start_server
+from serve_load import ROOT, one, scenario, server_config, start_server
 
 TASKS = ["add", "sentiment", "reverse_words", "to_digits", "sort_numbers", "max_number", "last_word", "pick_category"]
+WARM = "tasks:last_word+pick_category"  # the last pair: --single + --burst <= 27 never reach it
 
 
 def stages(url: str) -> dict[str, float]:
@@ -45,7 +48,26 @@ def compose_seconds(url: str) -> tuple[float, int]:
     return total, count
 
 
-async def run(url: str, args) -> None:
+def standalone(models: list[str]) -> float:
+    """Mean seconds of `BasisStore.merge` for these merges in this process, each never seen (its subset basis
+    dropped first), after the warm-up merge the server composed first."""
+    from knots_serve.adapters import load_adapter
+    from knots_serve.serving.merges.basis_store import BasisStore
+    from knots_serve.serving.merges.names import parse_model
+
+    store = BasisStore({n: load_adapter(ROOT / "adapters" / n, n) for n in TASKS}, "cpu")
+    store.merge(parse_model(WARM, "knots-ties"))
+    times = []
+    for m in models:
+        store.clear_subsets()
+        t0 = time.perf_counter()
+        store.merge(parse_model(m, "knots-ties"))
+        times.append(time.perf_counter() - t0)
+    return statistics.mean(times)
+
+
+async def run(url: str, args) -> tuple[list[str], float]:
+    """Drive the server; returns the single client's merges and the server's mean compose stage for them."""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=900)
@@ -53,6 +75,7 @@ async def run(url: str, args) -> None:
     single, burst = pairs[: args.single], pairs[args.single : args.single + args.burst]
     t = args.max_tokens
     await scenario(client, ["add", "sentiment"], 2, t)  # warm: engine paths, LoRA code paths
+    await one(client, WARM, 0, t)  # and a first compose, of a pair no scenario below asks for
     c0, s0 = compose_seconds(url), stages(url)
     first, again = [], []
     for i, m in enumerate(single):
@@ -92,12 +115,13 @@ async def run(url: str, args) -> None:
         "\nper pair, single client (first, cached): "
         + ", ".join(f"{m.removeprefix('tasks:')} {f:.2f}/{a:.2f}" for m, f, a in zip(single, first, again))
     )
+    return single, per["compose"]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--single", type=int, default=6, help="pairs asked one after another by one client")
-    ap.add_argument("--burst", type=int, default=8, help="pairs asked all at once (--single + --burst <= 28)")
+    ap.add_argument("--burst", type=int, default=8, help="pairs asked all at once (--single + --burst <= 27)")
     ap.add_argument("--max-tokens", type=int, default=16)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="knots-serve-bench-") as tmp:
@@ -106,7 +130,12 @@ def main():
         t0 = time.perf_counter()
         with start_server(root, cfg, {"KNOTS_ADMIN_KEY": "bench-key"}, timeout=900) as srv:
             print(f"# server up in {time.perf_counter() - t0:.0f} s", flush=True)
-            asyncio.run(run(srv.url, args))
+            single, in_server = asyncio.run(run(srv.url, args))
+    alone = standalone(single)
+    print(
+        f"\ncompose of the single client's {len(single)} merges (mean): in the server {in_server:.3f} s, standalone "
+        f"(this process, the server down) {alone:.3f} s: **{in_server / alone:.2f}×** (target ≤ 1.2)"
+    )
 
 
 if __name__ == "__main__":

@@ -36,13 +36,14 @@ KEY = "bench-key"
 PROMPT = "Add the two numbers and give only the sum.\n{a} + {b}"
 
 
-def server_config(cache: Path, state: Path) -> dict:
-    """configs/default.yaml with absolute paths and this run's own cache and state directories."""
+def server_config(cache: Path, state: Path, speculate: int = 0) -> dict:
+    """configs/default.yaml with absolute paths and this run's own cache and state directories; speculative
+    compose off unless asked (what a never-seen merge costs is what most of these benchmarks measure)."""
     cfg_dir = ROOT / "configs"
     cfg = yaml.safe_load((cfg_dir / "default.yaml").read_text())
     cfg["tasks"] = {n: str((cfg_dir / p).resolve()) for n, p in cfg["tasks"].items()}
     cfg["adapter_dirs"] = [str((cfg_dir / p).resolve()) for p in cfg["adapter_dirs"]]
-    return cfg | {"cache_dir": str(cache), "state_dir": str(state)}
+    return cfg | {"cache_dir": str(cache), "state_dir": str(state), "speculate": speculate}
 
 
 def admin(url: str, method: str, path: str, body: dict | None = None) -> dict:

@@ -70,13 +70,16 @@ class KnotsEndpoint:
         app.add_middleware(KnotsMiddleware)
 
     async def init_state(self, engine_client, state, args) -> None:
+        import torch
         from vllm import envs
 
         from .http.auth import digest
         from .server.config import CONFIG_ENV, load_config
         from .server.hub import KnotsServer
 
-        server = KnotsServer(load_config(os.environ[CONFIG_ENV]), state.openai_serving_models, engine_client)
+        cfg = load_config(os.environ[CONFIG_ENV])
+        torch.set_num_threads(cfg.compose_threads)  # before any compose thread starts (config.py says why)
+        server = KnotsServer(cfg, state.openai_serving_models, engine_client)
         # the API keys vLLM checks on /v1/* (its --api-key wins over VLLM_API_KEY); auth.py checks them everywhere
         server.api_keys = [digest(k) for k in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if k]
         state.knots = KnotsMiddleware.server = server

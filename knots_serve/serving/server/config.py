@@ -103,6 +103,14 @@ class ServeConfig(BaseModel):
         "auto", description="where merges are composed: auto (CUDA if torch sees it, else CPU), cpu, cuda, cuda:N"
     )
     compose_workers: int = Field(2, ge=1, le=64, description="new merges composed at once")
+    compose_threads: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="torch's intra-op threads in the API server process, where merges are composed on a CPU: a "
+        "compose is many small factorizations, and OpenMP teams of compose threads beside the main thread's "
+        "oversubscribe the cores (docs/ARCHITECTURE.md, 'Library facts'); raise it for large merges on many cores",
+    )
     compose_pending: int = Field(
         16, ge=1, le=4096, description="new merges composing or waiting; past it a new merge gets 503 + Retry-After"
     )
