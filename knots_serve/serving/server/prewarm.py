@@ -19,19 +19,35 @@ log = logging.getLogger("vllm.knots_serve")
 QUIET_S, POLL_S = 0.2, 0.05
 
 
-class Prewarm:
+class Background:
+    """A part of the server that runs one task in the background (`run`) when its setting is on (`on`)."""
+
     def __init__(self, server):
         self.server = server
-        self.why: dict[str, str] = {}  # canonical name -> "recipe" | "traffic": what this server prewarmed
         self.task: asyncio.Task | None = None
 
+    def on(self) -> bool:
+        raise NotImplementedError
+
+    async def run(self) -> None:
+        raise NotImplementedError
+
     def start(self) -> None:
-        if self.server.cfg.prewarm:
+        if self.on():
             self.task = self.server.loop.create_task(self.run())
 
     def stop(self) -> None:
         if self.task is not None:
             self.task.cancel()
+
+
+class Prewarm(Background):
+    def __init__(self, server):
+        super().__init__(server)
+        self.why: dict[str, str] = {}  # canonical name -> "recipe" | "traffic": what this server prewarmed
+
+    def on(self) -> bool:
+        return bool(self.server.cfg.prewarm)
 
     async def wanted(self) -> list[tuple[str, str]]:
         """(model, why) in order: the recipes' merges, then the most requested merges."""

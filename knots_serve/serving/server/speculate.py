@@ -24,6 +24,7 @@ from collections.abc import Callable
 from ...adapters import AdapterError
 from ...compose import MergeError
 from ..merges.names import Selection, check_per_request
+from .prewarm import Background
 
 log = logging.getLogger("vllm.knots_serve")
 ROUND_S = 1.0
@@ -53,18 +54,9 @@ def candidates(popular: list[tuple[str, float]], selection: Callable[[str], Sele
     return list(out)
 
 
-class Speculate:
-    def __init__(self, server):
-        self.server = server
-        self.task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        if self.server.cfg.speculate:
-            self.task = self.server.loop.create_task(self.run())
-
-    def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
+class Speculate(Background):
+    def on(self) -> bool:
+        return bool(self.server.cfg.speculate)
 
     async def run(self) -> None:
         while True:
