@@ -100,10 +100,12 @@ def a_frames(loras: list, dtype: torch.dtype, device=None) -> tuple[torch.Tensor
     """The QR of every LoraModule's Aᵀ = Qa·Ra, stacked (b×I×r, b×r×r), from one batched QR. Kept on each
     module when computed in its own dtype and place (a per-request subset basis: a task's half of the joint
     SVD is the same in every subset it enters, so it is factored once per task, not once per merge)."""
-    if all(dtype in lora.frames for lora in loras):
+    home = loras[0].A.device
+    keep = dtype == loras[0].A.dtype and (device is None or torch.device(device) == home)
+    if keep and all(dtype in lora.frames for lora in loras):
         return tuple(torch.stack(parts) for parts in zip(*(lora.frames[dtype] for lora in loras)))
     Qa, Ra = torch.linalg.qr(torch.stack([lora.A for lora in loras]).to(device, dtype).mT)
-    if dtype == loras[0].A.dtype and Qa.device == loras[0].A.device:
+    if keep:
         for lora, q, r in zip(loras, Qa, Ra):
             lora.frames[dtype] = (q, r)
     return Qa, Ra
