@@ -106,11 +106,13 @@ def merged_tensors(
         kwargs["generator"] = torch.Generator(device=device).manual_seed(spec.seed)
     modules = [m for m, ms in basis.modules.items() if any(t in ms.tasks for t in names)]
     shapes = {m: basis.modules[m].tensor_shape for m in modules}
-    X, cols = task_rows(basis, modules, names, dtype)
-    if method.acts_on == "matrices":
-        stacks = [X[:, cols[m]].view(len(names), *shapes[m]) for m in modules]
-        return dict(zip(modules, method.fn(stacks, w, trim_scope=spec.trim_scope, **kwargs)))
-    if method.trims and spec.trim_scope == "global" and modules:
+    if not modules:
+        return {}
+    if method.acts_on == "matrices" or (method.trims and spec.trim_scope == "global"):
+        X, cols = task_rows(basis, modules, names, dtype)  # every module at once: the plan's working set
+        if method.acts_on == "matrices":
+            stacks = [X[:, cols[m]].view(len(names), *shapes[m]) for m in modules]
+            return dict(zip(modules, method.fn(stacks, w, trim_scope=spec.trim_scope, **kwargs)))
         merged = method.fn(X, w, **kwargs)  # one row per task over all modules: a per-task trim threshold
         return {m: merged[cols[m]].view(shapes[m]) for m in modules}
     items = modules
@@ -118,7 +120,8 @@ def merged_tensors(
         from tqdm.auto import tqdm
 
         items = tqdm(modules, desc=spec.method, unit="module")
-    return {m: method.fn(X[:, cols[m]].contiguous(), w, **kwargs).view(shapes[m]) for m in items}
+    # one module's tensors at a time: a per-module method's working set is its largest module (plan)
+    return {m: method.fn(task_rows(basis, [m], names, dtype)[0], w, **kwargs).view(shapes[m]) for m in items}
 
 
 def task_rows(basis: Basis, modules: list[str], names: list[str], dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
@@ -189,12 +192,15 @@ def _check_tasks(basis: Basis, spec: MergeSpec) -> None:
         raise MergeError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(basis.tasks)}")
 
 
-def adapter_factors(adapters: dict[str, LoraAdapter], tasks) -> dict[str, dict[str, tuple]]:
-    """{module: {task: (s_i·B_i, A_i)}} of the named adapters, where their tensors are."""
+def adapter_factors(
+    adapters: dict[str, LoraAdapter], tasks, dtype: torch.dtype | None = None
+) -> dict[str, dict[str, tuple]]:
+    """{module: {task: (s_i·B_i, A_i)}} of the named adapters, where their tensors are, in `dtype` (default:
+    the adapters' own; float64 for a float64 merge: s_i·B_i rounded to float32 first would be an input error)."""
     out: dict[str, dict[str, tuple]] = {}
     for t in tasks:
         for m, lora in adapters[t].modules.items():
-            out.setdefault(m, {})[t] = (lora.scale * lora.B, lora.A)
+            out.setdefault(m, {})[t] = (lora.scale * lora.B.to(dtype), lora.A.to(dtype))
     return dict(sorted(out.items()))
 
 

@@ -30,7 +30,7 @@ def paths(adapters, spec, dtype=torch.float64):
         method_id = spec.method if space == "full" else f"{space}-{spec.method}"
         s = MergeSpec(names, method_id, spec.params, spec.weights)
         out[space] = merge_dense(build_basis(adapters, space, store=dtype), s, dtype=dtype)
-    lora = merge_factors(adapter_factors({a.name: a for a in adapters}, names), spec, dtype)
+    lora = merge_factors(adapter_factors({a.name: a for a in adapters}, names, dtype), spec, dtype)
     out["factors"] = {m: B.double() @ A.double() for m, (B, A) in lora.items()}
     return out
 
