@@ -138,8 +138,8 @@ def test_candidates_are_the_requested_merges_then_the_hottest_tasks_pairs_in_the
         return parse_model(model, "knots-ties") if model.startswith("tasks:") else None
 
     popular = [("tasks:a+b@iso-c", 5.0), ("tasks:a+c@iso-c", 3.0), ("tiny", 9.0), ("tasks:b+a@iso-c", 1.0)]
-    popular += [("tasks:d+c", 2.0)]
-    got = candidates(popular, selection)
+    popular += [("tasks:d+c", 2.0), ("tasks:a+b@no-such-method", 8.0)]  # the last no longer parses: skipped
+    got = [sel.canonical for sel in candidates(popular, selection)]
     requested = ["tasks:a+b@iso-c", "tasks:a+c@iso-c", "tasks:c+d@knots-ties"]  # b+a is a+b; tiny no merge
     assert got[:3] == [selection(m).canonical for m in requested]
     # heat: a 9, b 6, c 5, d 2; the pairs not requested yet, hottest first, in the most used method

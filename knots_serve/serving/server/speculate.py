@@ -32,15 +32,24 @@ POPULAR = 64  # merges read from the traffic counts per round
 HOT_TASKS = 8  # the hottest tasks whose pairs are candidates: 28 pairs
 
 
-def candidates(popular: list[tuple[str, float]], selection: Callable[[str], Selection | None]) -> list[str]:
-    """Models to compose ahead, best first: the requested merges by count, then the hottest tasks' pairs by
-    the product of their heats, in the requests' most used method (duplicates removed by canonical name)."""
-    heat, methods, out = Counter(), Counter(), {}  # out: canonical names, in order
+def candidates(popular: list[tuple[str, float]], selection: Callable[[str], Selection | None]) -> list[Selection]:
+    """Merges to compose ahead, best first: the requested merges by count, then the hottest tasks' pairs by
+    the product of their heats, in the requests' most used method (duplicates removed by canonical name). A
+    counted name that no longer parses (a method since removed) is skipped, not the round."""
+
+    def merge(model: str) -> Selection | None:
+        try:
+            sel = selection(model)
+        except MergeError:
+            return None
+        return sel if sel is not None and sel.spec is not None else None
+
+    heat, methods, out = Counter(), Counter(), {}  # out: canonical name -> selection, in order
     for model, count in popular:
-        sel = selection(model)
-        if sel is None or sel.spec is None:
+        sel = merge(model)
+        if sel is None:
             continue
-        out.setdefault(sel.canonical)
+        out.setdefault(sel.canonical, sel)
         methods[sel.spec.method] += count
         for t in sel.tasks:
             heat[t] += count
@@ -48,10 +57,10 @@ def candidates(popular: list[tuple[str, float]], selection: Callable[[str], Sele
         method = methods.most_common(1)[0][0]
         hot = [t for t, _ in heat.most_common(HOT_TASKS)]
         for a, b in sorted(itertools.combinations(hot, 2), key=lambda p: -heat[p[0]] * heat[p[1]]):
-            sel = selection(f"tasks:{a}+{b}@{method}")
+            sel = merge(f"tasks:{a}+{b}@{method}")
             if sel is not None:
-                out.setdefault(sel.canonical)
-    return list(out)
+                out.setdefault(sel.canonical, sel)
+    return list(out.values())
 
 
 class Speculate(Background):
@@ -70,19 +79,18 @@ class Speculate(Background):
         """One round: up to `speculate` candidates composed. Returns how many."""
         s, done = self.server, 0
         popular = await asyncio.to_thread(s.store.popular, POPULAR)
-        for model in candidates(popular, lambda m: s.router.selection({"model": m})):
+        for sel in candidates(popular, lambda m: s.router.selection({"model": m})):
             if done >= s.cfg.speculate or not s.cache.room_for_one():
                 break
+            if s.cache.knows(sel.canonical) or (s.pinned and s.pinned["model"] == sel.canonical):
+                continue
             try:
-                sel = s.router.selection({"model": model})
-                if s.cache.knows(sel.canonical) or (s.pinned and s.pinned["model"] == sel.canonical):
-                    continue
                 check_per_request(sel)
                 await s.prewarm.idle()
                 get = functools.partial(s.cache.get, sel, speculative=True)
                 await s.loop.run_in_executor(s.router.compose_pool, get)
             except (MergeError, AdapterError) as e:  # a task since unregistered, a merge not served per request
-                log.info("knots_serve: speculative compose of %s skipped: %s", model, e)
+                log.info("knots_serve: speculative compose of %s skipped: %s", sel.canonical, e)
                 continue
             done += 1
         return done
