@@ -226,7 +226,7 @@ class ModuleSpace:
             return self.left @ self.coef[i], self.right.T
         raise ValueError("a dense-space basis keeps no factors")
 
-    def frames(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def factored(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(U, X, V) with the merged ΔW = U·X·Vᵀ (knots: V = None), U and V in X's dtype: for compact_lefts."""
         right = None if self.right is None else self.right.to(X.dtype)
         return self.left.to(X.dtype), X, right
@@ -268,7 +268,7 @@ class ModuleSpace:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact, minimal LoRA factors (B, A) of the merged ΔW, in X's dtype and on its device."""
         if self.space != "full":
-            return compact_lefts([self.frames(X)], rtol)[0]
+            return compact_lefts([self.factored(X)], rtol)[0]
         # full: a dense merge (TIES trims entries) is in general full-rank; keep the top max_rank.
         rtol = rtol_for(X.dtype) if rtol is None else rtol
         U, s, Vh = torch.linalg.svd(X, full_matrices=False)
@@ -339,7 +339,7 @@ class Basis:
         """`ModuleSpace.to_lora` of every merged X {module: X}, compacted as batches (compact_lefts)."""
         if self.space == "full":
             return {m: self.modules[m].to_lora(X, max_rank) for m, X in merged.items()}
-        return dict(zip(merged, compact_lefts([self.modules[m].frames(X) for m, X in merged.items()])))
+        return dict(zip(merged, compact_lefts([self.modules[m].factored(X) for m, X in merged.items()])))
 
     def to(self, device: torch.device | str) -> Basis:
         """The same basis with every tensor on `device` (a copy; self is unchanged)."""
