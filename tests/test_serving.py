@@ -260,3 +260,23 @@ def test_admin_registers_and_unregisters_tasks_at_runtime(server, tiny_adapters)
         complete(c, "tasks:beta+delta", PROMPTS[0])
     assert json.loads((server.root / "state" / "tasks.json").read_text())["added"] == {}
     assert complete(c, "tasks:alpha+beta@knots-ta", PROMPTS[0]) == merged  # the rest keeps serving
+
+
+def test_vllms_lora_info_lists_a_merge_under_the_names_clients_sent_for_it(server):
+    """What routers with LoRA affinity read (the Gateway API inference extension, llm-d): vLLM's
+    vllm:lora_requests_info lists each LoRA with requests under its own name and the names clients sent for it
+    (plugin.KnotsPrometheus), so a request for `tasks:beta+alpha@knots-ta` matches the server serving it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    c = server.client()
+    canonical, sent = "tasks:alpha+beta@knots-ta", ["tasks:beta+alpha@knots-ta", "ab-ta"]
+    for model in sent:
+        complete(c, model, PROMPTS[0], max_tokens=32)
+    text = urllib.request.urlopen(f"{server.url}/metrics").read().decode()
+    (family,) = [f for f in text_string_to_metric_families(text) if f.name == "vllm:lora_requests_info"]
+    listed = [set(s.labels["running_lora_adapters"].split(",")) for s in family.samples]
+    assert any({canonical, sent[0]} <= names for names in listed), listed
+    assert any({canonical, *sent} <= names for names in listed), listed
+    assert all("max_lora" in s.labels for s in family.samples)
+    # vLLM 0.32 lists every LoRA with a request in flight in both labels (a 0 count included): docs/DEPLOY.md
+    assert all(s.labels["running_lora_adapters"] == s.labels["waiting_lora_adapters"] for s in family.samples)

@@ -9,7 +9,8 @@ COMPOSE_SECONDS = Histogram(
 )
 NEW_MERGE_STAGE = Histogram(
     "knots_new_merge_stage_seconds",
-    "a never-seen merge's stages on the server: plan (its bounds checked), compose, write (the adapter files); "
+    "a never-seen merge's stages on the server: plan (its bounds checked), compose, write (the adapter files), "
+    "or fleet (its files loaded from another replica's compose, waiting for it included: merges/fleet.py); "
     "vLLM's load of them follows, in the engine",
     ["stage"],
     buckets=(0.0001, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10),
@@ -31,6 +32,15 @@ SPECULATIVE = Counter(
 )
 for _outcome in ("composed", "hit", "wasted"):  # each series exists from the start
     SPECULATIVE.labels(_outcome)
+FLEET = Counter(
+    "knots_fleet_merges",
+    "new merges by where their files came from (merges/fleet.py): composed here, or loaded from another "
+    "replica's publication; published: shared with the fleet; unshared: too large for the store and no "
+    "fleet_dir; error: the fleet's store or directory could not be reached (the merge composed here)",
+    ["outcome"],
+)
+for _outcome in ("composed", "loaded", "published", "unshared", "error"):
+    FLEET.labels(_outcome)
 CACHE_EVICTIONS = Counter(
     "knots_compose_cache_evictions", "composed merges evicted (bound in bytes or a full cache_dir)"
 )

@@ -5,6 +5,8 @@
   (spin.py); W0 kept for pins where pinning is on (config `pinning`).
 - `KnotsEndpoint` (vllm.endpoint_plugins, API server): the admin and /v1/models routes, the request
   middleware (middleware.py), and the KnotsServer state.
+- `KnotsPrometheus` (vllm.stat_logger_plugins, API server): vLLM's own Prometheus metrics, with every LoRA in
+  `vllm:lora_requests_info` also listed under the names clients sent for it (server/client_names.py).
 
 Request path: the middleware reads the JSON body of /v1/chat/completions and /v1/completions; if it
 selects a merge (`tasks:…`, a named merge, an experiment arm, or a `knots` field) it composes it (once)
@@ -15,9 +17,12 @@ templates, logprobs and all — as for any LoRA.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
+
+from vllm.v1.metrics.loggers import PrometheusStatLogger
 
 from .cluster.group import Group, StripedIds
 from .engine import launch, lora_fix, pinning, spin
@@ -47,6 +52,23 @@ def register() -> None:
         log.info("knots_serve: pinning is off (pinning: false): vLLM's CPU weight packing left as it is")
     log.info("knots_serve: %s", lora_fix.apply())
     log.info("knots_serve: %s", spin.apply())
+
+
+class KnotsPrometheus(PrometheusStatLogger):
+    """vLLM's Prometheus stat logger (it replaces vLLM's: one logger, one set of metrics), with the running and
+    waiting LoRAs of `vllm:lora_requests_info` each followed by the names clients sent for it, so that a router
+    with LoRA affinity (docs/DEPLOY.md, "Behind a router") matches a request's `model` to the server serving it."""
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+        server = KnotsMiddleware.server  # None outside the API server process (an in-process engine)
+        if scheduler_stats is not None and server is not None:
+            names = server.router.client_names
+            scheduler_stats = dataclasses.replace(
+                scheduler_stats,
+                running_lora_adapters=names.expand(scheduler_stats.running_lora_adapters),
+                waiting_lora_adapters=names.expand(scheduler_stats.waiting_lora_adapters),
+            )
+        super().record(scheduler_stats, iteration_stats, mm_cache_stats, engine_idx)
 
 
 async def join_group(server, models, engine_client, args) -> None:

@@ -46,6 +46,7 @@ from ..cluster import owned_dirs
 from ..errors import BadRequest, Unavailable
 from .basis_store import BasisStore, UnknownTask
 from .cache_policy import GreedyDualSizeFrequency
+from .fleet import Fleet, fleet_key
 from .names import Selection, check_per_request
 
 
@@ -66,6 +67,7 @@ class Composed:
     nbytes: int
     rank: int
     stats: tuple[str, ...] = ()  # a data-aware merge: the statistics files it was composed from (stats_tag)
+    source: str = "composed"  # where its files came from: composed here, "group" (another API server), "fleet"
 
 
 def _dir_bytes(path: Path) -> int:
@@ -88,7 +90,9 @@ class AdapterCache:
         max_pending: int = 16,
         max_bytes: int = 8 << 30,
         group: Path | None = None,
+        fleet: Fleet | None = None,
     ):
+        self.fleet = fleet or Fleet(None)  # the other replicas' merges (fleet.py); by default none
         self.group = group  # with several API servers: their group's directory (group.py), for _group_lock
         self.store, self.cache_bytes, self.max_lora_rank = store, cache_bytes, max_lora_rank
         self.max_pending, self.max_bytes = max_pending, max_bytes  # max_bytes: one compose's working set
@@ -250,15 +254,16 @@ class AdapterCache:
 
     def _compose(self, sel: Selection, generation: int, hold: bool, speculative: bool = False) -> Composed:
         while True:
-            path, pool, stats, seconds = self._make(sel)
-            composed = self._add(sel, path, generation, pool, stats, hold, seconds, speculative)
+            path, pool, stats, seconds, source = self._make(sel)
+            composed = self._add(sel, path, generation, pool, stats, hold, seconds, speculative, source)
             if composed is not None:
                 return composed
             generation = self._generation  # made in a pool that has since been replaced: again, in the new one
 
-    def _make(self, sel: Selection) -> tuple[Path, str, tuple[str, ...], float]:
-        """The merge's files (composed, or linked from another API server of the group), the pool's id, the
-        statistics it is composed from and the seconds it took (what a miss costs again: the policy's cost)."""
+    def _make(self, sel: Selection) -> tuple[Path, str, tuple[str, ...], float, str]:
+        """The merge's files (composed, linked from another API server of the group, or loaded from another
+        replica: fleet.py), the pool's id, the statistics it is composed from, the seconds it took (what a miss
+        costs again: the policy's cost) and where the files came from."""
         metrics.COMPOSE_QUEUE.inc()
         with self._slots:
             metrics.COMPOSE_QUEUE.dec()
@@ -269,17 +274,25 @@ class AdapterCache:
                 t0 = time.perf_counter()
                 with self._group_lock(key):
                     path = self.cache_dir / f"{key}-{next(self._serial)}"
+                    source = "group"
                     if not self._link_from_group(key, path):
-                        lora = self.store.merge(sel)
-                        t1 = time.perf_counter()
-                        self._save(lora, path, sel.canonical)  # never truncated silently
-                        t2 = time.perf_counter()
-                        metrics.NEW_MERGE_STAGE.labels("compose").observe(t1 - t0)
-                        metrics.NEW_MERGE_STAGE.labels("write").observe(t2 - t1)
-                        metrics.COMPOSE_SECONDS.observe(t2 - t0)
-                return path, pool, stats, time.perf_counter() - t0
+                        make = lambda: self._compose_here(sel, path)  # noqa: E731
+                        source = self.fleet.load_or_make(fleet_key(sel.canonical, pool, stats), path, make)
+                        if source == "fleet":
+                            metrics.NEW_MERGE_STAGE.labels("fleet").observe(time.perf_counter() - t0)
+                return path, pool, stats, time.perf_counter() - t0, source
             finally:
                 metrics.COMPOSE_RUNNING.dec()
+
+    def _compose_here(self, sel: Selection, path: Path) -> None:
+        t0 = time.perf_counter()
+        lora = self.store.merge(sel)
+        t1 = time.perf_counter()
+        self._save(lora, path, sel.canonical)  # never truncated silently
+        t2 = time.perf_counter()
+        metrics.NEW_MERGE_STAGE.labels("compose").observe(t1 - t0)
+        metrics.NEW_MERGE_STAGE.labels("write").observe(t2 - t1)
+        metrics.COMPOSE_SECONDS.observe(t2 - t0)
 
     def _key(self, sel: Selection, pool: str, stats: tuple[str, ...]) -> str:
         """What a merge's files are named by: the merge, the pool and statistics it was composed from and,
@@ -319,13 +332,11 @@ class AdapterCache:
                 continue
         return False
 
-    def _add(
-        self, sel: Selection, path: Path, generation: int, pool: str, stats, hold: bool, seconds: float, speculative
-    ):
+    def _add(self, sel: Selection, path: Path, generation: int, pool: str, stats, hold, seconds, speculative, source):
         """Cache the merge's files; None (and the files deleted) if they were made in a pool since replaced.
         A speculative merge enters with no hit and may itself be the one evicted to fit the bound."""
         rank = json.loads((path / CONFIG_NAME).read_text())["r"]
-        composed = Composed(sel.canonical, path, _dir_bytes(path), rank, stats)
+        composed = Composed(sel.canonical, path, _dir_bytes(path), rank, stats, source)
         with self._lock:
             stale = generation != self._generation or pool != self.store.pool_id
             if not stale:
@@ -438,6 +449,7 @@ class AdapterCache:
                     "in_use": self._held.get(c.path, 0),
                     "stats": list(c.stats),
                     "speculative": name in self._speculative,
+                    "source": c.source,
                 }
                 for name, c in self._cache.items()
             ]

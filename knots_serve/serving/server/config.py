@@ -98,6 +98,21 @@ class ServeConfig(BaseModel):
     store_poll_s: float = Field(
         1.0, gt=0, le=3600, description="how often a server applies what other replicas changed in the store"
     )
+    fleet_inline_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="composed merges up to this size are shared through the store, so that other replicas load "
+        "them instead of composing (merges/fleet.py); default: 32 MiB on a redis store, 0 (none) on sqlite, whose "
+        "API servers of one vLLM already share merges through cache_dir",
+    )
+    fleet_dir: Path | None = Field(
+        None,
+        description="a directory every replica mounts (a shared volume) where larger merges are shared; none: "
+        "merges above fleet_inline_bytes are composed by each replica",
+    )
+    fleet_ttl_s: float = Field(
+        86400, gt=0, description="a shared merge is dropped from the store or fleet_dir once unread this long"
+    )
     basis_file: Path | None = None
     compose_device: str = Field(
         "auto", description="where merges are composed: auto (CUDA if torch sees it, else CPU), cpu, cuda, cuda:N"
@@ -143,6 +158,14 @@ class ServeConfig(BaseModel):
     )
     admin_key_env: str = "KNOTS_ADMIN_KEY"
     vllm_args: list[str] = Field(default_factory=list, description="extra vLLM command-line arguments")
+
+    def fleet_inline(self) -> int:
+        """fleet_inline_bytes, its default resolved."""
+        if self.fleet_inline_bytes is not None:
+            return self.fleet_inline_bytes
+        from ..state.backends import REMOTE
+
+        return 32 << 20 if self.store.startswith(REMOTE) else 0
 
     @field_validator("tasks")
     @classmethod
@@ -292,6 +315,7 @@ def load_config(path: str | os.PathLike) -> ServeConfig:
             cache_dir=absolute(cfg.cache_dir),
             state_dir=absolute(cfg.state_dir),
             basis_file=absolute(cfg.basis_file),
+            fleet_dir=absolute(cfg.fleet_dir),
             adapter_dirs=[absolute(p) for p in cfg.adapter_dirs],
         )
     )

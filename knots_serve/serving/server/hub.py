@@ -22,6 +22,7 @@ from .. import metrics
 from ..errors import Unavailable
 from ..merges.adapter_cache import AdapterCache
 from ..merges.basis_store import BasisStore, compose_device
+from ..merges.fleet import Fleet
 from ..merges.names import PREFIX
 from ..state.backends import open_store
 from ..state.experiments import Experiment, Outcomes, check_experiment
@@ -65,6 +66,7 @@ class KnotsServer:
             cfg.compose_workers,
             cfg.compose_pending,
             cfg.compose_memory_bytes,
+            fleet=Fleet(self.store, cfg.fleet_dir, cfg.fleet_inline(), cfg.fleet_ttl_s),
         )
         self.router = Router(self)
         self.cache.on_evict = self.router.forget

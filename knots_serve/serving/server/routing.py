@@ -17,6 +17,7 @@ from ..merges.adapter_cache import Composed
 from ..merges.basis_store import UnknownTask
 from ..merges.names import PREFIX, Selection, check_per_request, parse_field, parse_model
 from ..state.experiments import assign
+from .client_names import ClientNames
 from .config import ServeConfig
 from .limits import RateLimit
 
@@ -37,6 +38,7 @@ class Router:
         self.server = server
         cfg = server.cfg
         self.new_merges = RateLimit(cfg.new_merge_rate, cfg.new_merge_burst)
+        self.client_names = ClientNames()  # what vLLM's lora_requests_info lists each LoRA as (plugin.py)
         # composes run here, never in the event loop's default executor: a queue of composes must not
         # hold up cache hits or anything else the server runs in threads
         self.compose_pool = ThreadPoolExecutor(cfg.compose_workers + cfg.compose_pending, "knots-compose")
@@ -68,7 +70,8 @@ class Router:
         """Where vLLM should serve the request (composing a merge first if needed; `client` is who
         asks, for the rate of new merges). Raises a ServeError (errors.py)."""
         s = self.server
-        model, experiment, arm, held = body.get("model"), None, None, None
+        sent = model = body.get("model")
+        experiment, arm, held = None, None, None
         if "knots" not in body and isinstance(model, str) and model in s.experiments:
             experiment, exp = model, s.experiments[model]
             if forced_arm is not None and forced_arm not in exp.arms:
@@ -102,6 +105,8 @@ class Router:
         )
         if label:
             metrics.REQUESTS.labels(label).inc()
+        if name and name != s.cfg.base_name and isinstance(sent, str):  # a LoRA: the base is never listed
+            self.client_names.sent(name, sent)
         return Route(name, experiment, arm, held)
 
     async def _hold(self, sel: Selection, client: str):

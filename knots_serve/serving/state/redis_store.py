@@ -20,12 +20,19 @@ redis.call('HINCRBYFLOAT', f, r[2] .. ':s', ARGV[2])
 redis.call('HINCRBYFLOAT', f, r[2] .. ':ss', ARGV[3])
 return {r[1], r[2]}
 """
+# a lease given back only by its holder: KEYS[1] the lease, ARGV[1] the holder's token
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+"""
 
 
 class RedisStore(Store):
     """Keys under `knots:`: {kind}:added (hash name -> JSON), {kind}:removed (set), recipes (hash subset ->
     JSON), versions (hash kind -> counter, bumped in the transaction of every write), response:{id} (hash
-    experiment, arm, score), feedback:{experiment} (hash ARM:n|s|ss), traffic (sorted set model -> decayed count)."""
+    experiment, arm, score), feedback:{experiment} (hash ARM:n|s|ss), traffic (sorted set model -> decayed count),
+    merge:{key} (hash file name -> bytes, expiring), merge-lease:{key} (the composing replica's token, expiring)."""
+
+    shares_merges = True
 
     def __init__(self, url: str, prefix: str = "knots:"):
         self.location = re.sub(r"//[^/@]*@", "//", url)  # without user and password
@@ -36,6 +43,8 @@ class RedisStore(Store):
         self.prefix, self._errors = prefix, redis.RedisError
         self.db = redis.Redis.from_url(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2)
         self._record = self.db.register_script(RECORD)
+        self.raw = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=2)  # merges' bytes, as bytes
+        self._release = self.raw.register_script(RELEASE)
 
     def _key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -128,5 +137,32 @@ class RedisStore(Store):
         rows = self._run("read the traffic", lambda: self.db.zrevrange(self._key("traffic"), 0, n - 1, withscores=True))
         return [(model, float(score)) for model, score in rows]
 
+    def get_merge(self, key, ttl_s):
+        name, ttl = self._key("merge", key), max(1, int(ttl_s))  # EXPIRE takes whole seconds; 0 would delete
+
+        def run():
+            with self.raw.pipeline(transaction=True) as p:
+                return p.hgetall(name).expire(name, ttl).execute()[0]
+
+        files = self._run("read a shared merge", run)
+        return {name.decode(): data for name, data in files.items()} or None
+
+    def put_merge(self, key, files, ttl_s):
+        name, ttl = self._key("merge", key), max(1, int(ttl_s))
+
+        def run():
+            with self.raw.pipeline(transaction=True) as p:
+                p.delete(name).hset(name, mapping=files).expire(name, ttl).execute()
+
+        self._run("share a merge", run)
+
+    def claim_merge(self, key, token, ttl_s):
+        claim = lambda: self.db.set(self._key("merge-lease", key), token, nx=True, px=int(ttl_s * 1000))  # noqa: E731
+        return bool(self._run("take a compose lease", claim))
+
+    def release_merge(self, key, token):
+        self._run("give a compose lease back", lambda: self._release([self._key("merge-lease", key)], [token]))
+
     def close(self):
         self.db.close()
+        self.raw.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 from ...compose import MergeError
 from .store import MAX_TRAFFIC, RESPONSE_TTL_S, Store, StoreUnavailable, book_of_rows, recipe_rows
 
-SCHEMA_VERSION = 2  # PRAGMA user_version of the databases this code writes; a change migrates the older ones
+SCHEMA_VERSION = 3  # PRAGMA user_version of the databases this code writes; a change migrates the older ones
 SCHEMA = (  # version 1
     "CREATE TABLE versions (kind TEXT PRIMARY KEY, version INTEGER NOT NULL)",
     "CREATE TABLE added (kind TEXT, name TEXT, value TEXT NOT NULL, PRIMARY KEY (kind, name))",
@@ -27,6 +27,11 @@ SCHEMA = (  # version 1
 MIGRATIONS = {  # version -> what brings a database of the version before to it
     1: SCHEMA,
     2: ("CREATE TABLE traffic (model TEXT PRIMARY KEY, score REAL NOT NULL)",),  # traffic.py
+    3: (  # merges/fleet.py
+        "CREATE TABLE merges (key TEXT, name TEXT, data BLOB NOT NULL, at REAL NOT NULL, PRIMARY KEY (key, name))",
+        "CREATE INDEX merges_at ON merges (at)",
+        "CREATE TABLE merge_leases (key TEXT PRIMARY KEY, token TEXT NOT NULL, until REAL NOT NULL)",
+    ),
 }
 
 
@@ -34,7 +39,10 @@ class SqliteStore(Store):
     """state_dir/knots.sqlite3, shared by the server processes of one host. Tables: versions (kind -> counter,
     bumped in the transaction of every write), added (kind, name -> JSON), removed (kind, name), recipes
     (subset -> JSON), responses (id -> experiment, arm, score, time), feedback ((experiment, arm) -> n, s, ss),
-    traffic (model -> decayed request count)."""
+    traffic (model -> decayed request count), merges ((key, file name) -> bytes, last read), merge_leases (key ->
+    the composing process's token, until when)."""
+
+    shares_merges = True
 
     def __init__(self, state_dir: Path, busy_timeout_s: float = 5.0):
         self.path = Path(state_dir) / "knots.sqlite3"
@@ -174,6 +182,31 @@ class SqliteStore(Store):
     def popular(self, n):
         query = "SELECT model, score FROM traffic ORDER BY score DESC LIMIT ?"
         return [tuple(row) for row in self._read("read the traffic", query, n)]
+
+    def get_merge(self, key, ttl_s):
+        now = time.time()
+        with self._transaction("read a shared merge") as db:
+            db.execute("DELETE FROM merges WHERE at < ?", (now - ttl_s,))
+            rows = db.execute("SELECT name, data FROM merges WHERE key = ?", (key,)).fetchall()
+            db.execute("UPDATE merges SET at = ? WHERE key = ?", (now, key))
+        return {name: bytes(data) for name, data in rows} or None
+
+    def put_merge(self, key, files, ttl_s):
+        now = time.time()
+        with self._transaction("share a merge") as db:
+            db.execute("DELETE FROM merges WHERE key = ? OR at < ?", (key, now - ttl_s))
+            db.executemany("INSERT INTO merges VALUES (?, ?, ?, ?)", [(key, n, d, now) for n, d in files.items()])
+
+    def claim_merge(self, key, token, ttl_s):
+        now = time.time()
+        with self._transaction("take a compose lease") as db:
+            db.execute("DELETE FROM merge_leases WHERE key = ? AND until < ?", (key, now))
+            taken = db.execute("INSERT OR IGNORE INTO merge_leases VALUES (?, ?, ?)", (key, token, now + ttl_s))
+            return taken.rowcount == 1
+
+    def release_merge(self, key, token):
+        with self._transaction("give a compose lease back") as db:
+            db.execute("DELETE FROM merge_leases WHERE key = ? AND token = ?", (key, token))
 
     def close(self):
         with self._lock:

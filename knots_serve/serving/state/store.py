@@ -15,7 +15,8 @@ A tiny abstract class (this module) and its backends, chosen by the config's `st
 
 Each write changes all of what it writes or nothing; a store that cannot be reached is a StoreUnavailable
 (503) and changes nothing. `versions()` changes whenever a kind changes: servers poll it (`store_poll_s`) and
-apply what changed (server/sync.py).
+apply what changed (server/sync.py). A shared store (sqlite, redis) also holds composed merges' files for the
+other replicas, with a lease on composing each one (merges/fleet.py).
 """
 
 from __future__ import annotations
@@ -93,6 +94,23 @@ class Store(ABC):
     @abstractmethod
     def popular(self, n: int) -> list[tuple[str, float]]:
         """The n merges with the highest counts, with their counts, highest first."""
+
+    # --- composed merges shared by the fleet (merges/fleet.py); a store that shares none keeps these ---------
+    shares_merges = False  # can hold merges' files for the other replicas
+
+    def get_merge(self, key: str, ttl_s: float) -> dict[str, bytes] | None:
+        """A shared merge's files (file name -> bytes), kept another ttl_s; None if none is shared."""
+        return None
+
+    def put_merge(self, key: str, files: dict[str, bytes], ttl_s: float) -> None:  # noqa: B027 (shares nothing)
+        """Share a merge's files for ttl_s after their last read."""
+
+    def claim_merge(self, key: str, token: str, ttl_s: float) -> bool:
+        """Take the lease on composing a merge for ttl_s; False while another replica holds it."""
+        return True
+
+    def release_merge(self, key: str, token: str) -> None:  # noqa: B027 (no lease to give back)
+        """Give the lease back, if still held with this token."""
 
     def close(self) -> None:  # noqa: B027 (a store without connections has nothing to close)
         """Let go of connections."""
