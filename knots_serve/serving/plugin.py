@@ -25,11 +25,11 @@ from pathlib import Path
 from vllm.v1.metrics.loggers import PrometheusStatLogger
 
 from .cluster.group import Group, StripedIds
-from .engine import launch, lora_fix, pinning, spin
+from .engine import fleet_files, launch, lora_fix, pinning, spin
 from .engine.launch import GROUP_ENV
 from .http.middleware import KnotsMiddleware
 from .server import pins
-from .server.config import pinning_enabled
+from .server.config import CONFIG_ENV, load_config, nodes_of_config, pinning_enabled
 
 log = logging.getLogger("vllm.knots_serve")  # under vLLM's logger: its handler and level apply
 
@@ -52,6 +52,17 @@ def register() -> None:
         log.info("knots_serve: pinning is off (pinning: false): vLLM's CPU weight packing left as it is")
     log.info("knots_serve: %s", lora_fix.apply())
     log.info("knots_serve: %s", spin.apply())
+    if os.environ.get(CONFIG_ENV) and nodes_of_config() > 1:
+        log.info("knots_serve: %s", fleet_files.apply(workers_fleet))
+
+
+def workers_fleet():
+    """The fleet the workers of a multi-node engine fetch merges and pins from (engine/fleet_files.py)."""
+    from .merges.fleet import Fleet
+    from .state.backends import open_store
+
+    cfg = load_config(os.environ[CONFIG_ENV], prepare_model=False)
+    return Fleet(open_store(cfg.store, cfg.state_dir), cfg.fleet_dir, cfg.fleet_inline(), cfg.fleet_ttl_s)
 
 
 class KnotsPrometheus(PrometheusStatLogger):
@@ -96,7 +107,6 @@ class KnotsEndpoint:
         from vllm import envs
 
         from .http.auth import digest
-        from .server.config import CONFIG_ENV, load_config
         from .server.hub import KnotsServer
 
         cfg = load_config(os.environ[CONFIG_ENV])

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import fleet_files
+
 # HF module suffix -> (vLLM parameter module suffix, index in the packed parameter or None, parallelism)
 VLLM_PARAMS = {
     "self_attn.q_proj": ("self_attn.qkv_proj", 0, "column"),
@@ -150,7 +152,8 @@ class PinWorker:
             merged = merge_dense(basis, spec) if dense else merge_lora(basis, spec, max_rank=None)
             shapes = {m: basis.modules[m].shape for m in merged}
         else:
-            tensors = load_file(path)
+            with fleet_files.local(path) as local:  # from the fleet on a node without the file
+                tensors = load_file(local)
             merged = {m[:-2]: (B, tensors[m[:-2] + ".A"]) for m, B in tensors.items() if m.endswith(".B")}
             shapes = {m: (B.shape[0], A.shape[1]) for m, (B, A) in merged.items()}
         updates: dict[str, list] = {}

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import itertools
 import json
 import os
@@ -270,14 +269,14 @@ class AdapterCache:
             metrics.COMPOSE_RUNNING.inc()
             try:
                 pool, stats = self.store.pool_id, self.store.stats_tag(sel)
-                key = self._key(sel, pool, stats)
+                key = fleet_key(sel.canonical, pool, stats)  # the name of its files here, in the group, in the fleet
                 t0 = time.perf_counter()
                 with self._group_lock(key):
-                    path = self.cache_dir / f"{key}-{next(self._serial)}"
+                    path = self.cache_dir / f"{key}-{next(self._serial)}"  # engine/fleet_files.py reads the key
                     source = "group"
                     if not self._link_from_group(key, path):
                         make = lambda: self._compose_here(sel, path)  # noqa: E731
-                        source = self.fleet.load_or_make(fleet_key(sel.canonical, pool, stats), path, make)
+                        source = self.fleet.load_or_make(key, path, make)
                         if source == "fleet":
                             metrics.NEW_MERGE_STAGE.labels("fleet").observe(time.perf_counter() - t0)
                 return path, pool, stats, time.perf_counter() - t0, source
@@ -293,13 +292,6 @@ class AdapterCache:
         metrics.NEW_MERGE_STAGE.labels("compose").observe(t1 - t0)
         metrics.NEW_MERGE_STAGE.labels("write").observe(t2 - t1)
         metrics.COMPOSE_SECONDS.observe(t2 - t0)
-
-    def _key(self, sel: Selection, pool: str, stats: tuple[str, ...]) -> str:
-        """What a merge's files are named by: the merge, the pool and statistics it was composed from and,
-        with several API servers, their group (group.py), whose members find each other's files by it
-        (_link_from_group)."""
-        what = f"{sel.canonical}\0{pool}\0{stats}\0{self.group or self.cache_dir}"
-        return hashlib.sha256(what.encode()).hexdigest()[:20]
 
     @contextlib.contextmanager
     def _group_lock(self, key: str):

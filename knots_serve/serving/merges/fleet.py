@@ -45,11 +45,20 @@ def fleet_key(canonical: str, pool: str, stats: tuple[str, ...]) -> str:
 
 
 class Fleet:
-    def __init__(self, store, fleet_dir: Path | None = None, inline_bytes: int = 32 << 20, ttl_s: float = 86400):
-        """store: the deployment's (state/store.py), or None: no fleet."""
+    def __init__(
+        self,
+        store,
+        fleet_dir: Path | None = None,
+        inline_bytes: int = 32 << 20,
+        ttl_s: float = 86400,
+        required: bool = False,
+    ):
+        """store: the deployment's (state/store.py), or None: no fleet. required: the workers of other nodes
+        load the merges from the fleet (engine/fleet_files.py), so each is published before it is served, and
+        one that cannot be is an error (503), never a merge those workers cannot find."""
         self.store, self.dir, self.inline_bytes, self.ttl_s = store, fleet_dir, inline_bytes, ttl_s
         self.shared = store is not None and store.shares_merges and inline_bytes > 0  # merges in the store itself
-        self.on = self.shared or fleet_dir is not None
+        self.on, self.required = self.shared or fleet_dir is not None, required
         self._warned: set[str] = set()
 
     def load_or_make(self, key: str, path: Path, make: Callable[[], None]) -> str:
@@ -77,28 +86,35 @@ class Fleet:
             return "fleet"
         try:
             make()
+            files = {f.name: f.read_bytes() for f in path.iterdir()}  # now: the cache may evict `path` after
         except BaseException:
             self._release(key, token)
             raise
-        files = {f.name: f.read_bytes() for f in path.iterdir()}  # now: the cache may evict `path` any time after
-        threading.Thread(target=self._publish, args=(key, files, token), daemon=True, name="knots-fleet").start()
+        if self.required:  # before vLLM is told of it: the other nodes' workers read it from the fleet
+            try:
+                self._publish(key, files, token)
+            except Unavailable:
+                shutil.rmtree(path, ignore_errors=True)
+                raise
+        else:  # beside the response
+            threading.Thread(target=self._publish, args=(key, files, token), daemon=True, name="knots-fleet").start()
         return "composed"
 
     # --- the two places a merge is shared ---------------------------------------------------------------
-    def _load(self, key: str, path: Path) -> bool:
-        try:
-            if self.shared and (files := self.store.get_merge(key, self.ttl_s)) is not None:
-                atomic_write_dir(path, lambda tmp: [(tmp / n).write_bytes(d) for n, d in files.items()])
-                return True
-            if self.dir is not None and (self.dir / key).is_dir():
-                os.utime(self.dir / key)  # read now: kept another ttl_s
-                atomic_write_dir(path, lambda tmp: [shutil.copy(f, tmp / f.name) for f in (self.dir / key).iterdir()])
-                return True
-        except (Unavailable, OSError) as e:  # the store or the volume away, the entry pruned meanwhile
-            self._warn("read", e)
-        return False
+    def fetch(self, key: str) -> dict[str, bytes] | None:
+        """The files shared under `key` (file name -> bytes), or None. Unavailable or OSError if the store or
+        the directory cannot be read."""
+        if self.shared and (files := self.store.get_merge(key, self.ttl_s)) is not None:
+            return files
+        entry = self.dir / key if self.dir is not None else None
+        if entry is not None and entry.is_dir():
+            os.utime(entry)  # read now: kept another ttl_s
+            return {f.name: f.read_bytes() for f in entry.iterdir()}
+        return None
 
-    def _publish(self, key: str, files: dict[str, bytes], token: str) -> None:
+    def publish(self, key: str, files: dict[str, bytes]) -> bool:
+        """Share files under `key`: in the store up to inline_bytes, else in fleet_dir; False if neither takes
+        them. Unavailable if the store or the directory cannot be written."""
         size = sum(map(len, files.values()))
         try:
             if self.shared and size <= self.inline_bytes:
@@ -108,13 +124,39 @@ class Fleet:
                 self._prune()
             else:
                 metrics.FLEET.labels("unshared").inc()
-                return
-            metrics.FLEET.labels("published").inc()
-        except (Unavailable, OSError) as e:
+                return False
+        except OSError as e:
+            raise Unavailable(f"cannot write the fleet directory {self.dir}: {e.strerror or e}") from None
+        metrics.FLEET.labels("published").inc()
+        return True
+
+    def _load(self, key: str, path: Path) -> bool:
+        try:
+            files = self.fetch(key)
+            if files is not None:
+                atomic_write_dir(path, lambda tmp: [(tmp / n).write_bytes(d) for n, d in files.items()])
+                return True
+        except (Unavailable, OSError) as e:  # the store or the volume away, the entry pruned meanwhile
+            self._warn("read", e)
+        return False
+
+    def _publish(self, key: str, files: dict[str, bytes], token: str) -> None:
+        """Publish, then give the lease back. With `required`, a merge that is not published is an error."""
+        try:
+            shared = self.publish(key, files)
+        except Unavailable as e:
             self._warn("publish", e)
-            metrics.FLEET.labels("unshared").inc()
+            if self.required:
+                raise Unavailable(f"the merge cannot be sent to the other nodes: {e}") from None
+            return
         finally:
             self._release(key, token)
+        if not shared and self.required:
+            size = sum(map(len, files.values()))
+            raise Unavailable(
+                f"the merge ({size / 2**20:.1f} MiB) cannot be sent to the other nodes: it is above "
+                f"fleet_inline_bytes ({self.inline_bytes}) and no fleet_dir is set"
+            )
 
     def _prune(self) -> None:
         """Drop the directory's merges unread for ttl_s (any replica may: each is a whole directory)."""

@@ -19,9 +19,8 @@ from ..state.experiments import Experiment
 CONFIG_ENV = "KNOTS_SERVE_CONFIG"
 # the vLLM whose internals plugin.py, lora_fix.py and pinning.py are written against (pyproject pins it)
 TESTED_VLLM = "0.32.0"
-# vLLM flags for engines or API servers on other hosts (multi-node data parallelism, external load balancing)
+# vLLM flags for data-parallel engines or API servers on other hosts (external load balancing): refused
 OTHER_HOSTS = {
-    "--headless",
     "--data-parallel-size-local",
     "-dpl",
     "--data-parallel-rank",
@@ -231,21 +230,33 @@ class ServeConfig(BaseModel):
 
     @field_validator("vllm_args")
     @classmethod
-    def _one_host(cls, args):
-        """Several API servers and data-parallel engines run on one host (launch.py, group.py). Refused: the
-        modes with engines or API servers on other hosts, which cannot read the merges this host composes
-        (files on its tmpfs) nor join its group: replicas on a shared store scale past one host instead
-        (docs/DEPLOY.md)."""
+    def _hosts(cls, args):
+        """One engine's workers may span hosts (`--nnodes`: tensor and pipeline parallel; their merges come
+        from the fleet: engine/fleet_files.py). Refused: data-parallel engines or API servers on other hosts,
+        and `--headless` without `--nnodes` (a data-parallel engine elsewhere): replicas on a shared store
+        scale those past one host (docs/DEPLOY.md)."""
         other = [a.partition("=")[0] for a in args if a.partition("=")[0] in OTHER_HOSTS]
-        if flag(args, ("--nnodes", "-n")) not in (None, "1"):
-            other.append("--nnodes")
+        if nodes(args) == 1 and "--headless" in args:
+            other.append("--headless")
         if other:
             raise ValueError(
-                f"vllm_args {other[0]}: knots-serve runs vLLM's engines and API servers on one host (the "
-                "merges it composes are files on that host's tmpfs); past one host, run replicas on a "
-                "shared store (docs/DEPLOY.md, 'Several hosts')"
+                f"vllm_args {other[0]}: knots-serve runs data-parallel engines and API servers on one host; "
+                "past one host, run replicas on a shared store (docs/DEPLOY.md, 'Several hosts'), or span "
+                "hosts with one engine's workers (--nnodes, docs/DEPLOY.md, 'One engine on several hosts')"
             )
         return args
+
+    @model_validator(mode="after")
+    def _nodes_share_merges(self):
+        from ..state.backends import REMOTE
+
+        shared = (self.store.startswith(REMOTE) and self.fleet_inline() > 0) or self.fleet_dir is not None
+        if nodes(self.vllm_args) > 1 and not shared:
+            raise ValueError(
+                f"vllm_args --nnodes {nodes(self.vllm_args)}: the workers on the other nodes load each merge from "
+                "the fleet: use a redis store (fleet_inline_bytes > 0), or a fleet_dir every node mounts"
+            )
+        return self
 
     @model_validator(mode="after")
     def _merges(self):
@@ -289,8 +300,9 @@ class ServeConfig(BaseModel):
         return self.served_model_name or str(self.model)
 
 
-def load_config(path: str | os.PathLike) -> ServeConfig:
-    """Read and validate; raises MergeError with a readable message (no pydantic dump)."""
+def load_config(path: str | os.PathLike, prepare_model: bool = True) -> ServeConfig:
+    """Read and validate; raises MergeError with a readable message (no pydantic dump). prepare_model=False
+    leaves a builtin: model as it is written (vLLM's worker processes: the server has prepared it)."""
     path = Path(path).resolve()
     try:
         raw = yaml.safe_load(path.read_text())
@@ -310,7 +322,11 @@ def load_config(path: str | os.PathLike) -> ServeConfig:
 
     return cfg.model_copy(
         update=dict(
-            model=builtin_model(str(cfg.model)) if str(cfg.model).startswith(BUILTIN) else absolute(cfg.model),
+            model=cfg.model
+            if str(cfg.model).startswith(BUILTIN) and not prepare_model
+            else builtin_model(str(cfg.model))
+            if str(cfg.model).startswith(BUILTIN)
+            else absolute(cfg.model),
             tasks={n: p if is_hub_ref(p) else str(absolute(Path(p))) for n, p in cfg.tasks.items()},
             cache_dir=absolute(cfg.cache_dir),
             state_dir=absolute(cfg.state_dir),
@@ -330,6 +346,13 @@ def pinning_enabled() -> bool:
         return True
     raw = yaml.safe_load(Path(path).read_text())
     return bool(raw.get("pinning", True))
+
+
+def nodes_of_config() -> int:
+    """--nnodes of the config named by KNOTS_SERVE_CONFIG, for the plugin in every vLLM process (read raw, as
+    pinning_enabled is)."""
+    raw = yaml.safe_load(Path(os.environ[CONFIG_ENV]).read_text())
+    return nodes([str(a) for a in raw.get("vllm_args", [])])
 
 
 def installed_vllm() -> str | None:
@@ -377,6 +400,14 @@ def flag(args: list[str], names) -> str | None:
         if name in names:
             value = v if eq else (args[i + 1] if i + 1 < len(args) else "")
     return value
+
+
+def nodes(args: list[str]) -> int:
+    """vLLM's --nnodes: the hosts one engine's workers span."""
+    try:
+        return int(flag(args, ("--nnodes", "-n")) or 1)
+    except ValueError:
+        return 1  # vLLM's own parser says what is wrong with it
 
 
 def api_server_count(args: list[str]) -> int:

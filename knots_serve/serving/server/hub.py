@@ -29,7 +29,7 @@ from ..state.experiments import Experiment, Outcomes, check_experiment
 from ..state.registry import experiment_table, task_table
 from ..state.traffic import Traffic
 from .ab import ABTests
-from .config import ServeConfig
+from .config import ServeConfig, nodes
 from .gate import Gate
 from .pool import Pool
 from .prewarm import Prewarm
@@ -66,7 +66,7 @@ class KnotsServer:
             cfg.compose_workers,
             cfg.compose_pending,
             cfg.compose_memory_bytes,
-            fleet=Fleet(self.store, cfg.fleet_dir, cfg.fleet_inline(), cfg.fleet_ttl_s),
+            fleet=Fleet(self.store, cfg.fleet_dir, cfg.fleet_inline(), cfg.fleet_ttl_s, nodes(cfg.vllm_args) > 1),
         )
         self.router = Router(self)
         self.cache.on_evict = self.router.forget

@@ -10,11 +10,13 @@ import contextlib
 import dataclasses
 import json
 import time
+import uuid
 from pathlib import Path
 
 from ...adapters import save_factors
 from ...methods import full_rank
 from .. import metrics
+from ..engine import fleet_files
 from ..errors import BadRequest, Conflict, NotFound, Unavailable
 
 PIN_WAIT_S = 600  # beyond the drain: how long a pin waits for another one (its prepare) to end
@@ -28,13 +30,22 @@ async def pin(server, model: str) -> dict:
         raise BadRequest(f"{model!r} is not a merge: pin a tasks:A+B[@METHOD] string or a named merge")
     server.bases.check(sel.tasks)
     t0 = time.perf_counter()
+    fleet = server.cache.fleet
     if full_rank(sel.spec.method):  # a dense ΔW: composed where the weights are
+        if fleet.required:
+            raise BadRequest(
+                f"{model!r} is a dense-space merge, composed by every worker from the pool's basis file, which the "
+                f"workers on other nodes cannot read: pin knots-{sel.spec.method} (its KnOTS-basis form) instead"
+            )
         basis = await asyncio.to_thread(server.bases.basis_file_for, sel, server.cache.cache_dir)
         args = ("basis", str(basis), json.dumps(dataclasses.asdict(sel.spec)))
     else:
-        path = server.cache.cache_dir / f"pin-{next(server.pin_serial)}.safetensors"
+        # named pin-TOKEN-SERIAL: on several nodes the other workers fetch it from the fleet by pin-TOKEN
+        path = server.cache.cache_dir / f"pin-{uuid.uuid4().hex}-{next(server.pin_serial)}.safetensors"
         lora = await server.loop.run_in_executor(server.router.compose_pool, server.bases.merge, sel)
         await asyncio.to_thread(save_factors, lora, path)
+        if fleet.required:
+            await asyncio.to_thread(ship, fleet, path)
         args = ("factors", str(path))
     engine = server.engine
     try:
@@ -71,6 +82,21 @@ async def pin(server, model: str) -> dict:
         if args[0] == "factors":
             Path(args[1]).unlink(missing_ok=True)
     return pinned
+
+
+def ship(fleet, path: Path) -> None:
+    """A pin's factors, published for the workers on other nodes (engine/fleet_files.py); 503 if they cannot be
+    (the file removed: the pin changes nothing)."""
+    size = path.stat().st_size
+    try:
+        if not fleet.publish(fleet_files.key_of(path), {path.name: path.read_bytes()}):
+            raise Unavailable(
+                f"the pin's factors ({size / 2**20:.1f} MiB) cannot be sent to the other nodes: above "
+                "fleet_inline_bytes and no fleet_dir"
+            )
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 async def unpin(server) -> dict:
