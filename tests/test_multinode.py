@@ -1,10 +1,11 @@
-"""One engine on two hosts (vLLM's --nnodes, the multiprocessing backend): the tiny Llama at tensor parallel 2
-across two node processes of `knots-serve serve`, the second headless, in its own mount namespace where the first
-node's cache and state directories are an empty tmpfs (so nothing the first node writes is shared by accident:
-its merges reach the second node's worker through the fleet, a real Redis; engine/fleet_files.py). The base, a
-task's adapter, per-request merges, a pinned merge and the unpin give the same greedy tokens as the one-node test
-server."""
+"""Engines on two hosts, played by two `knots-serve serve` processes on this one: the second headless, in its own
+mount namespace where the first host's cache and state directories are an empty tmpfs, so nothing the first host
+writes reaches it but through the fleet (a real Redis; engine/fleet_files.py). One engine at tensor parallel 2
+across both (vLLM's --nnodes, the multiprocessing backend), and two data-parallel engines, the second on the other
+host: the base, a task's adapter, per-request merges, a pinned merge and the unpin give the same greedy tokens as
+the one-host test server; a host that dies makes the server unhealthy, not hung."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -33,35 +35,31 @@ def private_mounts() -> bool:
 pytestmark = pytest.mark.skipif(not private_mounts(), reason="needs `unshare -m` (root) to hide a node's files")
 
 
-@pytest.fixture(scope="module")
-def two_nodes(server, tmp_path_factory):
-    root = tmp_path_factory.mktemp("nodes")
+@contextlib.contextmanager
+def two_hosts(server, root, args0: list[str], args1: list[str]):
+    """(the first host's server, the second host's process, its log): `knots-serve serve` with the test server's
+    config plus args0 here, and plus args1 in a private mount namespace where the first's files are hidden."""
     redis = Redis(root)
     redis.start()
-    port = str(free_port())
     base = {k: v for k, v in server.config.items() if k not in ("port", "experiments")} | {"store": redis.url}
-    nodes = []
-    for rank in (0, 1):
-        home = root / f"node{rank}"
+    homes, cfgs = [root / "host0", root / "host1"], []
+    for home, args in zip(homes, (args0, args1)):
         home.mkdir()
-        args = ["--tensor-parallel-size", "2", "--nnodes", "2", "--node-rank", str(rank)]
-        args += ["--master-addr", "127.0.0.1", "--master-port", port] + (["--headless"] if rank else [])
         cfg = base | {"cache_dir": str(home / "cache"), "state_dir": str(home / "state")}
-        nodes.append((home, cfg | {"vllm_args": [*server.config["vllm_args"], *args]}))
-    (home1, cfg1), (home0, cfg0) = nodes[1], nodes[0]
-    (home1 / "config.yaml").write_text(json.dumps(cfg1 | {"port": free_port()}))
-    hide = f"mount -t tmpfs none {home0} && exec {CLI} serve --config {home1 / 'config.yaml'}"
+        cfgs.append(cfg | {"vllm_args": [*server.config["vllm_args"], *args]})
+    (homes[1] / "config.yaml").write_text(json.dumps(cfgs[1] | {"port": free_port()}))
+    hide = f"mount -t tmpfs none {homes[0]} && exec {CLI} serve --config {homes[1] / 'config.yaml'}"
     env = {"KNOTS_TEST_ADMIN_KEY": ADMIN_KEY, "VLLM_CPU_OMP_THREADS_BIND": "1"}
     second = subprocess.Popen(
         ["unshare", "-m", "--propagation", "private", "sh", "-c", hide],
-        stdout=open(home1 / "server.log", "w"),
+        stdout=open(homes[1] / "server.log", "w"),
         stderr=subprocess.STDOUT,
         env=os.environ | env,
         start_new_session=True,
     )
     try:
-        with start_server(home0, cfg0, env | {"VLLM_CPU_OMP_THREADS_BIND": "0"}) as first:
-            yield first, second, home1 / "server.log"
+        with start_server(homes[0], cfgs[0], env | {"VLLM_CPU_OMP_THREADS_BIND": "0"}) as first:
+            yield first, second, homes[1] / "server.log"
     finally:
         if second.poll() is None:
             os.killpg(second.pid, signal.SIGTERM)
@@ -69,16 +67,50 @@ def two_nodes(server, tmp_path_factory):
         redis.kill()
 
 
+@pytest.fixture(scope="module")
+def two_nodes(server, tmp_path_factory):
+    """One engine, tensor parallel 2 across the two hosts (--nnodes 2)."""
+    port = str(free_port())
+    args = ["--tensor-parallel-size", "2", "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", port]
+    root = tmp_path_factory.mktemp("nodes")
+    with two_hosts(server, root, [*args, "--node-rank", "0"], [*args, "--node-rank", "1", "--headless"]) as hosts:
+        yield hosts
+
+
+def fetched(log) -> list[str]:
+    """What the second host's workers fetched from the fleet (engine/fleet_files.py logs each)."""
+    return [line for line in log.read_text().splitlines() if "fetched from the fleet" in line]
+
+
 def answers(srv) -> dict:
     c = srv.client()
     return {(m, p): complete(c, m, p) for m in MODELS for p in PROMPTS}
 
 
+def test_a_data_parallel_engine_on_another_host_serves_merges_and_pins(server, tmp_path):
+    """Two data-parallel engines, the second on the other host (--headless --data-parallel-start-rank 1), one API
+    server: merges composed on the first host are served by either engine with the one-node tokens, and a pin
+    reaches the second engine's worker through the fleet."""
+    port = str(free_port())
+    args = ["--data-parallel-size", "2", "--data-parallel-size-local", "1", "--data-parallel-address", "127.0.0.1"]
+    args += ["--data-parallel-rpc-port", port]
+    extra = ["--headless", "--data-parallel-start-rank", "1"]
+    with two_hosts(server, tmp_path, [*args, "--api-server-count", "1"], [*args, *extra]) as (first, _, log):
+        reference = answers(server)
+        c = first.client()
+        with ThreadPoolExecutor(8) as pool:  # at once: both engines get some (vLLM balances by load)
+            got = dict(pool.map(lambda mp: (mp, complete(c, *mp)), [(m, p) for m in MODELS for p in PROMPTS] * 2))
+        assert got == reference
+        status, body = http(first, "POST", "/admin/pin", {"model": MERGES[0]}, key=ADMIN_KEY)
+        assert status == 200 and len(body["pinned"]["workers"]) == 2, body  # one worker per engine
+        assert any("pin-" in line for line in fetched(log)), log.read_text()[-3000:]
+        assert http(first, "DELETE", "/admin/pin", key=ADMIN_KEY)[0] == 200
+
+
 def test_two_nodes_serve_merges_and_pins_as_one_node_with_merges_shipped_through_the_fleet(server, two_nodes):
     first, second, log = two_nodes
     assert answers(first) == answers(server)
-    fetched = [line for line in log.read_text().splitlines() if "fetched from the fleet" in line]
-    assert len(fetched) >= len(MERGES), log.read_text()[-3000:]  # the second node had none of their files
+    assert len(fetched(log)) >= len(MERGES), log.read_text()[-3000:]  # the second node had none of their files
 
     def pinned(srv, workers):
         status, body = http(srv, "POST", "/admin/pin", {"model": MERGES[0]}, key=ADMIN_KEY)
@@ -111,5 +143,5 @@ def test_a_dead_node_is_an_error_and_an_unhealthy_server_not_a_hang(two_nodes):
         urllib.request.urlopen(f"{first.url}/health", timeout=30)
     assert e.value.code == 503
     engine = http(first, "GET", "/admin/store", key=ADMIN_KEY)[1]["engine"]
-    assert engine["nodes"] == 2 and engine["dead"] and engine["error"], engine
+    assert engine["other_hosts"] and engine["dead"] and engine["error"], engine
     print(f"a request {failed:.2f} s after the second node died failed; /health: 503")

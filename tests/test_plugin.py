@@ -60,17 +60,17 @@ def test_serve_accepts_only_the_tested_vllm():
         check_vllm(None)
 
 
-@pytest.mark.parametrize("args", [["--headless"], ["--data-parallel-size-local", "1"], ["-dpa=10.0.0.2"], ["-dpe"]])
-def test_serve_refuses_data_parallel_engines_or_api_servers_on_other_hosts(tmp_path, args):
-    """API servers on another host could not join this host's group: a CLI error naming the flag, before anything
-    starts. (One engine's workers on several hosts, --nnodes, are served: test_multinode.py.)"""
+@pytest.mark.parametrize("args", [["--data-parallel-rank", "1"], ["-dpe"], ["--data-parallel-hybrid-lb"], ["-dpm"]])
+def test_serve_refuses_api_servers_on_other_hosts(tmp_path, args):
+    """API servers on another host (external or hybrid load balancing) could not join this host's group: a CLI
+    error naming the flag, before anything starts. (Workers and engines elsewhere are served: test_multinode.py.)"""
     from server_process import CLI
 
     path = write_config(tmp_path, vllm_args=["--dtype", "float32", *args])
     r = subprocess.run([CLI, "serve", "--config", str(path)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     flag = args[0].partition("=")[0]
-    assert f"vllm_args {flag}: knots-serve runs data-parallel engines and API servers on one host" in r.stderr
+    assert f"vllm_args {flag}: knots-serve runs every API server on the first host" in r.stderr
     load_config(write_config(tmp_path, vllm_args=["--nnodes", "1", "--no-data-parallel-hybrid-lb"]))  # one host: fine
 
 
@@ -88,14 +88,25 @@ def test_ray_is_refused_on_the_cpu_build_saying_why(tmp_path):
     assert load_config(write_config(tmp_path, vllm_args=["--distributed-executor-backend", "mp"]))
 
 
-@pytest.mark.parametrize("args", [["--nnodes", "2"], ["-n=2", "--headless"]])
-def test_workers_on_several_nodes_need_a_fleet_to_ship_merges(tmp_path, args):
-    """The other nodes' workers load each merge from the fleet (engine/fleet_files.py): a store or a directory
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--nnodes", "2"], "--nnodes"),
+        (["-n=2", "--headless"], "--nnodes"),
+        (["--headless", "--data-parallel-start-rank", "1"], "--headless"),
+        (["-dp", "2", "-dpl", "1", "-dpa", "10.0.0.1"], "-dpl"),
+    ],
+)
+def test_workers_or_engines_on_other_hosts_need_a_fleet_to_ship_merges(tmp_path, args, flag):
+    """The workers on other hosts load each merge from the fleet (engine/fleet_files.py): a store or a directory
     they all reach."""
-    with pytest.raises(MergeError, match=r"vllm_args --nnodes 2: the workers on the other nodes load each merge"):
+    with pytest.raises(MergeError, match=rf"vllm_args {flag}: the workers on other hosts load each merge"):
         load_config(write_config(tmp_path, vllm_args=args, store="sqlite"))
     assert load_config(write_config(tmp_path, vllm_args=args, store="redis://r:6379/0")).store.startswith("redis")
-    assert load_config(write_config(tmp_path, vllm_args=args, fleet_dir=str(tmp_path))).fleet_dir == tmp_path
+    assert (
+        load_config(write_config(tmp_path, vllm_args=args, store="sqlite", fleet_dir=str(tmp_path))).fleet_dir
+        == tmp_path
+    )
 
 
 @pytest.mark.parametrize("args", [["--api-server-count", "2"], ["-asc=4"], ["--data-parallel-size", "2"], ["-dp", "3"]])

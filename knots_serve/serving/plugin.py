@@ -29,7 +29,7 @@ from .engine import fleet_files, launch, lora_fix, pinning, spin
 from .engine.launch import GROUP_ENV
 from .http.middleware import KnotsMiddleware
 from .server import pins
-from .server.config import CONFIG_ENV, load_config, nodes_of_config, pinning_enabled
+from .server.config import CONFIG_ENV, config_spans_hosts, load_config, pinning_enabled
 
 log = logging.getLogger("vllm.knots_serve")  # under vLLM's logger: its handler and level apply
 
@@ -52,7 +52,7 @@ def register() -> None:
         log.info("knots_serve: pinning is off (pinning: false): vLLM's CPU weight packing left as it is")
     log.info("knots_serve: %s", lora_fix.apply())
     log.info("knots_serve: %s", spin.apply())
-    if os.environ.get(CONFIG_ENV) and nodes_of_config() > 1:
+    if os.environ.get(CONFIG_ENV) and config_spans_hosts():
         log.info("knots_serve: %s", fleet_files.apply(workers_fleet))
 
 

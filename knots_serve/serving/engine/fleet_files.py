@@ -1,4 +1,4 @@
-"""Files that the workers on other nodes must read (docs/DEPLOY.md, "One engine on several hosts"): the adapter
+"""Files that the workers on other nodes must read (docs/DEPLOY.md, "Engines on several hosts"): the adapter
 directory of a merge vLLM's LoRA manager loads, the factors file of a pin. The API server, on the first node,
 writes them on its own disk and publishes them to the fleet (merges/fleet.py) before vLLM is told of them,
 under the key their name starts with (`KEY-SERIAL`, `KEY-SERIAL.safetensors`). A worker that does not find such

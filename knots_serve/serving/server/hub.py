@@ -29,7 +29,7 @@ from ..state.experiments import Experiment, Outcomes, check_experiment
 from ..state.registry import experiment_table, task_table
 from ..state.traffic import Traffic
 from .ab import ABTests
-from .config import ServeConfig, nodes
+from .config import ServeConfig, other_hosts
 from .gate import Gate
 from .pool import Pool
 from .prewarm import Prewarm
@@ -66,7 +66,9 @@ class KnotsServer:
             cfg.compose_workers,
             cfg.compose_pending,
             cfg.compose_memory_bytes,
-            fleet=Fleet(self.store, cfg.fleet_dir, cfg.fleet_inline(), cfg.fleet_ttl_s, nodes(cfg.vllm_args) > 1),
+            fleet=Fleet(
+                self.store, cfg.fleet_dir, cfg.fleet_inline(), cfg.fleet_ttl_s, other_hosts(cfg.vllm_args) is not None
+            ),
         )
         self.router = Router(self)
         self.cache.on_evict = self.router.forget
