@@ -318,6 +318,9 @@ def main():
                 "tasks": pool,
                 "adapter_dirs": [str(ROOT / "adapters"), str(root / "pool")],
                 "basis_file": str(root / "state" / "basis.safetensors"),
+                # the trace stands for many clients: no per-client bound on new merges (new_merge_rate)
+                "new_merge_rate": 1e6,
+                "new_merge_burst": 1_000_000,
             }
             (root / "knots").mkdir()
             k_results, k_info = knots_phase(root / "knots", cfg, as_merges(steady), args, "steady")
@@ -340,7 +343,7 @@ def main():
                 "requests": len(steady),
                 "distinct_subsets": len(distinct),
                 # steady requests whose subset no earlier request named: misses no cache avoids (hit rate ≤ 1 − this)
-                "first_seen_fraction": first_seen(steady, args.warmup),
+                "compulsory_miss_share": first_seen(steady, args.warmup),
                 "knots": ours,
                 "knots_restart": restarted | r_info,
                 "reference": ref,

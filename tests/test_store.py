@@ -11,8 +11,7 @@ import time
 
 import pytest
 import yaml
-from asgi_edge import Engine, call, make_server
-from asgi_edge import admin as admin_call
+from asgi_edge import make_server
 from conftest import ADMIN_KEY, ENGINE_ARGS
 from server_process import CLI, start_server
 from test_serving import PROMPTS, complete, http
@@ -54,51 +53,6 @@ class Redis:
     def kill(self):
         self.proc.kill()
         self.proc.wait()
-
-
-@pytest.fixture
-def redis(tmp_path):
-    server = Redis(tmp_path)
-    server.start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture
-def replicas(tmp_path, tiny_adapters, redis, monkeypatch):
-    """run(test): test(a, b, on, admin) in an event loop: two replicas on the Redis store; on(replica, model,
-    **body) is one request through that replica's middleware, admin(replica, method, path, json) one admin call
-    (api.py's routes) to it."""
-    monkeypatch.setenv("KNOTS_ADMIN_KEY", KEY)
-    shared = tmp_path / "adapters"
-    shutil.copytree(tiny_adapters["gamma"], shared / "delta")
-
-    def run(test):
-        async def main():
-            settings = {"store": redis.url, "store_poll_s": POLL_S, "adapter_dirs": [str(shared)]}
-            for n in ("a", "b"):
-                (tmp_path / n).mkdir()
-            a, b = (make_server(tmp_path / n, tiny_adapters, **settings) for n in ("a", "b"))
-            engine = Engine()  # one engine behind both: response ids unique across replicas, as vLLM's are
-
-            async def on(replica, model, headers=(), **body):
-                KnotsMiddleware.server = replica
-                body = {"model": model, "messages": [{"role": "user", "content": "one"}]} | body
-                return await call(KnotsMiddleware(engine), body=body, headers=headers)
-
-            async def admin(replica, method, path, json=None):
-                return await admin_call(replica, method, path, json, KEY)
-
-            try:
-                await test(a, b, on, admin)
-            finally:
-                KnotsMiddleware.server = None
-                a.close()
-                b.close()
-
-        asyncio.run(main())
-
-    return run
 
 
 async def within_bound(seen, what):

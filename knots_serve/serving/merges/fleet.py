@@ -12,8 +12,10 @@ While a replica composes a merge it holds a lease in the store (LEASE_S): a repl
 meanwhile waits for the publication instead of composing it too, until the lease is given back (the compose
 failed, or the merge was too large to share: it composes then) or runs out (a replica that died composing).
 
-The fleet is an optimisation, never a dependency: a store or a directory that cannot be reached, or files that
-do not read back, mean the merge is composed here, as with no fleet (counted, and logged once per kind).
+Between replicas the fleet is an optimisation, never a dependency: a store or a directory that cannot be reached,
+or files that do not read back, mean the merge is composed here, as with no fleet (counted, and logged once per
+kind). Where one engine's workers span hosts (`required`, engine/fleet_files.py) it is how they get the merge: a
+merge is published before vLLM is told of it, and one that cannot be is an error (503).
 """
 
 from __future__ import annotations
