@@ -116,3 +116,8 @@ def test_several_api_servers_need_a_store_they_can_share(tmp_path, args):
         load_config(write_config(tmp_path, vllm_args=args))
     assert load_config(write_config(tmp_path, vllm_args=args, store="sqlite")).store == "sqlite"
     load_config(write_config(tmp_path, vllm_args=["--api-server-count", "1", "-dp=1"]))  # one of each: any store
+
+
+def test_data_parallel_engines_all_on_this_host_need_no_fleet(tmp_path):
+    args = ["--data-parallel-size", "2", "--data-parallel-size-local", "2"]  # every engine here
+    assert load_config(write_config(tmp_path, vllm_args=args, store="sqlite")).fleet_inline() == 0

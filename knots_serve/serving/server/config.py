@@ -316,18 +316,14 @@ def load_config(path: str | os.PathLike, prepare_model: bool = True) -> ServeCon
     except ValidationError as e:
         msgs = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
         raise MergeError(f"invalid config {path}: {msgs}") from None
-    root = path.parent
+    root, builtin = path.parent, str(cfg.model).startswith(BUILTIN)
 
     def absolute(p):
         return p if p is None else (root / p.expanduser()).resolve()
 
     return cfg.model_copy(
         update=dict(
-            model=cfg.model
-            if str(cfg.model).startswith(BUILTIN) and not prepare_model
-            else builtin_model(str(cfg.model))
-            if str(cfg.model).startswith(BUILTIN)
-            else absolute(cfg.model),
+            model=(builtin_model(str(cfg.model)) if prepare_model else cfg.model) if builtin else absolute(cfg.model),
             tasks={n: p if is_hub_ref(p) else str(absolute(Path(p))) for n, p in cfg.tasks.items()},
             cache_dir=absolute(cfg.cache_dir),
             state_dir=absolute(cfg.state_dir),
@@ -417,6 +413,9 @@ def other_hosts(args: list[str]) -> str | None:
     try:
         if int(flag(args, ("--nnodes", "-n")) or 1) > 1:
             return "--nnodes"
+        local = flag(args, ("--data-parallel-size-local", "-dpl"))
+        if local is not None and int(local) == int(flag(args, ("--data-parallel-size", "-dp")) or 1):
+            args = [a for a in args if a.partition("=")[0] not in ("--data-parallel-size-local", "-dpl")]  # all here
     except ValueError:
         pass  # vLLM's own parser says what is wrong with it
     return next((a.partition("=")[0] for a in args if a.partition("=")[0] in ENGINES_ELSEWHERE), None)
