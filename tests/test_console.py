@@ -155,6 +155,7 @@ def test_the_playground_streams_two_merges_side_by_side(page, server):
     page.wait_for_selector("#cached tbody tr")
     cached = page.text_content("#cached tbody")
     assert all(m in cached for m in PLAY_MODELS)
+    assert "composed" in cached  # where their files came from (this server; not another's, nor the fleet)
     # a merge that does not exist answers in its column with the server's error
     play(page, "tasks:alpha+nosuch")
     assert "nosuch" in page.locator("#answers .answer.failed .meta").inner_text()

@@ -163,7 +163,7 @@ VIEWS.merges = async () => {
       return el("tr", {}, el("td", {}, m.model), el("td", { className: "num" }, bytes(m.bytes)),
         el("td", { className: "num" }, m.rank), el("td", { className: "num" }, m.hits),
         el("td", { className: "num" }, num(m.compose_s)), el("td", {}, when(m.last_used)),
-        el("td", { className: "num" }, m.in_use), el("td", {}, m.why), el("td", {}, pinIt));
+        el("td", { className: "num" }, m.in_use), el("td", {}, m.why), el("td", {}, m.source), el("td", {}, pinIt));
     }),
   );
   const hot = Array.isArray(doc.hot) ? doc.hot : [];
