@@ -6,6 +6,7 @@ Two real KnotsServers over ASGI without an engine (asgi_edge.py); the store cont
 import asyncio
 import json
 import shutil
+import time
 
 import pytest
 from test_store import Redis
@@ -164,7 +165,7 @@ def test_a_pruned_fleet_dir_entry_means_composing_here(tmp_path):
     for _ in range(400):
         if (tmp_path / "fleet" / "k").exists():
             break
-        asyncio.run(asyncio.sleep(0.01))
+        time.sleep(0.01)
     assert f.load_or_make("k", tmp_path / "two", lambda: make(tmp_path / "two")) == "fleet"
     assert (tmp_path / "two" / "adapter_model.safetensors").read_bytes() == b"composed"
     shutil.rmtree(tmp_path / "fleet" / "k")
