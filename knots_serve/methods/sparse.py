@@ -70,7 +70,7 @@ def task_arithmetic(X, w, *, alpha=1.0, **_):
 def ties(X, w, *, alpha=1.0, top_k=0.2, **_):
     """Trim, elect, disjoint mean (the last two as one kernel: elementwise per column)."""
     Y = X if bool((w == 1).all()) else w[:, None] * X  # the same values; no copy of a large X
-    return alpha * ties_merge(Y, trim_thresholds(Y, top_k))
+    return ties_merge(Y, trim_thresholds(Y, top_k)).mul_(alpha)  # in place: the merged row is as long as X's
 
 
 def dare_ta(X, w, *, alpha=1.0, density=0.5, generator=None, **_):
