@@ -179,10 +179,10 @@ def compact_lefts(
         if rest.numel():
             X = torch.stack([items[idx[j]][1] for j in rest.tolist()])
             full[rest] = _certified(X, empty[rest], trace[rest], cut)
+        whole = (~empty).all(-1).tolist()
         for j in full.nonzero().flatten().tolist():
             U, X, V = items[idx[j]]
-            kept = ~empty[j]
-            B, A = (U, X) if bool(kept.all()) else (U[:, kept], X[kept])
+            B, A = (U, X) if whole[j] else (U[:, ~empty[j]], X[~empty[j]])
             out[idx[j]] = (B, A if V is None else A @ V.T)
     return [pair if pair is not None else compact_left(*items[i], rtol=rtol) for i, pair in enumerate(out)]
 
