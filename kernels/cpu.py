@@ -8,7 +8,8 @@ CPU the long task rows (tens of millions of entries at 8B shapes) stream from me
 - `ties_merge_numba`: TIES elect + disjoint mean (the same arithmetic, in the same order and dtype, as
   `ties_merge_torch`, so the results are bitwise equal). One pass over Y: a block of columns is elected and
   averaged while it is in cache, its inner loops written so that LLVM vectorizes them; the blocks in parallel.
-- `row_sq_norms`: Σx² per row in float64, without a float64 copy of the rows.
+- `row_sq_norms`: Σx² per row in float64, without a float64 copy of the rows; `column_shares`: each
+  column's share of the rows' energy.
 
 Compiled on first use (a few seconds) and cached on disk next to this file when it is writable;
 `warm_up()` compiles them ahead (the server calls it at start, not on a request).
@@ -121,16 +122,25 @@ def _kernels():
                             count += one
                     out[j] = total / max(count, one)
 
-    @numba.njit(cache=True, nogil=True, parallel=True, fastmath={"reassoc", "contract"})
-    def sq_norms(X, out):  # pragma: no cover - compiled
-        for i in numba.prange(X.shape[0]):
+    @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+    def sq_norms(X, out):  # pragma: no cover - compiled (one module's rows a call: no threads to start)
+        for i in range(X.shape[0]):
             total, row = 0.0, X[i]
             for j in range(row.size):
                 x = np.float64(row[j])
                 total += x * x
             out[i] = total
 
-    return kth_abs_rows, ties, sq_norms
+    @numba.njit(cache=True, nogil=True)
+    def shares(X, norms, out):  # pragma: no cover - compiled
+        out[:] = 0
+        for i in range(X.shape[0]):
+            if norms[i] > 0:
+                inv, row = X.dtype.type(1 / norms[i]), X[i]
+                for j in range(row.size):
+                    out[j] += row[j] * row[j] * inv
+
+    return kth_abs_rows, ties, sq_norms, shares
 
 
 def kth_abs_smallest(X: torch.Tensor, k: int) -> torch.Tensor:
@@ -156,6 +166,13 @@ def row_sq_norms(X: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def column_shares(X: torch.Tensor, row_sq_norms: torch.Tensor) -> torch.Tensor:
+    """Per column of a 2-D CPU tensor, Σ_i x_ij² / ‖x_i‖² (rows of norm 0 skipped), in X's dtype."""
+    out = torch.empty(X.shape[1], dtype=X.dtype)
+    _kernels()[3](X.contiguous().numpy(), row_sq_norms.numpy(), out.numpy())
+    return out
+
+
 def warm_up() -> None:
     """Compile (or load from the disk cache) every kernel for both dtypes, on tiny inputs."""
     if not HAVE_NUMBA:
@@ -164,4 +181,4 @@ def warm_up() -> None:
         Y = torch.arange(-3, 5, dtype=dtype).view(2, 4)
         kth_abs_smallest(Y, 2)
         ties_merge_numba(Y, torch.zeros(2, dtype=dtype))
-        row_sq_norms(Y)
+        column_shares(Y, row_sq_norms(Y))
