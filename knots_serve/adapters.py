@@ -44,7 +44,8 @@ class LoraModule:
     A: torch.Tensor
     B: torch.Tensor
     scale: float
-    # dtype -> the QR of Aᵀ, kept by basis.a_frames: a task's own half of every per-request joint SVD
+    # ("A" or "B", dtype) -> the QR of Aᵀ or of B, kept by basis.lora_frames: a task's own half of every
+    # per-request joint SVD
     frames: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property

@@ -56,60 +56,98 @@ def joint_svd(
     Returns U (O×k), σ (k), and per task (coef_i, Q_i) with diag(σ)·Vh_i = coef_i·Q_iᵀ.
     Only σ > rtol·σ_max are kept (default: `rtol_for(dtype)`).
     """
-    frames = [torch.linalg.qr(A.to(dtype).T) for A in As]  # A = Ra^T Qa^T
-    (out,) = joint_svds(
-        [B[None] for B in Bs],
-        [(Qa[None], Ra[None]) for Qa, Ra in frames],
-        [torch.tensor([s], dtype=F64) for s in scales],
-        rtol,
-        dtype,
-    )
+    b_frames = [tuple(t[None] for t in torch.linalg.qr(B.to(dtype))) for B in Bs]
+    a_frames = [tuple(t[None] for t in torch.linalg.qr(A.to(dtype).T)) for A in As]  # A = Ra^T Qa^T
+    (out,) = joint_svds(b_frames, a_frames, [torch.tensor([s], dtype=F64) for s in scales], rtol, dtype)
     return out
 
 
 def joint_svds(
-    Bs: list[torch.Tensor],
-    frames: list[tuple[torch.Tensor, torch.Tensor]],
+    b_frames: list[tuple[torch.Tensor, torch.Tensor]],
+    a_frames: list[tuple[torch.Tensor, torch.Tensor]],
     scales: list[torch.Tensor],
     rtol: float | None = None,
     dtype: torch.dtype = F64,
 ) -> list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]]:
-    """`joint_svd` of b modules of one shape at once: per task, Bs[i] (b×O×r_i), the QR of its Aᵀ
-    frames[i] = (Qa (b×I×r_i), Ra (b×r_i×r_i)) (`a_frames`), scales[i] (b); one batched QR, product and SVD
-    per step instead of one per module (a per-module loop pays Python and LAPACK-call overhead 100+ times a
-    merge). Each module's result is cut to its own numerical rank."""
+    """`joint_svd` of b modules of one shape at once, from each task's QRs (`frames`): B_i = Qb_i·Rb_i
+    (b×O×r_i, b×r_i×r_i) and A_iᵀ = Qa_i·Ra_i (b×I×r_i, b×r_i×r_i), and scales[i] (b); one batched product
+    and SVD per step instead of one per module (a per-module loop pays Python and LAPACK-call overhead 100+
+    times a merge). Each module's result is cut to its own numerical rank."""
     rtol = rtol_for(dtype) if rtol is None else rtol
-    Qb, Rb = torch.linalg.qr(torch.cat([B.to(dtype) for B in Bs], dim=-1))
-    # M = Qb · core · blockdiag(Qa_i)^T, core = Rb · blockdiag(s_i·Ra_i^T) formed a task's columns at a time:
+    Q, R = joint_frame([(Qb.to(dtype), Rb.to(dtype)) for Qb, Rb in b_frames])
+    # M = Q · core · blockdiag(Qa_i)^T, core = R · blockdiag(s_i·Ra_i^T) formed a task's columns at a time:
     # never the (Σr)² block-diagonal matrix, so a pool's build grows linearly with its total rank
     cores = [
-        Rb_i @ (s.to(Rb.device, dtype)[:, None, None] * Ra.to(dtype).mT)
-        for Rb_i, (_, Ra), s in zip(Rb.split([B.shape[-1] for B in Bs], dim=-1), frames, scales)
+        R_i @ (s.to(R.device, dtype)[:, None, None] * Ra.to(dtype).mT)
+        for R_i, (_, Ra), s in zip(R.split([Rb.shape[-1] for _, Rb in b_frames], dim=-1), a_frames, scales)
     ]
     Uc, sigma, Vhc = torch.linalg.svd(torch.cat(cores, dim=-1), full_matrices=False)
-    U, sVh = Qb @ Uc, sigma[..., None] * Vhc
+    U, sVh = Q @ Uc, sigma[..., None] * Vhc
     top = sigma[:, :1] if sigma.shape[-1] else sigma.new_zeros(sigma.shape[0], 1)
     ks = ((sigma > rtol * top) & (top > 0)).sum(-1).tolist()  # σ descends: each module keeps a prefix
-    widths = [Qa.shape[-1] for Qa, _ in frames]
+    widths = [Qa.shape[-1] for Qa, _ in a_frames]
     return [
-        (U[j, :, :k], sigma[j, :k], list(sVh[j, :k].split(widths, dim=-1)), [Qa[j].to(dtype) for Qa, _ in frames])
+        (U[j, :, :k], sigma[j, :k], list(sVh[j, :k].split(widths, dim=-1)), [Qa[j].to(dtype) for Qa, _ in a_frames])
         for j, k in enumerate(ks)
     ]
 
 
-def a_frames(loras: list, dtype: torch.dtype, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The QR of every LoraModule's Aᵀ = Qa·Ra, stacked (b×I×r, b×r×r), from one batched QR. Kept on each
-    module when computed in its own dtype and place (a per-request subset basis: a task's half of the joint
-    SVD is the same in every subset it enters, so it is factored once per task, not once per merge)."""
+def joint_frame(frames: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q (b×O×K, orthonormal columns) and R (b×K×Σr) with [B_1 | … | B_n] = Q·R, from each block's own QR
+    B_i = Q_i·R_i. Block Gram-Schmidt, the projection done twice ("twice is enough": orthogonal to working
+    precision): each block costs products and a QR of its own width, half the flops of a QR of the whole
+    stack, and each task's QR is computed once, not per subset. Where the blocks' total width exceeds O,
+    the stack itself is factored (its columns cannot all be new directions)."""
+    widths = [R.shape[-1] for _, R in frames]
+    if sum(widths) > frames[0][0].shape[-2]:
+        return torch.linalg.qr(torch.cat([Q @ R for Q, R in frames], dim=-1))
+    Q, R = frames[0]
+    for Qi, Ri in frames[1:]:
+        C = Q.mT @ Qi
+        W = Qi - Q @ C
+        C2 = Q.mT @ W
+        Qw, Rw = torch.linalg.qr(W - Q @ C2)  # Qi = Q·(C + C2) + Qw·Rw
+        top = torch.cat([R, (C + C2) @ Ri], dim=-1)
+        bottom = torch.cat([R.new_zeros(R.shape[0], Rw.shape[-2], R.shape[-1]), Rw @ Ri], dim=-1)
+        Q, R = torch.cat([Q, Qw], dim=-1), torch.cat([top, bottom], dim=-2)
+    return Q, R
+
+
+def lora_frames(loras: list, side: str, dtype: torch.dtype, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The QR of every LoraModule's B (side "B": B = Qb·Rb) or Aᵀ (side "A": Aᵀ = Qa·Ra), stacked
+    (b×O×r or b×I×r, and b×r×r), from one batched QR. Kept on each module when computed in its own dtype and
+    place (a per-request subset basis: a task's half of the joint SVD is the same in every subset it enters,
+    so it is factored once per task, not once per merge)."""
     home = loras[0].A.device
     keep = dtype == loras[0].A.dtype and (device is None or torch.device(device) == home)
-    if keep and all(dtype in lora.frames for lora in loras):
-        return tuple(torch.stack(parts) for parts in zip(*(lora.frames[dtype] for lora in loras)))
-    Qa, Ra = torch.linalg.qr(torch.stack([lora.A for lora in loras]).to(device, dtype).mT)
+    if keep and all((side, dtype) in lora.frames for lora in loras):
+        return tuple(restack(parts) for parts in zip(*(lora.frames[side, dtype] for lora in loras)))
+    M = torch.stack([lora.B if side == "B" else lora.A for lora in loras]).to(device, dtype)
+    # row-major, as a stack of the kept frames is: products of either give the same bits
+    Q, R = (t.contiguous() for t in torch.linalg.qr(M if side == "B" else M.mT))
     if keep:
-        for lora, q, r in zip(loras, Qa, Ra):
-            lora.frames[dtype] = (q, r)
-    return Qa, Ra
+        for lora, q, r in zip(loras, Q, R):
+            lora.frames[side, dtype] = (q, r)
+    return Q, R
+
+
+def restack(tensors) -> torch.Tensor:
+    """torch.stack(tensors), without the copy when they are, in order, the slices of one stacked tensor:
+    `lora_frames` keeps a group's frames as slices of its batch, and the same group asks for them again at
+    every merge (at 8B shapes the copies were a tenth of a 2-task merge)."""
+    base = tensors[0]._base
+    if (
+        base is not None
+        and base.shape[0] == len(tensors)
+        and all(
+            t._base is base
+            and t.shape == base.shape[1:]
+            and t.storage_offset() == base.storage_offset() + j * base.stride(0)
+            for j, t in enumerate(tensors)
+        )
+    ):
+        return base
+    return torch.stack(tensors)
 
 
 def compact(B: torch.Tensor, A: torch.Tensor, rtol: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,10 +162,10 @@ def compacts(pairs: dict, rtol: float | None = None) -> dict:
         groups.setdefault((B.shape, A.shape, B.dtype), []).append(key)
     out = {}
     for (_, _, dtype), keys in groups.items():
-        B = torch.stack([pairs[k][0] for k in keys])
-        frame = torch.linalg.qr(torch.stack([pairs[k][1] for k in keys]).to(dtype).mT)
+        b_frame = torch.linalg.qr(torch.stack([pairs[k][0] for k in keys]))
+        a_frame = torch.linalg.qr(torch.stack([pairs[k][1] for k in keys]).to(dtype).mT)
         ones = torch.ones(len(keys), dtype=F64)
-        for k, (U, _, (coef,), (Q,)) in zip(keys, joint_svds([B], [frame], [ones], rtol, dtype)):
+        for k, (U, _, (coef,), (Q,)) in zip(keys, joint_svds([b_frame], [a_frame], [ones], rtol, dtype)):
             out[k] = (U, coef @ Q.T)
     return {k: out[k] for k in pairs}
 
@@ -427,15 +465,17 @@ def _module_spaces(
     def stacked(get):  # per task: its factor of every module, stacked (b × …)
         return [torch.stack([get(loras[i]) for loras in per_module]).to(device) for i in range(len(names))]
 
-    Bs = stacked(lambda lora: lora.B)
     scales = [torch.tensor([loras[i].scale for loras in per_module], dtype=F64) for i in range(len(names))]
     if space == "knots":
-        frames = [a_frames([loras[i] for loras in per_module], dtype, device) for i in range(len(names))]
+        frames = [
+            [lora_frames([loras[i] for loras in per_module], side, dtype, device) for side in "BA"]
+            for i in range(len(names))
+        ]
         return [
             ModuleSpace(space, shape, tasks, U.to(store), None, [c.to(store) for c in coefs], [q.to(store) for q in qs])
-            for U, _, coefs, qs in joint_svds(Bs, frames, scales, max(rtol, rtol_for(dtype)), dtype)
+            for U, _, coefs, qs in joint_svds(*zip(*frames), scales, max(rtol, rtol_for(dtype)), dtype)
         ]
-    As = stacked(lambda lora: lora.A)
+    Bs, As = stacked(lambda lora: lora.B), stacked(lambda lora: lora.A)
     if space == "core":
         Ubs = column_ranges(torch.cat([B.to(F64) for B in Bs], dim=-1), rtol)
         Vas = column_ranges(torch.cat([A.to(F64) for A in As], dim=-2).mT, rtol)

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 
 from .adapters import LoraAdapter
-from .basis import F64, Basis, compact_lefts, compacts
+from .basis import F64, Basis, compact_lefts, compacts, restack
 from .methods import OPTIONS, PARAMS, factored, resolve
 from .methods.lines import lines_base, lines_scales
 from .methods.spectral import isotropic, isotropic_factors
@@ -146,7 +146,7 @@ def task_rows(basis: Basis, modules: list[str], names: list[str], dtype: torch.d
                 continue
             coefs = torch.stack([ms.coef[ms.tasks[t]] for ms in spaces]).to(dtype)
             if basis.space == "knots":
-                torch.bmm(coefs, torch.stack([ms.basis_q[ms.tasks[t]] for ms in spaces]).to(dtype).mT, out=piece)
+                torch.bmm(coefs, restack([ms.basis_q[ms.tasks[t]] for ms in spaces]).to(dtype).mT, out=piece)
             else:
                 piece.copy_(coefs)
         cols.update((m, slice(start + j * p * q, start + (j + 1) * p * q)) for j, m in enumerate(members))

@@ -373,6 +373,6 @@ class BasisStore:
 
 
 def _factor_bytes(a: LoraAdapter) -> int:
-    """A task's factors on the device, with the QR of its Aᵀ that per-request subset bases keep (basis.a_frames)."""
+    """A task's factors on the device, with the QRs of B and Aᵀ that subset bases keep (basis.lora_frames)."""
     tensors = [t for m in a.modules.values() for t in (m.A, m.B, *(x for f in m.frames.values() for x in f))]
     return sum(t.numel() * t.element_size() for t in tensors)
