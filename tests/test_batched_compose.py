@@ -76,3 +76,19 @@ def test_compact_lefts_of_wide_rows_certifies_from_a_few_columns_and_else_from_a
     for X, (B, A) in zip((full, sparse, agree), (got[0], got[3], got[4])):
         assert torch.equal(B, U) and torch.equal(A, X)  # certified: kept as they are, not refactored
     assert torch.equal(got[1][1], emptied[[0, 2]])
+
+
+def test_subset_basis_of_a_task_and_its_copy_has_the_tasks_rank():
+    """Block Gram-Schmidt on a copy: the second task brings no new direction (its projection is 0), and the
+    basis keeps r orthonormal columns, not 2r, as the QR of the stacked B's did."""
+    a = pool(33)[1]
+    twin = LoraAdapter(
+        "twin", {m: type(lo)(A=lo.A.clone(), B=lo.B.clone(), scale=lo.scale) for m, lo in a.modules.items()}
+    )
+    basis = build_basis([a, twin], "knots", dtype=torch.float32)
+    lora = merge_lora(basis, MergeSpec((a.name, "twin"), "knots-ta"))
+    for m, lo in a.modules.items():
+        U = basis.modules[m].left.double()
+        assert U.shape[1] == lo.rank and torch.allclose(U.T @ U, torch.eye(lo.rank, dtype=torch.float64), atol=1e-5)
+        B, A = lora[m]
+        assert rel(B.double() @ A.double(), 2 * lo.delta()) < 1e-5
