@@ -29,9 +29,7 @@ import urllib.request
 from pathlib import Path
 
 from first_request import TASKS
-from serve_load import one, server_config, start_server
-
-SHM = Path("/dev/shm")  # each replica's merge cache on tmpfs, as configs/default.yaml has it
+from serve_load import one, server_config, start_server, tmpfs_dir
 
 
 def fleet_counts(url: str) -> dict[str, float]:
@@ -127,7 +125,7 @@ def main():
             urls = []
             for root in roots:
                 root.mkdir()
-                cache = stack.enter_context(tempfile.TemporaryDirectory(dir=SHM if SHM.is_dir() else None))
+                cache = stack.enter_context(tmpfs_dir())  # each replica's merge cache on tmpfs, as by default
                 cfg = server_config(Path(cache), root / "state") | {"store": url, "prewarm": 0}
                 t0 = time.perf_counter()
                 srv = stack.enter_context(start_server(root, cfg, {"KNOTS_ADMIN_KEY": "bench-key"}, timeout=900))

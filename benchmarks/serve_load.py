@@ -36,6 +36,14 @@ KEY = "bench-key"
 PROMPT = "Add the two numbers and give only the sum.\n{a} + {b}"
 
 
+SHM = Path("/dev/shm")  # where configs/default.yaml keeps the merge cache (tmpfs: a write is never a disk's fsync)
+
+
+def tmpfs_dir(prefix: str = "knots-serve-cache-") -> tempfile.TemporaryDirectory:
+    """A temporary directory on tmpfs where there is one, as the default config's cache_dir is."""
+    return tempfile.TemporaryDirectory(prefix=prefix, dir=SHM if SHM.is_dir() else None)
+
+
 def server_config(cache: Path, state: Path, speculate: int = 0) -> dict:
     """configs/default.yaml with absolute paths and this run's own cache and state directories; speculative
     compose off unless asked (what a never-seen merge costs is what most of these benchmarks measure)."""
