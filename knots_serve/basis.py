@@ -533,19 +533,6 @@ def build_basis(
     return Basis(space, [a.name for a in adapters], modules, base, fingerprint_as or fingerprint(adapters, space, rtol))
 
 
-def keep_frames(adapter: LoraAdapter, dtype: torch.dtype = torch.float32) -> None:
-    """Compute and keep a task's QRs (`lora_frames`) ahead of its first per-request subset basis, in the
-    batches that basis forms with a task of the same ranks (so it takes them as they are, without a copy)."""
-    groups: dict[tuple, list] = {}
-    for m in sorted(adapter.modules):
-        lora = adapter.modules[m]
-        groups.setdefault((lora.B.shape, lora.A.shape), []).append(lora)
-    for (b, a), loras in groups.items():
-        for chunk in batch_chunks(loras, _working_set("knots", (("", b, a),) * 2)):
-            for side in "BA":
-                lora_frames(chunk, side, dtype)
-
-
 def lora_ranks(adapters: dict[str, LoraAdapter]) -> dict[str, int]:
     return {n: sum(lora.rank for lora in a.modules.values()) for n, a in adapters.items()}
 

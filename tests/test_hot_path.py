@@ -13,7 +13,7 @@ from knots_serve.kernels import cpu
 from knots_serve.kernels.ties import ties_merge_torch
 from test_merge_math import factors, pool, rel
 
-from knots_serve.adapters import LoraAdapter, load_adapter
+from knots_serve.adapters import load_adapter
 from knots_serve.basis import build_basis
 from knots_serve.compose import MergeSpec, adapter_factors, linear_merge, merge_dense, merge_lora, to_host
 from knots_serve.methods import method_ids, resolve
@@ -150,28 +150,6 @@ def test_auto_basis_is_the_subset_for_small_subsets_and_the_shared_basis_for_lar
         chosen = parse_model(f"{s}?basis={mode}", "knots-ties")
         a, b = store.merge(sel), store.merge(chosen)
         assert all(torch.equal(a[m][0], b[m][0]) and torch.equal(a[m][1], b[m][1]) for m in a)
-
-
-def test_a_store_keeps_each_tasks_qrs_at_load_and_its_first_merge_takes_them():
-    """A task's QRs (B and Aᵀ, float32) are computed when it joins the pool, so its first subset basis
-    does not compute them; the merge is bitwise the one built from the factors alone."""
-    pool = store_pool(4)
-    store = BasisStore(pool)
-    on_device = store._device_adapters
-    assert all(
-        {("A", torch.float32), ("B", torch.float32)} <= set(lora.frames)
-        for a in on_device.values()
-        for lora in a.modules.values()
-    )
-    kept = {id(lora.frames["B", torch.float32][0]) for lora in on_device["t0"].modules.values()}
-    got = store.merge(parse_model("tasks:t0+t1@knots-ties", "knots-ties"))
-    assert kept == {id(lora.frames["B", torch.float32][0]) for lora in on_device["t0"].modules.values()}
-    fresh = [
-        LoraAdapter(a.name, {m: type(lo)(A=lo.A, B=lo.B, scale=lo.scale) for m, lo in a.modules.items()})
-        for a in (pool["t0"], pool["t1"])
-    ]
-    want = merge_lora(build_basis(fresh, "knots", dtype=torch.float32), MergeSpec(("t0", "t1")), max_rank=None)
-    assert all(torch.equal(got[m][0], want[m][0]) and torch.equal(got[m][1], want[m][1]) for m in want)
 
 
 def test_every_ta_id_is_served_from_the_factors_alike():

@@ -33,17 +33,7 @@ from safetensors import SafetensorError
 
 from ...adapters import LoraAdapter, check_compatible
 from ...atomic import atomic_write_file
-from ...basis import (
-    DEFAULT_RTOL,
-    Basis,
-    auto_basis,
-    build_basis,
-    column_range,
-    fingerprint,
-    keep_frames,
-    lora_ranks,
-    rtol_for,
-)
+from ...basis import DEFAULT_RTOL, Basis, auto_basis, build_basis, column_range, fingerprint, lora_ranks, rtol_for
 from ...compose import MergeError, adapter_factors, merge_factors, merge_lora, missing_stats, to_host
 from ...methods import factored, resolve
 from ...stats import StatsDir, StatsError, TaskStats
@@ -123,13 +113,9 @@ class BasisStore:
         }
 
     def _to_device(self, a: LoraAdapter) -> LoraAdapter:
-        """A task's factors on the device, with the QRs every subset basis it enters takes (keep_frames): a
-        task's first merge then costs what any later one does."""
         to = self.device
         modules = {m: type(lora)(A=lora.A.to(to), B=lora.B.to(to), scale=lora.scale) for m, lora in a.modules.items()}
-        on_device = LoraAdapter(a.name, modules, a.base_model, a.path)
-        keep_frames(on_device)
-        return on_device
+        return LoraAdapter(a.name, modules, a.base_model, a.path)
 
     def install(self, prepared: dict) -> None:
         """Switch to a prepared pool (instant). The shared basis this process saved for the old pool goes."""
