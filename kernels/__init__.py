@@ -38,16 +38,16 @@ def row_sq_norms(X: torch.Tensor) -> torch.Tensor:
     is empty); one pass at memory speed on the CPU, where a float64 copy of X costs 20× more."""
     if cpu.available(X):
         return cpu.row_sq_norms(X)
-    return torch.linalg.vector_norm(X, dim=-1, dtype=torch.float64).square()
+    return X.to(torch.float64).square().sum(-1)
 
 
 def column_shares(X: torch.Tensor, row_sq_norms: torch.Tensor) -> torch.Tensor:
-    """Σ_i x_ij² / ‖x_i‖² per column of a 2-D X (0 for empty rows), in X's dtype: how much of the rows'
+    """Σ_i x_ij² / ‖x_i‖² per column of a 2-D X (empty rows add nothing), in float64: how much of the rows'
     energy each column holds, each row counted once whatever its scale."""
     if cpu.available(X):
         return cpu.column_shares(X, row_sq_norms)
-    inv = torch.where(row_sq_norms > 0, 1 / row_sq_norms, 0).to(X.dtype)
-    return (X.square() * inv[:, None]).sum(0)
+    inv = torch.where(row_sq_norms > 0, 1 / row_sq_norms, 0)
+    return (X.to(torch.float64).square() * inv[:, None]).sum(0)
 
 
 def lowrank_update(

@@ -136,9 +136,10 @@ def _kernels():
         out[:] = 0
         for i in range(X.shape[0]):
             if norms[i] > 0:
-                inv, row = X.dtype.type(1 / norms[i]), X[i]
+                inv, row = 1 / norms[i], X[i]
                 for j in range(row.size):
-                    out[j] += row[j] * row[j] * inv
+                    x = np.float64(row[j])
+                    out[j] += x * x * inv
 
     return kth_abs_rows, ties, sq_norms, shares
 
@@ -167,8 +168,8 @@ def row_sq_norms(X: torch.Tensor) -> torch.Tensor:
 
 
 def column_shares(X: torch.Tensor, row_sq_norms: torch.Tensor) -> torch.Tensor:
-    """Per column of a 2-D CPU tensor, Σ_i x_ij² / ‖x_i‖² (rows of norm 0 skipped), in X's dtype."""
-    out = torch.empty(X.shape[1], dtype=X.dtype)
+    """Per column of a 2-D CPU tensor, Σ_i x_ij² / ‖x_i‖² (rows of norm 0 skipped), in float64."""
+    out = torch.empty(X.shape[1], dtype=torch.float64)
     _kernels()[3](X.contiguous().numpy(), row_sq_norms.numpy(), out.numpy())
     return out
 
