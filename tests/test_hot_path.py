@@ -129,6 +129,27 @@ def test_cpu_kernels_equal_torch_exactly(dtype):
         assert torch.equal(cpu.ties_merge_numba(Y, want), ties_merge_torch(Y, want)), k
 
 
+def test_row_norms_and_column_shares_agree_on_every_path():
+    """The numba kernels (float32/float64 on a CPU) and the torch path (any other dtype or device) of the
+    certificate's inputs: float64 sums, an empty row 0 and skipped, a tiny row not lost to float32 underflow."""
+    from knots_serve.kernels import column_shares, row_sq_norms
+
+    g = torch.Generator().manual_seed(82)
+    X = torch.randn(5, 300, generator=g).to(torch.float16).float()  # values float16 holds exactly
+    X[1] = 0
+    tiny = X.clone()
+    tiny[2] *= 1e-30  # squares underflow in float32, not in float64
+    for Y in (X, tiny):
+        want = Y.double().square().sum(-1)
+        for got in (row_sq_norms(Y), row_sq_norms(Y.double()), row_sq_norms(Y.half()) if Y is X else want):
+            assert got.dtype == torch.float64 and torch.allclose(got, want, rtol=1e-12, atol=0) and got[1] == 0
+        assert want[2] > 0
+        shares = column_shares(Y, row_sq_norms(Y))
+        assert shares.dtype == torch.float64 and torch.isfinite(shares).all()
+        assert torch.allclose(shares.sum(), torch.tensor(4.0, dtype=torch.float64))  # each nonempty row adds 1
+    assert torch.allclose(column_shares(X.half(), row_sq_norms(X.half())), column_shares(X, row_sq_norms(X)))
+
+
 def store_pool(n=8):
     from test_composer import SHAPES
     from tiny import random_adapter
