@@ -5,6 +5,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -268,3 +269,22 @@ def test_a_killed_servers_cache_dir_is_removed_by_the_next_start(tmp_path):
     assert killed.parent == root and any(killed.iterdir()), out.stderr
     new_cache(pool(), root, 1 << 20, 64)
     assert not killed.exists()
+
+
+def test_merges_are_written_in_the_engines_lora_dtype(tmp_path):
+    """A bfloat16 engine converts every LoRA to bfloat16 when it loads it: the merge is written so, half the
+    bytes, the values the engine would hold anyway (float32 rounded to nearest)."""
+    from safetensors.torch import load_file
+    from vllm.config import LoRAConfig
+
+    from knots_serve.serving.server.hub import lora_dtype
+
+    engine = SimpleNamespace(vllm_config=SimpleNamespace(lora_config=LoRAConfig(lora_dtype=torch.bfloat16)))
+    assert lora_dtype(engine) == torch.bfloat16 and lora_dtype(None) == torch.float32
+    half = new_cache(pool(), tmp_path / "half", 1 << 20, 64, dtype=lora_dtype(engine))
+    full = new_cache(pool(), tmp_path / "full", 1 << 20, 64)
+    got, want = (c.get(sel("tasks:t0+t2@knots-ties")) for c in (half, full))
+    a, b = (load_file(c.path / "adapter_model.safetensors") for c in (got, want))
+    assert a.keys() == b.keys()
+    assert all(t.dtype == torch.bfloat16 and torch.equal(t, b[k].bfloat16()) for k, t in a.items())
+    assert got.nbytes < 0.6 * want.nbytes

@@ -35,6 +35,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 
 from ...adapters import CONFIG_NAME, save_adapter
@@ -90,8 +91,10 @@ class AdapterCache:
         max_bytes: int = 8 << 30,
         group: Path | None = None,
         fleet: Fleet | None = None,
+        dtype: torch.dtype = torch.float32,
     ):
         self.fleet = fleet or Fleet(None)  # the other replicas' merges (fleet.py); by default none
+        self.dtype = dtype  # of the files: the engine's LoRA dtype, which vLLM converts a LoRA to when it loads it
         self.group = group  # with several API servers: their group's directory (group.py), for _group_lock
         self.store, self.cache_bytes, self.max_lora_rank = store, cache_bytes, max_lora_rank
         self.max_pending, self.max_bytes = max_pending, max_bytes  # max_bytes: one compose's working set
@@ -354,7 +357,7 @@ class AdapterCache:
         """Write the adapter; if cache_dir is full, drop every merge not in use and try once more."""
         for attempt in (1, 2):
             try:
-                return save_adapter(lora, path, self.store.base_model, metadata={"model": name})
+                return save_adapter(lora, path, self.store.base_model, self.dtype, metadata={"model": name})
             except (OSError, SafetensorError) as e:  # safetensors reports ENOSPC as its own error
                 full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in str(e)
                 with self._lock:

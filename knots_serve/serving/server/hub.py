@@ -17,6 +17,8 @@ import asyncio
 import itertools
 from pathlib import Path
 
+import torch
+
 from ...recipes import Choice
 from .. import metrics
 from ..errors import Unavailable
@@ -38,6 +40,14 @@ from .speculate import Speculate
 from .sync import StoreSync
 
 SYNC_S = 600  # beyond the drain: what another API server may take to apply a change (a pool's basis build)
+
+
+def lora_dtype(engine) -> torch.dtype:
+    """The dtype vLLM converts a LoRA to when it loads it (its LoRA config's, the model's by default): merges
+    are written in it, so a bfloat16 model's take half the bytes of float32 (in the cache, the write, the load)
+    and hold the same values in the engine. float32 without an engine (tests that drive the server alone)."""
+    dtype = getattr(getattr(getattr(engine, "vllm_config", None), "lora_config", None), "lora_dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 class KnotsServer:
@@ -69,6 +79,7 @@ class KnotsServer:
             fleet=Fleet(
                 self.store, cfg.fleet_dir, cfg.fleet_inline(), cfg.fleet_ttl_s, other_hosts(cfg.vllm_args) is not None
             ),
+            dtype=lora_dtype(engine),
         )
         self.router = Router(self)
         self.cache.on_evict = self.router.forget
