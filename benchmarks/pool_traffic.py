@@ -15,7 +15,7 @@ Per pool size P (the 8 demo adapters plus P − 8 generated ones: perturbed copi
 Measured after --warmup seconds (steady state): output tokens/s, TTFT p50/p99, knots' merge hit rate (its
 cache's hits over lookups), compose queue depth (max sampled), LoRA loads (vLLM's "loaded LoRA" log lines),
 the server process tree's peak RSS. Writes benchmarks/results/pool_traffic.json (a pool size run again
-replaces its entry) and pool_traffic_P.png per pool size.
+replaces its entry) and pool_traffic_P.png per pool size; with --dump DIR, every request of every phase too.
 """
 
 from __future__ import annotations
@@ -294,8 +294,14 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--dump", type=Path, help="also write every request (phase, send time, model, TTFT) here")
     args = ap.parse_args()
-    meta = vars(args) | {"out": str(args.out), "machine": os.uname().machine, "cpus": os.cpu_count()}
+    meta = vars(args) | {
+        "out": str(args.out),
+        "dump": args.dump and str(args.dump),
+        "machine": os.uname().machine,
+        "cpus": os.cpu_count(),
+    }
     meta["date"] = time.strftime("%Y-%m-%d")
     path = args.out / "pool_traffic.json"  # pool sizes of earlier runs are kept; this run's replace theirs
     report = json.loads(path.read_text()) if path.exists() else {}
@@ -353,6 +359,9 @@ def main():
             path.write_text(json.dumps(report, indent=1, default=float))
             phases = {"knots-serve": k_results, "pre-merged (vLLM)": ref_results, "knots-serve, restarted": r_results}
             plot(P, phases, args.out / f"pool_traffic_{P}.png")
+            if args.dump:
+                args.dump.mkdir(parents=True, exist_ok=True)
+                (args.dump / f"pool_traffic_{P}_requests.json").write_text(json.dumps(phases))
 
 
 if __name__ == "__main__":
