@@ -180,14 +180,17 @@ def test_the_playground_sends_the_api_key_where_inference_needs_one(browser, gua
 
 def hold_a_request(server) -> socket.socket:
     """A streamed answer the client does not read, through a 4 KiB receive buffer: the server cannot finish
-    sending its megabytes, so the request stays in flight until the socket is closed."""
-    body = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "n": 16, "logprobs": 20, "stream": True}
-    body = json.dumps(body | {"ignore_eos": True}).encode()
+    sending it, so the request stays in flight until the socket is closed. It must outgrow the server's TCP
+    send buffer, which Linux grows up to 4 MiB (tcp_wmem): the chat form with 20 top logprobs is 5.2 MB here
+    (the completions form, 2.6 MB, sometimes fit and the request ended before the pin could see it)."""
+    messages = [{"role": "user", "content": "hello"}]
+    body = {"model": "tiny", "messages": messages, "max_tokens": 200, "n": 16, "logprobs": True, "top_logprobs": 20}
+    body = json.dumps(body | {"stream": True, "ignore_eos": True}).encode()
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     host, port = server.url.removeprefix("http://").split(":")
     sock.connect((host, int(port)))
-    head = f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
     sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
     assert sock.recv(12) == b"HTTP/1.1 200"
     return sock
