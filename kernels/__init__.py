@@ -34,7 +34,7 @@ def abs_thresholds(X: torch.Tensor, k: int) -> torch.Tensor | None:
 
 
 def row_sq_norms(X: torch.Tensor) -> torch.Tensor:
-    """Σ_j x_ij² per row of a 2-D X, accumulated in float64 (no float32 underflow: a row is 0 only if it
+    """Σ_j x_ij² per row of X (… × cols), accumulated in float64 (no float32 underflow: a row is 0 only if it
     is empty); one pass at memory speed on the CPU, where a float64 copy of X costs 20× more."""
     if cpu.available(X):
         return cpu.row_sq_norms(X)
@@ -42,12 +42,12 @@ def row_sq_norms(X: torch.Tensor) -> torch.Tensor:
 
 
 def column_shares(X: torch.Tensor, row_sq_norms: torch.Tensor) -> torch.Tensor:
-    """Σ_i x_ij² / ‖x_i‖² per column of a 2-D X (empty rows add nothing), in float64: how much of the rows'
-    energy each column holds, each row counted once whatever its scale."""
+    """Σ_i x_ij² / ‖x_i‖² per column of each matrix of X (… × rows × cols; empty rows add nothing), in
+    float64: how much of the rows' energy each column holds, each row counted once whatever its scale."""
     if cpu.available(X):
         return cpu.column_shares(X, row_sq_norms)
     inv = torch.where(row_sq_norms > 0, 1 / row_sq_norms, 0)
-    return (X.to(torch.float64).square() * inv[:, None]).sum(0)
+    return (X.to(torch.float64).square() * inv[..., None]).sum(-2)
 
 
 def lowrank_update(

@@ -132,14 +132,15 @@ def _kernels():
             out[i] = total
 
     @numba.njit(cache=True, nogil=True)
-    def shares(X, norms, out):  # pragma: no cover - compiled
+    def shares(X, norms, out):  # pragma: no cover - compiled (X: b × rows × cols, a batch of modules a call)
         out[:] = 0
-        for i in range(X.shape[0]):
-            if norms[i] > 0:
-                inv, row = 1 / norms[i], X[i]
-                for j in range(row.size):
-                    x = np.float64(row[j])
-                    out[j] += x * x * inv
+        for b in range(X.shape[0]):
+            for i in range(X.shape[1]):
+                if norms[b, i] > 0:
+                    inv, row, acc = 1 / norms[b, i], X[b, i], out[b]
+                    for j in range(row.size):
+                        x = np.float64(row[j])
+                        acc[j] += x * x * inv
 
     return kth_abs_rows, ties, sq_norms, shares
 
@@ -161,16 +162,19 @@ def ties_merge_numba(Y: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
 
 
 def row_sq_norms(X: torch.Tensor) -> torch.Tensor:
-    """Per row of a 2-D CPU tensor, the sum of squares in float64 (summed in any order)."""
-    out = torch.empty(X.shape[0], dtype=torch.float64)
-    _kernels()[2](X.contiguous().numpy(), out.numpy())
+    """Per row of a CPU tensor (… × cols), the sum of squares in float64 (summed in any order)."""
+    out = torch.empty(X.shape[:-1], dtype=torch.float64)
+    _kernels()[2](X.reshape(-1, X.shape[-1]).contiguous().numpy(), out.view(-1).numpy())
     return out
 
 
 def column_shares(X: torch.Tensor, row_sq_norms: torch.Tensor) -> torch.Tensor:
-    """Per column of a 2-D CPU tensor, Σ_i x_ij² / ‖x_i‖² (rows of norm 0 skipped), in float64."""
-    out = torch.empty(X.shape[1], dtype=torch.float64)
-    _kernels()[3](X.contiguous().numpy(), row_sq_norms.numpy(), out.numpy())
+    """Per column of each matrix of a CPU tensor (… × rows × cols), Σ_i x_ij² / ‖x_i‖² (rows of norm 0
+    skipped), in float64."""
+    out = torch.empty(*X.shape[:-2], X.shape[-1], dtype=torch.float64)
+    cols, rows = X.shape[-1], X.shape[-2]
+    flat = X.reshape(-1, rows, cols).contiguous().numpy()
+    _kernels()[3](flat, row_sq_norms.reshape(-1, rows).contiguous().numpy(), out.view(-1, cols).numpy())
     return out
 
 

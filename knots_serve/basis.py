@@ -85,9 +85,11 @@ def joint_svds(
     U, sVh = Q @ Uc, sigma[..., None] * Vhc
     top = sigma[:, :1] if sigma.shape[-1] else sigma.new_zeros(sigma.shape[0], 1)
     ks = ((sigma > rtol * top) & (top > 0)).sum(-1).tolist()  # σ descends: each module keeps a prefix
-    widths = [Qa.shape[-1] for Qa, _ in a_frames]
+    # each task's coefficients made contiguous for the whole batch at once: a module's are then a row prefix
+    # of its slice, not a copy per module (240 small copies of a 2-task demo merge)
+    coefs = [c.contiguous() for c in sVh.split([Qa.shape[-1] for Qa, _ in a_frames], dim=-1)]
     return [
-        (U[j, :, :k], sigma[j, :k], list(sVh[j, :k].split(widths, dim=-1)), [Qa[j].to(dtype) for Qa, _ in a_frames])
+        (U[j, :, :k], sigma[j, :k], [c[j, :k] for c in coefs], [Qa[j].to(dtype) for Qa, _ in a_frames])
         for j, k in enumerate(ks)
     ]
 
@@ -132,21 +134,24 @@ def lora_frames(loras: list, side: str, dtype: torch.dtype, device=None) -> tupl
 
 
 def restack(tensors) -> torch.Tensor:
-    """torch.stack(tensors), without the copy when they are, in order, the slices of one stacked tensor:
-    `lora_frames` keeps a group's frames as slices of its batch, and the same group asks for them again at
-    every merge (at 8B shapes the copies were a tenth of a 2-task merge)."""
-    base = tensors[0]._base
+    """torch.stack(tensors), without the copy when they are equally spaced, same-shaped views of one tensor
+    (in order): then they are one strided view of it. `lora_frames` keeps a group's frames as slices of its
+    batch and the same group asks for them again at every merge (at 8B shapes the copies were a tenth of a
+    2-task merge); a merge hands `compact_lefts` its modules as consecutive pieces of one buffer."""
+    first, base = tensors[0], tensors[0]._base
+    step = tensors[1].storage_offset() - first.storage_offset() if len(tensors) > 1 else first.numel()
     if (
         base is not None
-        and base.shape[0] == len(tensors)
+        and step >= first.numel()
         and all(
             t._base is base
-            and t.shape == base.shape[1:]
-            and t.storage_offset() == base.storage_offset() + j * base.stride(0)
+            and t.shape == first.shape
+            and t.stride() == first.stride()
+            and t.storage_offset() == first.storage_offset() + j * step
             for j, t in enumerate(tensors)
         )
     ):
-        return base
+        return first.as_strided((len(tensors), *first.shape), (step, *first.stride()), first.storage_offset())
     return torch.stack(tensors)
 
 
@@ -209,21 +214,22 @@ def compact_lefts(
             groups.setdefault((tuple(X.shape), X.dtype), []).append(i)
     for ((rows, cols), dtype), idx in groups.items():
         cut = rtol_for(dtype) if rtol is None else rtol
-        Xs = [items[i][1] for i in idx]
-        norms = torch.stack([row_sq_norms(X) for X in Xs])  # b × rows, float64
+        X = restack([items[i][1] for i in idx])  # b × rows × cols
+        norms = row_sq_norms(X)  # b × rows, float64
         empty, trace = norms == 0, norms.sum(-1)  # trace ≥ λ_max
         full = torch.zeros(len(idx), dtype=torch.bool, device=norms.device)
         if cols >= SELECT_ABOVE * rows:
-            shares = torch.stack([column_shares(X, n) for X, n in zip(Xs, norms)])
-            picks = shares.topk(SELECTED * rows, dim=-1, sorted=False).indices
-            full = _certified(torch.stack([X[:, p] for X, p in zip(Xs, picks)]), empty, trace, cut)
+            picks = column_shares(X, norms).topk(SELECTED * rows, dim=-1, sorted=False).indices
+            full = _certified(X.gather(-1, picks[:, None].expand(-1, rows, -1)), empty, trace, cut)
         rest = (~full).nonzero().flatten()
         if rest.numel():
-            full[rest] = _certified(torch.stack([Xs[j] for j in rest.tolist()]), empty[rest], trace[rest], cut)
-        whole = (~empty).all(-1).tolist()
+            full[rest] = _certified(X[rest], empty[rest], trace[rest], cut)
+        kept = ~empty
+        whole = kept.all(-1).tolist()
+        rows_of = kept.nonzero()[:, 1].split(kept.sum(-1).tolist())  # each module's kept rows, from one call
         for j in full.nonzero().flatten().tolist():
-            U, X, V = items[idx[j]]
-            B, A = (U, X) if whole[j] else (U[:, ~empty[j]], X[~empty[j]])
+            U, Xj, V = items[idx[j]]
+            B, A = (U, Xj) if whole[j] else (U.index_select(1, rows_of[j]), Xj.index_select(0, rows_of[j]))
             out[idx[j]] = (B, A if V is None else A @ V.T)
     return [pair if pair is not None else compact_left(*items[i], rtol=rtol) for i, pair in enumerate(out)]
 

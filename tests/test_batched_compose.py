@@ -4,7 +4,7 @@ import torch
 from test_merge_math import SHAPES, pool, rel
 
 from knots_serve.adapters import LoraAdapter
-from knots_serve.basis import build_basis, compact_left, compact_lefts
+from knots_serve.basis import build_basis, compact_left, compact_lefts, restack
 from knots_serve.compose import MergeSpec, merge_lora
 
 
@@ -92,3 +92,15 @@ def test_subset_basis_of_a_task_and_its_copy_has_the_tasks_rank():
         assert U.shape[1] == lo.rank and torch.allclose(U.T @ U, torch.eye(lo.rank, dtype=torch.float64), atol=1e-5)
         B, A = lora[m]
         assert rel(B.double() @ A.double(), 2 * lo.delta()) < 1e-5
+
+
+def test_restack_views_equally_spaced_pieces_of_one_buffer_and_copies_anything_else():
+    buffer = torch.randn(4 * 6 + 5)
+    pieces = [buffer[1 + 6 * j : 7 + 6 * j].view(2, 3) for j in range(4)]  # consecutive, as a merge lays modules
+    view = restack(pieces)
+    assert torch.equal(view, torch.stack(pieces)) and view.data_ptr() == pieces[0].data_ptr()  # no copy
+    spaced = [buffer[7 * j : 7 * j + 6].view(2, 3) for j in range(3)]  # a gap between pieces: still one view
+    assert torch.equal(restack(spaced), torch.stack(spaced)) and restack(spaced).data_ptr() == buffer.data_ptr()
+    for other in (pieces[::-1], [pieces[0], pieces[2], pieces[1]], [buffer[:6].view(2, 3), buffer[3:9].view(2, 3)]):
+        got = restack(other)  # out of order, or overlapping: stacked as a copy
+        assert torch.equal(got, torch.stack(other)) and got.data_ptr() != buffer.data_ptr()

@@ -148,6 +148,13 @@ def test_row_norms_and_column_shares_agree_on_every_path():
         assert shares.dtype == torch.float64 and torch.isfinite(shares).all()
         assert torch.allclose(shares.sum(), torch.tensor(4.0, dtype=torch.float64))  # each nonempty row adds 1
     assert torch.allclose(column_shares(X.half(), row_sq_norms(X.half())), column_shares(X, row_sq_norms(X)))
+    batch = torch.stack([X, tiny, X.flip(0)])  # a batch of modules at once: what each alone gives
+    for Y in (batch, batch.half()):
+        norms = row_sq_norms(Y)
+        assert norms.shape == (3, 5) and all(torch.equal(norms[j], row_sq_norms(Y[j])) for j in range(3))
+        shares = column_shares(Y, norms)
+        assert shares.shape == (3, 300)
+        assert all(torch.allclose(shares[j], column_shares(Y[j], norms[j]), rtol=1e-12, atol=0) for j in range(3))
 
 
 def store_pool(n=8):
