@@ -18,6 +18,7 @@ def serve(config: Path = typer.Option(Path("configs/default.yaml"), help="serve 
     import sys
 
     from ..adapters import check_compatible
+    from ..serving.engine import heap
     from ..serving.server.config import CONFIG_ENV, check_vllm, installed_vllm, load_config, vllm_argv
     from ..serving.server.routing import check_model
     from ..serving.state.backends import open_store
@@ -43,6 +44,8 @@ def serve(config: Path = typer.Option(Path("configs/default.yaml"), help="serve 
     except (AdapterError, MergeError) as e:
         fail(e)
     os.environ[CONFIG_ENV] = str(config.resolve())
+    if cfg.compose_heap_bytes:  # read by glibc at the exec below, never later
+        os.environ[heap.ENV] = heap.tunables(os.environ.get(heap.ENV, ""))
     os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"  # vLLM consults LoRA resolvers only then
     plugins = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p]
     os.environ["VLLM_PLUGINS"] = ",".join(dict.fromkeys(plugins + ["knots_serve"]))

@@ -25,7 +25,7 @@ from pathlib import Path
 from vllm.v1.metrics.loggers import PrometheusStatLogger
 
 from .cluster.group import Group, StripedIds
-from .engine import fleet_files, launch, lora_fix, pinning, spin
+from .engine import fleet_files, heap, launch, lora_fix, pinning, spin
 from .engine.launch import GROUP_ENV
 from .http.middleware import KnotsMiddleware
 from .server import pins
@@ -111,6 +111,8 @@ class KnotsEndpoint:
 
         cfg = load_config(os.environ[CONFIG_ENV])
         torch.set_num_threads(cfg.compose_threads)  # before any compose thread starts (config.py says why)
+        if heap.reserve(cfg.compose_heap_bytes):
+            log.info("knots_serve: %d MiB of heap touched for composes", cfg.compose_heap_bytes >> 20)
         server = KnotsServer(cfg, state.openai_serving_models, engine_client)
         # the API keys vLLM checks on /v1/* (its --api-key wins over VLLM_API_KEY); auth.py checks them everywhere
         server.api_keys = [digest(k) for k in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if k]

@@ -122,6 +122,13 @@ class ServeConfig(BaseModel):
         "compose is many small factorizations, and OpenMP teams of compose threads beside the main thread's "
         "oversubscribe the cores (docs/ARCHITECTURE.md, 'Library facts'); raise it for large merges on many cores",
     )
+    compose_heap_bytes: int = Field(
+        256 << 20,
+        ge=0,
+        le=1 << 40,
+        description="memory the API server touches at start and keeps in its heap (glibc), so that composes "
+        "take no fresh pages from the kernel (engine/heap.py); 0: glibc's defaults",
+    )
     compose_pending: int = Field(
         16, ge=1, le=4096, description="new merges composing or waiting; past it a new merge gets 503 + Retry-After"
     )
