@@ -4,7 +4,7 @@ A compose allocates tens of MB (the subset's products, the merge's factors on th
 subset's basis in the basis cache, a task's frames). With glibc's defaults a block past the mmap threshold is
 mapped for it and unmapped when freed, free memory at the top of a heap is handed back to the kernel, and each
 thread of the compose pool allocates in an arena of its own. So every compose took fresh pages, each a page
-fault and a page the kernel zeroes: 4 000-6 400 for a 2-task demo merge in the server, about a tenth of its
+fault and a page the kernel zeroes: 4 000-6 800 for a 2-task demo merge in the server, about a tenth of its
 compose stage (docs/BENCHMARKS.md, "First request for a never-seen merge").
 
 - `tunables()`: what `knots-serve serve` puts in GLIBC_TUNABLES before it execs vLLM. glibc reads it once, at
