@@ -75,6 +75,9 @@ class KnotsMiddleware:
         unreadable = _unreadable_responses_input(doc) if scope["path"] == "/v1/responses" else None
         if unreadable:
             return await self._refuse(send, BadRequest(unreadable, param="input"))
+        huge = _unsendable_integer(doc)
+        if huge:
+            return await self._refuse(send, BadRequest(f"{huge}: integers must fit in 64 bits", param=huge))
         async with server.gate.shared():  # held until the response is sent: no weight swap meanwhile
             route = Route(None)
             if isinstance(doc, dict):
@@ -137,6 +140,22 @@ def _unreadable_responses_input(doc) -> str | None:
                     f"input[{i}]: an assistant message whose content is empty or does not start with an "
                     "output_text part cannot be read by this vLLM (0.32); put its text part first"
                 )
+    return None
+
+
+def _unsendable_integer(doc) -> str | None:
+    """Where the body holds an integer outside [-2**63, 2**64): vLLM 0.32 validates such a `stream_interval`
+    (any size ≥ 1) and answers 500 when msgpack cannot send it to the engine. A 400 naming the field instead
+    (pinned: tests/test_fuzz.py). A loop, not recursion: a body may nest as deep as the JSON parser allows."""
+    todo = [("", doc)]
+    while todo:
+        path, value = todo.pop()
+        if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+            return path or "body"
+        if isinstance(value, dict):
+            todo.extend((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            todo.extend((f"{path}[{i}]", v) for i, v in enumerate(value))
     return None
 
 
