@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc
 
 # 32 MiB of tensors made and freed by a thread, as a compose does, after the reserve: its minor page faults
 FAULTS = textwrap.dedent("""
-    import resource, sys, threading, torch
+    import resource, threading, torch
     from knots_serve.serving.engine import heap
     print(heap.reserve(64 << 20))
     def compose():
